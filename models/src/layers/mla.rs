@@ -1,0 +1,135 @@
+//! Multi-head Latent Attention (DeepSeek-V2 §2.1), shared by every MLA model family.
+//!
+//! Owns the attention projections and the absorbed per-head matrices. Each step it writes the
+//! normalized `c_kv` and rotated `k_pe` of the new tokens into the paged latent cache, then
+//! attends in absorbed form: `q_nope · W_UK` turns each head's query into the latent space, so
+//! attention is MQA over the cache rows (key dim `kv_lora_rank + rope`, value dim
+//! `kv_lora_rank`), and the result goes through `W_UV` and `o_proj`. It never expands the
+//! cache into per-head keys and values.
+
+use candle_core::{DType, Module, Tensor};
+use moe_kernels::{paged_mla_attention, write_latent_cache};
+
+use super::linear::Linear;
+use super::norm::RmsNorm;
+use super::rope::Rope;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::forward::ForwardCtx;
+use crate::loader::Weights;
+
+/// transformers and DeepSeek's code build `q_a_layernorm` and `kv_a_layernorm` with their
+/// default epsilon, not `rms_norm_eps`.
+const LORA_NORM_EPS: f64 = 1e-6;
+
+#[derive(Debug, Clone)]
+enum QueryProj {
+    /// `q_proj`: `[heads * qk_head_dim, hidden]`.
+    Direct(Linear),
+    /// `q_b_proj(q_a_layernorm(q_a_proj(x)))`.
+    LowRank { a: Linear, norm: RmsNorm, b: Linear },
+}
+
+#[derive(Debug, Clone)]
+pub struct Mla {
+    q: QueryProj,
+    /// `[kv_lora_rank + rope_dim, hidden]`.
+    kv_a_proj_with_mqa: Linear,
+    kv_a_layernorm: RmsNorm,
+    /// `W_UK` per head: `[heads, qk_nope_head_dim, kv_lora_rank]`.
+    w_uk: Tensor,
+    /// `W_UV` per head, transposed for the output product: `[heads, kv_lora_rank, v_head_dim]`.
+    w_uv_t: Tensor,
+    o_proj: Linear,
+    heads: usize,
+    nope_dim: usize,
+    rope_dim: usize,
+    kv_lora_rank: usize,
+    v_head_dim: usize,
+    scale: f64,
+}
+
+impl Mla {
+    /// Loads `{prefix}.*` (`prefix` = `model.layers.{i}.self_attn`).
+    pub fn load(w: &Weights, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (hidden, heads) = (cfg.hidden_size, cfg.num_attention_heads);
+        let qk = cfg.qk_head_dim();
+        let bias = cfg.attention_bias;
+        let q = match cfg.q_lora_rank {
+            None => QueryProj::Direct(Linear::load(w, &format!("{prefix}.q_proj"), hidden, heads * qk, false)?),
+            Some(rank) => QueryProj::LowRank {
+                a: Linear::load(w, &format!("{prefix}.q_a_proj"), hidden, rank, bias)?,
+                norm: RmsNorm::load(w, &format!("{prefix}.q_a_layernorm.weight"), rank, LORA_NORM_EPS)?,
+                b: Linear::load(w, &format!("{prefix}.q_b_proj"), rank, heads * qk, false)?,
+            },
+        };
+        let r = cfg.kv_lora_rank;
+        let kv_b = w.get(
+            &format!("{prefix}.kv_b_proj.weight"),
+            &[heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), r],
+        )?;
+        let kv_b = kv_b.reshape((heads, cfg.qk_nope_head_dim + cfg.v_head_dim, r))?;
+        let w_uk = kv_b.narrow(1, 0, cfg.qk_nope_head_dim)?.contiguous()?;
+        let w_uv_t = kv_b
+            .narrow(1, cfg.qk_nope_head_dim, cfg.v_head_dim)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        Ok(Mla {
+            q,
+            kv_a_proj_with_mqa: Linear::load(
+                w,
+                &format!("{prefix}.kv_a_proj_with_mqa"),
+                hidden,
+                r + cfg.qk_rope_head_dim,
+                bias,
+            )?,
+            kv_a_layernorm: RmsNorm::load(w, &format!("{prefix}.kv_a_layernorm.weight"), r, LORA_NORM_EPS)?,
+            w_uk,
+            w_uv_t,
+            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), heads * cfg.v_head_dim, hidden, bias)?,
+            heads,
+            nope_dim: cfg.qk_nope_head_dim,
+            rope_dim: cfg.qk_rope_head_dim,
+            kv_lora_rank: r,
+            v_head_dim: cfg.v_head_dim,
+            scale: cfg.softmax_scale(),
+        })
+    }
+
+    /// `x`: `[tokens, hidden]` (normed) -> `[tokens, hidden]`. Writes the tokens' latents into
+    /// `cache` (`[num_blocks, block_size, kv_lora_rank + rope]`) at `ctx.slot_mapping` first, so
+    /// each token attends to itself and everything cached before it in its sequence.
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx<'_>, rope: &Rope, cos_sin: &(Tensor, Tensor), cache: &Tensor) -> Result<Tensor> {
+        let tokens = x.dims2()?.0;
+        let dtype = x.dtype();
+        let q = match &self.q {
+            QueryProj::Direct(p) => p.forward(x)?,
+            QueryProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+        };
+        let q = q.reshape((tokens, self.heads, self.nope_dim + self.rope_dim))?;
+        let q_nope = q.narrow(2, 0, self.nope_dim)?;
+        let q_pe = rope.apply(&q.narrow(2, self.nope_dim, self.rope_dim)?, &cos_sin.0, &cos_sin.1)?;
+
+        let kv = self.kv_a_proj_with_mqa.forward(x)?;
+        let c_kv = self.kv_a_layernorm.forward(&kv.narrow(1, 0, self.kv_lora_rank)?.contiguous()?)?;
+        let k_pe = kv.narrow(1, self.kv_lora_rank, self.rope_dim)?.reshape((tokens, 1, self.rope_dim))?;
+        let k_pe = rope.apply(&k_pe, &cos_sin.0, &cos_sin.1)?.reshape((tokens, self.rope_dim))?;
+        let latents = Tensor::cat(&[c_kv, k_pe], 1)?;
+        write_latent_cache(cache, &latents, ctx.slot_mapping)?;
+
+        // Absorb W_UK: [heads, tokens, nope] x [heads, nope, r] -> [tokens, heads, r].
+        let q_latent = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?.transpose(0, 1)?;
+        let q_full = Tensor::cat(&[q_latent.to_dtype(DType::F32)?, q_pe.to_dtype(DType::F32)?], 2)?;
+        let attn = paged_mla_attention(&q_full, cache, ctx.seqs, self.kv_lora_rank, self.scale)?; // [T, H, r] f32
+
+        // Apply W_UV: [heads, tokens, r] x [heads, r, v] -> [tokens, heads * v].
+        let out = attn
+            .to_dtype(dtype)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .matmul(&self.w_uv_t)?
+            .transpose(0, 1)?
+            .reshape((tokens, self.heads * self.v_head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}

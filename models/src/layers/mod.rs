@@ -1,0 +1,8 @@
+//! Building blocks shared by every model family: one implementation each.
+
+pub mod linear;
+pub mod mla;
+pub mod mlp;
+pub mod moe;
+pub mod norm;
+pub mod rope;

@@ -1,0 +1,50 @@
+//! Shared helpers of the integration tests: fixture paths, golden tensors, model loading.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use moe_models::deepseek::LoadOptions;
+use moe_models::{DeepseekModel, ModelConfig, ModelFiles, Weights};
+
+/// `tests/fixtures/<name>`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// The golden outputs of one fixture directory (see tests/fixtures/README.md).
+pub struct Golden {
+    pub prompts: Vec<Vec<u32>>,
+    /// `[len, vocab]` f32 per prompt.
+    pub logits: Vec<Tensor>,
+    pub greedy: Vec<Vec<u32>>,
+}
+
+fn ids(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
+}
+
+pub fn golden(dir: &Path) -> Golden {
+    let tensors = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).expect("golden.safetensors");
+    let mut g = Golden { prompts: vec![], logits: vec![], greedy: vec![] };
+    for i in 0.. {
+        let Some(p) = tensors.get(&format!("prompt.{i}")) else { break };
+        g.prompts.push(ids(p));
+        g.logits.push(tensors[&format!("logits.{i}")].clone());
+        g.greedy.push(ids(&tensors[&format!("greedy.{i}")]));
+    }
+    assert!(!g.prompts.is_empty(), "no prompts in {}", dir.display());
+    g
+}
+
+pub fn load_model(dir: &Path, dtype: DType, options: &LoadOptions) -> DeepseekModel {
+    let files = ModelFiles::from_dir(dir).expect("model files");
+    let config = ModelConfig::from_file(&files.config).expect("config");
+    let weights = Weights::open(&files, dtype, &Device::Cpu).expect("weights");
+    DeepseekModel::load(&config, &weights, options).expect("model")
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
