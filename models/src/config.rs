@@ -358,7 +358,7 @@ impl ModelConfig {
             attention_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
             mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
             rope: parse_rope(&f, max_position_embeddings)?,
-            moe: parse_moe(&f, &d, num_hidden_layers)?,
+            moe: parse_moe(&f, &d)?,
             bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: f.token_ids("eos_token_id")?,
             saved_dtype: match f.opt_str("torch_dtype")? {
@@ -487,15 +487,18 @@ fn parse_rope(f: &Fields<'_>, max_position_embeddings: usize) -> Result<RopeConf
         arch: f.arch,
         prefix,
     });
-    let theta = inner
-        .as_ref()
-        .map(|p| p.opt_f64("rope_theta"))
-        .transpose()?
-        .flatten()
-        .or(f.opt_f64("rope_theta")?)
-        .unwrap_or(10000.0);
+    let nested_theta = inner.as_ref().map(|p| p.opt_f64("rope_theta")).transpose()?.flatten();
+    let theta = match nested_theta {
+        Some(t) => t,
+        None => f.opt_f64("rope_theta")?.unwrap_or(10000.0),
+    };
     if theta <= 1.0 {
-        return Err(f.unsupported("rope_theta", &Value::from(theta), "must be greater than 1"));
+        let field = if nested_theta.is_some() { format!("{prefix}rope_theta") } else { "rope_theta".into() };
+        return Err(ModelError::UnsupportedValue {
+            field,
+            value: theta.to_string(),
+            reason: "must be greater than 1".into(),
+        });
     }
     let Some(p) = inner else {
         return Ok(RopeConfig {
@@ -552,7 +555,7 @@ fn parse_rope(f: &Fields<'_>, max_position_embeddings: usize) -> Result<RopeConf
     })
 }
 
-fn parse_moe(f: &Fields<'_>, d: &Defaults, num_layers: usize) -> Result<Option<MoeConfig>> {
+fn parse_moe(f: &Fields<'_>, d: &Defaults) -> Result<Option<MoeConfig>> {
     let Some(n_routed_experts) = f.opt_usize("n_routed_experts", MAX_COUNT)? else {
         return Ok(None);
     };
@@ -622,7 +625,6 @@ fn parse_moe(f: &Fields<'_>, d: &Defaults, num_layers: usize) -> Result<Option<M
         .opt_usize("first_k_dense_replace", MAX_COUNT)?
         .unwrap_or(d.first_k_dense_replace);
     let routed_scaling_factor = f.opt_f64("routed_scaling_factor")?.unwrap_or(d.routed_scaling_factor);
-    let _ = num_layers;
     Ok(Some(MoeConfig {
         n_routed_experts,
         n_shared_experts: f.opt_usize("n_shared_experts", MAX_COUNT)?.unwrap_or(d.n_shared_experts),

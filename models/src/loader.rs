@@ -98,6 +98,10 @@ impl ModelFiles {
             if let Some(p) = cached(name) {
                 return Ok(p);
             }
+            // The Hub's own convention for "never touch the network".
+            if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
+                return Err(hub_err(format!("{name} is not in the hub cache and HF_HUB_OFFLINE is set")));
+            }
             let api = hf_hub::api::sync::ApiBuilder::from_env()
                 .with_progress(true)
                 .build()

@@ -1,1 +1,15 @@
-fn main(){}
+//! The `moe` binary: parses the command line and dispatches to a subcommand. Errors are
+//! printed as one readable chain on stderr with a non-zero exit code, never a panic trace.
+
+mod cli;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    cli::init_logging(args.verbose);
+    if let Err(e) = cli::run(args) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,86 @@
+//! Options every model-running subcommand shares (`--model`, `--dtype`, `--router`,
+//! `--device`) and the loading they drive.
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use clap::Args;
+use moe_engine::TextTokenizer;
+use moe_models::deepseek::LoadOptions;
+use moe_models::{parse_dtype, DeepseekModel, ModelConfig, ModelFiles, RouterSpec, Weights};
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A local model directory, or a Hugging Face repo id (org/name[@revision]); repo files
+    /// come from the Hugging Face cache when present, else they are downloaded.
+    #[arg(long)]
+    pub model: String,
+
+    /// Compute dtype: f32, bf16 or f16 (weights on disk may be any of these).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+
+    /// Replace the checkpoint's expert routing: NAME[:key=value,...], NAME one of greedy,
+    /// group_limited_greedy, noaux_tc; keys top_k, scoring, n_group, topk_group, normalize,
+    /// scale, bias. Example: --router greedy:top_k=4
+    #[arg(long)]
+    pub router: Option<String>,
+
+    /// Device to run on: cpu (cuda arrives with the `cuda` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub struct LoadedModel {
+    pub files: ModelFiles,
+    pub config: ModelConfig,
+    pub model: DeepseekModel,
+    pub tokenizer: Option<TextTokenizer>,
+}
+
+impl ModelArgs {
+    pub fn device(&self) -> anyhow::Result<Device> {
+        match self.device.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            other if other.starts_with("cuda") => {
+                anyhow::bail!("--device {other}: this binary was built without CUDA support (build with --features cuda)")
+            }
+            other => anyhow::bail!("--device {other:?}: expected cpu or cuda[:N]"),
+        }
+    }
+
+    pub fn dtype(&self) -> anyhow::Result<DType> {
+        Ok(parse_dtype(&self.dtype)?)
+    }
+
+    pub fn router(&self) -> anyhow::Result<Option<RouterSpec>> {
+        self.router.as_deref().map(|s| s.parse::<RouterSpec>()).transpose().map_err(Into::into)
+    }
+
+    pub fn resolve(&self) -> anyhow::Result<(ModelFiles, ModelConfig)> {
+        let files = ModelFiles::resolve(&self.model)?;
+        let config = ModelConfig::from_file(&files.config).with_context(|| format!("reading {}", files.config.display()))?;
+        Ok((files, config))
+    }
+
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let (dtype, device, router) = (self.dtype()?, self.device()?, self.router()?);
+        let (files, config) = self.resolve()?;
+        let weights = Weights::open(&files, dtype, &device)?;
+        let model = DeepseekModel::load(&config, &weights, &LoadOptions { router })
+            .with_context(|| format!("loading {}", files.dir.display()))?;
+        let tokenizer = match &files.tokenizer {
+            Some(t) => Some(TextTokenizer::load(
+                t,
+                files.tokenizer_config.as_deref(),
+                files.generation_config.as_deref(),
+            )?),
+            None => None,
+        };
+        Ok(LoadedModel {
+            files,
+            config,
+            model,
+            tokenizer,
+        })
+    }
+}

@@ -1,0 +1,297 @@
+//! The `moe` binary end to end on the committed fixtures: logits and greedy output equal the
+//! transformers goldens, text in/out through the real tokenizer, `inspect`, a Hub repo id
+//! served from an offline hub cache, and clean failures (message naming the culprit,
+//! non-zero exit, no panic) for broken configs and checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+fn moe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run moe")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Golden prompts/logits/greedy of a fixture, read with the safetensors crate directly.
+fn golden(dir: &Path) -> (Vec<Vec<u32>>, Vec<Vec<f32>>, Vec<Vec<u32>>) {
+    let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let i64s = |name: &str| -> Vec<u32> {
+        st.tensor(name).unwrap().data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+    };
+    let f32s = |name: &str| -> Vec<f32> {
+        st.tensor(name).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    };
+    let (mut p, mut l, mut g) = (vec![], vec![], vec![]);
+    for i in 0..4 {
+        p.push(i64s(&format!("prompt.{i}")));
+        l.push(f32s(&format!("logits.{i}")));
+        g.push(i64s(&format!("greedy.{i}")));
+    }
+    (p, l, g)
+}
+
+fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Asserts a failed run: non-zero exit, no panic, and stderr mentioning every `needle`.
+fn assert_clean_failure(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr should mention {n:?}: {err}");
+    }
+}
+
+#[test]
+fn logits_command_matches_transformers() {
+    for m in ["deepseek-v2-lite", "deepseek-v3-hubconfig"] {
+        let dir = fixture(m);
+        let (prompts, logits, _) = golden(&dir);
+        let o = moe(&["logits", "--model", dir.to_str().unwrap(), "--prompt-ids", &ids_arg(&prompts[2])]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let rows = v["logits"].as_array().unwrap();
+        assert_eq!(rows.len(), prompts[2].len());
+        let got: Vec<f32> = rows.iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+        assert_eq!(got.len(), logits[2].len());
+        let max = got.iter().zip(&logits[2]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // Same tolerance and reasoning as tests/golden.rs.
+        assert!(max < 1e-4, "{m}: max |diff| {max}");
+    }
+}
+
+#[test]
+fn generate_json_reproduces_the_greedy_golden() {
+    let dir = fixture("deepseek-v2");
+    let (prompts, _, greedy) = golden(&dir);
+    let o = moe(&[
+        "generate", "--model", dir.to_str().unwrap(), "--prompt-ids", &ids_arg(&prompts[3]),
+        "--max-tokens", "12", "--ignore-eos", "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let ids: Vec<u32> = v["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, greedy[3]);
+    assert_eq!(v["finish_reason"], "length");
+    // The fixture has a tokenizer, so the text is its decoding.
+    assert!(v["text"].is_string());
+}
+
+#[test]
+fn generate_from_text_with_the_real_tokenizer() {
+    let dir = fixture("deepseek-v3");
+    let args = ["generate", "--model", dir.to_str().unwrap(), "--prompt", "Héllo wörld, 你好 🙂", "--max-tokens", "6", "--json"];
+    let o = moe(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let n = v["token_ids"].as_array().unwrap().len();
+    assert!(n >= 1 && n <= 6);
+    // Greedy and deterministic: same text twice.
+    assert_eq!(stdout(&moe(&args)), stdout(&o));
+    // Seeded sampling is reproducible, and differs from another seed over 16 tokens.
+    let sample = |seed: &str| {
+        stdout(&moe(&[
+            "generate", "--model", dir.to_str().unwrap(), "--prompt-ids", "5,6,7", "--max-tokens", "16",
+            "--temperature", "1.0", "--seed", seed, "--ignore-eos", "--json",
+        ]))
+    };
+    assert_eq!(sample("11"), sample("11"));
+    assert_ne!(sample("11"), sample("12"));
+}
+
+#[test]
+fn router_override_changes_the_output_and_bad_specs_fail() {
+    let dir = fixture("deepseek-v3");
+    let (prompts, logits, _) = golden(&dir);
+    let run = |router: &str| {
+        let o = moe(&["logits", "--model", dir.to_str().unwrap(), "--prompt-ids", &ids_arg(&prompts[2]), "--router", router]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect::<Vec<f32>>()
+    };
+    let diff = |got: &[f32]| got.iter().zip(&logits[2]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    // Naming the checkpoint's own router changes nothing.
+    assert!(diff(&run("noaux_tc")) < 1e-4);
+    // Other strategies do.
+    assert!(diff(&run("greedy:top_k=2,scoring=softmax")) > 1e-2);
+    assert!(diff(&run("noaux_tc:bias=false")) > 1e-2);
+    let o = moe(&["logits", "--model", dir.to_str().unwrap(), "--prompt-ids", "1", "--router", "fancy"]);
+    assert_clean_failure(&o, &["fancy", "greedy"]);
+    let o = moe(&["logits", "--model", dir.to_str().unwrap(), "--prompt-ids", "1", "--router", "greedy:top_k=99"]);
+    assert_clean_failure(&o, &["top_k"]);
+}
+
+#[test]
+fn inspect_reports_sizes_and_routing() {
+    let o = moe(&["inspect", "--model", fixture("deepseek-v3").to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["architecture"], "DeepseekV3ForCausalLM");
+    // 3 layers x (32 + 8) latent values x 4 bytes.
+    assert_eq!(v["kv_bytes_per_token"], 480);
+    let total = v["sizes"]["total_params"].as_u64().unwrap();
+    // Count the checkpoint's tensors directly: every parameter but the layer-3 MTP extras.
+    let bytes = std::fs::read(fixture("deepseek-v3").join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let counted: u64 = st.tensors().iter().map(|(_, t)| t.shape().iter().product::<usize>() as u64).sum();
+    // The correction bias is a buffer in transformers but is counted here as a parameter too.
+    assert_eq!(total, counted);
+    // Active = total minus the 5 unchosen of 8 experts in each of the 2 MoE layers.
+    let expert = 3 * 64 * 32;
+    assert_eq!(v["sizes"]["active_params_per_token"].as_u64().unwrap(), total - 2 * 5 * expert);
+    assert!(v["router"].as_str().unwrap().starts_with("noaux_tc"));
+}
+
+/// Copies a fixture into a temp dir so a test can break it.
+fn broken_copy(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    tmp
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(v.as_object_mut().unwrap());
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn missing_config_field_and_unknown_architecture_fail_cleanly() {
+    let tmp = broken_copy("deepseek-v2-lite");
+    edit_config(tmp.path(), |c| {
+        c.remove("kv_lora_rank");
+    });
+    let o = moe(&["logits", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
+    assert_clean_failure(&o, &["kv_lora_rank", "missing"]);
+
+    let tmp = broken_copy("deepseek-v2-lite");
+    edit_config(tmp.path(), |c| {
+        c.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+    });
+    let o = moe(&["generate", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
+    assert_clean_failure(&o, &["LlamaForCausalLM", "DeepseekV3ForCausalLM"]);
+
+    let tmp = broken_copy("deepseek-v2-lite");
+    edit_config(tmp.path(), |c| {
+        c.insert("n_routed_experts".into(), serde_json::json!(1_000_000_000_000u64));
+    });
+    let o = moe(&["inspect", "--model", tmp.path().to_str().unwrap()]);
+    assert_clean_failure(&o, &["n_routed_experts"]);
+}
+
+#[test]
+fn truncated_safetensors_fails_cleanly() {
+    let tmp = broken_copy("deepseek-v3");
+    let p = tmp.path().join("model.safetensors");
+    let len = std::fs::metadata(&p).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(len / 2).unwrap();
+    let o = moe(&["logits", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
+    assert_clean_failure(&o, &["model.safetensors", "truncated"]);
+}
+
+/// Rewrites `model.safetensors` with `name` replaced by an f32 tensor of `shape` (or removed).
+fn rewrite_tensor(dir: &Path, name: &str, shape: Option<&[usize]>) {
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (n, t) in st.tensors() {
+        if n == name {
+            if let Some(shape) = shape {
+                let numel: usize = shape.iter().product();
+                owned.push((n, safetensors::Dtype::F32, shape.to_vec(), vec![0u8; numel * 4]));
+            }
+        } else {
+            owned.push((n, t.dtype(), t.shape().to_vec(), t.data().to_vec()));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::tensor::serialize_to_file(views, None, &p).unwrap();
+}
+
+#[test]
+fn misshaped_and_missing_tensors_fail_naming_the_tensor() {
+    let name = "model.layers.1.self_attn.kv_b_proj.weight";
+    let tmp = broken_copy("deepseek-v2-lite");
+    rewrite_tensor(tmp.path(), name, Some(&[128, 31]));
+    let o = moe(&["logits", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
+    assert_clean_failure(&o, &[name, "[128, 31]", "[128, 32]"]);
+
+    let tmp = broken_copy("deepseek-v2-lite");
+    rewrite_tensor(tmp.path(), "model.layers.2.mlp.experts.7.down_proj.weight", None);
+    let o = moe(&["logits", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
+    assert_clean_failure(&o, &["model.layers.2.mlp.experts.7.down_proj.weight", "missing"]);
+}
+
+#[test]
+fn bad_prompts_fail_cleanly() {
+    let dir = fixture("deepseek-v2-lite");
+    let d = dir.to_str().unwrap();
+    assert_clean_failure(&moe(&["logits", "--model", d, "--prompt-ids", "1,99999"]), &["99999", "vocabulary"]);
+    assert_clean_failure(&moe(&["logits", "--model", d, "--prompt-ids", "1,x"]), &["\"x\""]);
+    assert_clean_failure(&moe(&["logits", "--model", "/nonexistent/model", "--prompt-ids", "1"]), &["/nonexistent/model"]);
+    assert_clean_failure(&moe(&["logits", "--model", d, "--prompt-ids", "1", "--dtype", "f8"]), &["dtype", "f8"]);
+    assert_clean_failure(&moe(&["generate", "--model", d, "--prompt-ids", "1", "--max-tokens", "1000"]), &["max_position_embeddings"]);
+}
+
+#[test]
+fn hub_repo_ids_resolve_from_an_offline_hub_cache() {
+    // hf-hub's cache layout: $HF_HOME/hub/models--org--name/{refs/main, snapshots/<commit>/...}.
+    let home = tempfile::tempdir().unwrap();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = home.path().join("hub/models--moe-engine--tiny-deepseek-v3");
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for e in std::fs::read_dir(fixture("deepseek-v3-sharded")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), snap.join(e.file_name())).unwrap();
+    }
+    let (prompts, _, greedy) = golden(&fixture("deepseek-v3-sharded"));
+    let o = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["generate", "--model", "moe-engine/tiny-deepseek-v3", "--prompt-ids", &ids_arg(&prompts[1])])
+        .args(["--max-tokens", "12", "--ignore-eos", "--json"])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let ids: Vec<u32> = v["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, greedy[1]);
+
+    // A repo that is not in the cache fails with a message naming it, without a network.
+    let o = Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["inspect", "--model", "moe-engine/not-there"])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, &["moe-engine/not-there", "HF_HUB_OFFLINE"]);
+}
