@@ -111,3 +111,31 @@ fn golden_argmax_is_consistent_with_the_first_greedy_token() {
         }
     }
 }
+
+/// Smallest per-position cosine similarity between two `[len, vocab]` logit tensors.
+fn min_row_cosine(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let dot = (a * b).unwrap().sum(1).unwrap();
+    let na = a.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+    let nb = b.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+    let cos = (dot / (na * nb).unwrap()).unwrap();
+    cos.to_vec1::<f32>().unwrap().into_iter().fold(1.0, f32::min)
+}
+
+#[test]
+fn half_precision_compute_runs_and_stays_close_to_f32() {
+    // bf16/f16 activations are not comparable element-wise with the f32 goldens (transformers
+    // itself in bf16 reaches only 0.993 minimum cosine on this fixture, and routing flips on
+    // the V3 one), so this checks the half paths run end to end and stay near: every
+    // position's logits keep a cosine above 0.98 with the f32 goldens of v2-lite.
+    let dir = fixture("deepseek-v2-lite");
+    let g = golden(&dir);
+    for dtype in [DType::BF16, DType::F16] {
+        let model = load_model(&dir, dtype, &LoadOptions::default());
+        let got = Generator::new(&model, 16, usize::MAX).unwrap().prompt_logits(&g.prompts, None).unwrap();
+        for (i, (got, want)) in got.iter().zip(&g.logits).enumerate() {
+            let cos = min_row_cosine(got, want);
+            eprintln!("{dtype:?} prompt {i}: min cosine {cos:.5}, max |diff| {:.3}", max_abs_diff(got, want));
+            assert!(cos > 0.98, "{dtype:?} prompt {i}: min cosine {cos}");
+        }
+    }
+}
