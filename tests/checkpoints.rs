@@ -9,16 +9,7 @@ use moe_engine::{Generator, TextTokenizer};
 use moe_models::deepseek::LoadOptions;
 use moe_models::loader::check_header;
 use moe_models::{ModelError, ModelFiles, RoutingTrace, Weights};
-use moe_tests::{fixture, golden, load_model, max_abs_diff};
-
-fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fixture(name)).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
-    tmp
-}
+use moe_tests::{copy_fixture, fixture, golden, load_model, max_abs_diff};
 
 /// Rewrites `dir/model.safetensors`, passing every tensor's bytes through `edit`.
 fn rewrite(dir: &Path, edit: impl Fn(&str, &mut Vec<u8>)) {

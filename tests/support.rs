@@ -48,3 +48,13 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
+
+/// Copies a fixture directory into a fresh temporary directory, so a test can break it.
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    for e in std::fs::read_dir(fixture(name)).expect("fixture dir") {
+        let e = e.expect("dir entry");
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).expect("copy fixture file");
+    }
+    tmp
+}

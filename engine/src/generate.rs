@@ -76,7 +76,10 @@ impl<'m> Generator<'m> {
         })
     }
 
-    fn check_prompt(&self, prompt: &[u32], extra: usize) -> Result<()> {
+    /// Checks ids and, for generation (`extra` = max tokens, `Some`), that the whole sequence
+    /// fits the model's `max_position_embeddings`. Scoring a prompt (`None`) is not capped,
+    /// as in transformers: RoPE extends past the trained length.
+    fn check_prompt(&self, prompt: &[u32], extra: Option<usize>) -> Result<()> {
         let cfg = self.model.config();
         if prompt.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
@@ -84,6 +87,7 @@ impl<'m> Generator<'m> {
         if let Some(bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
         }
+        let Some(extra) = extra else { return Ok(()) };
         if prompt.len() + extra > cfg.max_position_embeddings {
             return Err(EngineError::InvalidRequest(format!(
                 "prompt ({}) + max tokens ({extra}) exceeds the model's max_position_embeddings ({})",
@@ -118,7 +122,7 @@ impl<'m> Generator<'m> {
     /// f32 logits `[len, vocab]` at every position of every prompt, computed together.
     pub fn prompt_logits(&self, prompts: &[Vec<u32>], trace: Option<&RoutingTrace>) -> Result<Vec<Tensor>> {
         for p in prompts {
-            self.check_prompt(p, 0)?;
+            self.check_prompt(p, None)?;
         }
         let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let (cache, tables) = self.allocate(&lengths)?;
@@ -153,7 +157,7 @@ impl<'m> Generator<'m> {
     /// Generates for every request together; outputs in request order.
     pub fn generate(&self, requests: &[GenerateRequest], trace: Option<&RoutingTrace>) -> Result<Vec<Generation>> {
         for r in requests {
-            self.check_prompt(&r.prompt, r.max_tokens)?;
+            self.check_prompt(&r.prompt, Some(r.max_tokens))?;
         }
         let lengths: Vec<usize> = requests.iter().map(|r| r.prompt.len() + r.max_tokens).collect();
         let (cache, tables) = self.allocate(&lengths)?;

@@ -356,8 +356,10 @@ impl ModelConfig {
             rms_norm_eps,
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             attention_bias: f.opt_bool("attention_bias")?.unwrap_or(false),
-            mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
-            rope: parse_rope(&f, max_position_embeddings)?,
+            // DeepseekV2Config inherits `mlp_bias` (dense and shared-expert MLPs); V3's MLPs
+            // never have biases, whatever the file says.
+            mlp_bias: architecture == Architecture::DeepseekV2 && f.opt_bool("mlp_bias")?.unwrap_or(false),
+            rope: parse_rope(&f, architecture, max_position_embeddings)?,
             moe: parse_moe(&f, &d)?,
             bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: f.token_ids("eos_token_id")?,
@@ -465,8 +467,12 @@ fn parse_architecture(map: &Map<String, Value>) -> Result<Architecture> {
 /// Reads the rotary settings from either `rope_parameters` (transformers 5) or
 /// `rope_theta` + `rope_scaling` (the Hub's configs). In a transformers 5 DeepSeek config the
 /// top-level `head_dim` is the rotary width (it equals `qk_rope_head_dim`), so it is not read.
-fn parse_rope(f: &Fields<'_>, max_position_embeddings: usize) -> Result<RopeConfig> {
-    let interleaved = f.opt_bool("rope_interleave")?.unwrap_or(true);
+fn parse_rope(f: &Fields<'_>, architecture: Architecture, max_position_embeddings: usize) -> Result<RopeConfig> {
+    // V2 always rotates interleaved pairs; only V3 reads `rope_interleave`.
+    let interleaved = match architecture {
+        Architecture::DeepseekV2 => true,
+        Architecture::DeepseekV3 => f.opt_bool("rope_interleave")?.unwrap_or(true),
+    };
     let (params_key, params) = match (f.get("rope_parameters"), f.get("rope_scaling")) {
         (Some(p), _) => ("rope_parameters", Some(p)),
         (None, Some(s)) => ("rope_scaling", Some(s)),

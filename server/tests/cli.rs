@@ -3,12 +3,11 @@
 //! served from an offline hub cache, and clean failures (message naming the culprit,
 //! non-zero exit, no panic) for broken configs and checkpoints.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
+use moe_tests::{copy_fixture, fixture};
+
 
 fn moe(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_moe"))
@@ -159,16 +158,6 @@ fn inspect_reports_sizes_and_routing() {
     assert!(v["router"].as_str().unwrap().starts_with("noaux_tc"));
 }
 
-/// Copies a fixture into a temp dir so a test can break it.
-fn broken_copy(name: &str) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(fixture(name)).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
-    }
-    tmp
-}
-
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
     let p = dir.join("config.json");
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
@@ -178,21 +167,21 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_
 
 #[test]
 fn missing_config_field_and_unknown_architecture_fail_cleanly() {
-    let tmp = broken_copy("deepseek-v2-lite");
+    let tmp = copy_fixture("deepseek-v2-lite");
     edit_config(tmp.path(), |c| {
         c.remove("kv_lora_rank");
     });
     let o = moe(&["logits", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
     assert_clean_failure(&o, &["kv_lora_rank", "missing"]);
 
-    let tmp = broken_copy("deepseek-v2-lite");
+    let tmp = copy_fixture("deepseek-v2-lite");
     edit_config(tmp.path(), |c| {
         c.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
     });
     let o = moe(&["generate", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
     assert_clean_failure(&o, &["LlamaForCausalLM", "DeepseekV3ForCausalLM"]);
 
-    let tmp = broken_copy("deepseek-v2-lite");
+    let tmp = copy_fixture("deepseek-v2-lite");
     edit_config(tmp.path(), |c| {
         c.insert("n_routed_experts".into(), serde_json::json!(1_000_000_000_000u64));
     });
@@ -202,7 +191,7 @@ fn missing_config_field_and_unknown_architecture_fail_cleanly() {
 
 #[test]
 fn truncated_safetensors_fails_cleanly() {
-    let tmp = broken_copy("deepseek-v3");
+    let tmp = copy_fixture("deepseek-v3");
     let p = tmp.path().join("model.safetensors");
     let len = std::fs::metadata(&p).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
@@ -237,12 +226,12 @@ fn rewrite_tensor(dir: &Path, name: &str, shape: Option<&[usize]>) {
 #[test]
 fn misshaped_and_missing_tensors_fail_naming_the_tensor() {
     let name = "model.layers.1.self_attn.kv_b_proj.weight";
-    let tmp = broken_copy("deepseek-v2-lite");
+    let tmp = copy_fixture("deepseek-v2-lite");
     rewrite_tensor(tmp.path(), name, Some(&[128, 31]));
     let o = moe(&["logits", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
     assert_clean_failure(&o, &[name, "[128, 31]", "[128, 32]"]);
 
-    let tmp = broken_copy("deepseek-v2-lite");
+    let tmp = copy_fixture("deepseek-v2-lite");
     rewrite_tensor(tmp.path(), "model.layers.2.mlp.experts.7.down_proj.weight", None);
     let o = moe(&["logits", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
     assert_clean_failure(&o, &["model.layers.2.mlp.experts.7.down_proj.weight", "missing"]);
