@@ -3,9 +3,11 @@
 //! the model computes, this crate decides what to compute.
 
 pub mod batch;
+pub mod block_pool;
 pub mod error;
 pub mod generate;
 pub mod sampling;
+pub mod scheduler;
 pub mod tokenizer;
 
 pub use batch::{BatchBuilder, SeqChunk};
