@@ -27,7 +27,12 @@ fn rewrite(dir: &Path, edit: impl Fn(&str, &mut Vec<u8>)) {
         .collect();
     let views: Vec<_> = owned
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::tensor::serialize_to_file(views, None, &p).unwrap();
 }
@@ -37,7 +42,10 @@ fn expert_choices(dir: &Path) -> (Vec<(usize, Vec<u32>)>, Vec<candle_core::Tenso
     let model = load_model(dir, DType::F32, &LoadOptions::default());
     let g = golden(&fixture("deepseek-v3"));
     let trace = RoutingTrace::default();
-    let logits = Generator::new(&model, 16, usize::MAX).unwrap().prompt_logits(&g.prompts, Some(&trace)).unwrap();
+    let logits = Generator::new(&model, 16, usize::MAX)
+        .unwrap()
+        .prompt_logits(&g.prompts, Some(&trace))
+        .unwrap();
     (trace.take(), logits)
 }
 
@@ -58,7 +66,9 @@ fn zeroing_the_v3_correction_bias_changes_expert_choice() {
     // Count what we zeroed through the loader itself.
     let w = Weights::open(&ModelFiles::from_dir(tmp.path()).unwrap(), DType::F32, &Device::Cpu).unwrap();
     for l in 1..3 {
-        let b = w.get(&format!("model.layers.{l}.mlp.gate.e_score_correction_bias"), &[8]).unwrap();
+        let b = w
+            .get(&format!("model.layers.{l}.mlp.gate.e_score_correction_bias"), &[8])
+            .unwrap();
         assert_eq!(b.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
         zeroed += 1;
     }
@@ -78,7 +88,10 @@ fn zeroing_the_v3_correction_bias_changes_expert_choice() {
     }
     // The fixture generator measured ~70% of (token, layer) choices changing; demand a lot.
     assert!(changed * 3 > total, "only {changed} of {total} expert choices changed");
-    assert!(logits_zeroed.iter().zip(&g.logits).any(|(a, b)| max_abs_diff(a, b) > 1e-2));
+    assert!(logits_zeroed
+        .iter()
+        .zip(&g.logits)
+        .any(|(a, b)| max_abs_diff(a, b) > 1e-2));
 }
 
 fn write_raw(dir: &Path, header: &str, data_len: usize) -> std::path::PathBuf {
@@ -105,7 +118,11 @@ fn hostile_safetensors_headers_are_rejected_before_mapping() {
     let p = write_raw(d, r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8);
     assert!(checkpoint_message(check_header(&p)).contains("`w` claims bytes 0..16"));
     // A shape whose byte size overflows u64.
-    let p = write_raw(d, r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,16]}}"#, 16);
+    let p = write_raw(
+        d,
+        r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,16]}}"#,
+        16,
+    );
     assert!(checkpoint_message(check_header(&p)).contains("overflows"));
     // Shape and offsets that disagree.
     let p = write_raw(d, r#"{"w":{"dtype":"F32","shape":[5],"data_offsets":[0,16]}}"#, 16);
@@ -128,7 +145,11 @@ fn hostile_safetensors_headers_are_rejected_before_mapping() {
 fn integer_weights_are_a_dtype_error_naming_the_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(fixture("deepseek-v2-lite/config.json"), tmp.path().join("config.json")).unwrap();
-    write_raw(tmp.path(), r#"{"model.norm.weight":{"dtype":"I32","shape":[64],"data_offsets":[0,256]}}"#, 256);
+    write_raw(
+        tmp.path(),
+        r#"{"model.norm.weight":{"dtype":"I32","shape":[64],"data_offsets":[0,256]}}"#,
+        256,
+    );
     let w = Weights::open(&ModelFiles::from_dir(tmp.path()).unwrap(), DType::F32, &Device::Cpu).unwrap();
     let e = w.get("model.norm.weight", &[64]).unwrap_err();
     assert!(matches!(e, ModelError::TensorDtype { .. }), "{e}");
@@ -144,7 +165,12 @@ fn the_fixture_tokenizer_round_trips_text_and_prepends_bos() {
         Some(&dir.join("generation_config.json")),
     )
     .unwrap();
-    for text in ["Hello world", "Héllo wörld, 你好 🙂 — naïve café", "  spaces\tand\nnewlines  ", "x"] {
+    for text in [
+        "Hello world",
+        "Héllo wörld, 你好 🙂 — naïve café",
+        "  spaces\tand\nnewlines  ",
+        "x",
+    ] {
         let ids = t.encode(text).unwrap();
         assert_eq!(ids[0], 0, "add_bos_token: the first id is BOS");
         assert!(ids.iter().all(|&i| (i as usize) < t.vocab_size()));

@@ -80,7 +80,10 @@ fn greedy_requests(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<GenerateReque
 
 #[test]
 fn greedy_continuations_are_identical_batched_and_alone() {
-    for m in MODELS.iter().chain(&["deepseek-v2-lite-bf16", "deepseek-v2-bf16", "deepseek-v3-bf16"]) {
+    for m in MODELS
+        .iter()
+        .chain(&["deepseek-v2-lite-bf16", "deepseek-v2-bf16", "deepseek-v3-bf16"])
+    {
         let dir = fixture(m);
         let g = golden(&dir);
         let model = load_model(&dir, DType::F32, &LoadOptions::default());
@@ -94,7 +97,9 @@ fn greedy_continuations_are_identical_batched_and_alone() {
         // And each alone, whole-prompt prefill.
         let gen = Generator::new(&model, 16, usize::MAX).unwrap();
         for (i, p) in g.prompts.iter().enumerate() {
-            let alone = gen.generate(&greedy_requests(std::slice::from_ref(p), n), None).unwrap();
+            let alone = gen
+                .generate(&greedy_requests(std::slice::from_ref(p), n), None)
+                .unwrap();
             assert_eq!(alone[0].token_ids, g.greedy[i], "{m} prompt {i} (alone)");
         }
     }
@@ -131,10 +136,16 @@ fn half_precision_compute_runs_and_stays_close_to_f32() {
     let g = golden(&dir);
     for dtype in [DType::BF16, DType::F16] {
         let model = load_model(&dir, dtype, &LoadOptions::default());
-        let got = Generator::new(&model, 16, usize::MAX).unwrap().prompt_logits(&g.prompts, None).unwrap();
+        let got = Generator::new(&model, 16, usize::MAX)
+            .unwrap()
+            .prompt_logits(&g.prompts, None)
+            .unwrap();
         for (i, (got, want)) in got.iter().zip(&g.logits).enumerate() {
             let cos = min_row_cosine(got, want);
-            eprintln!("{dtype:?} prompt {i}: min cosine {cos:.5}, max |diff| {:.3}", max_abs_diff(got, want));
+            eprintln!(
+                "{dtype:?} prompt {i}: min cosine {cos:.5}, max |diff| {:.3}",
+                max_abs_diff(got, want)
+            );
             assert!(cos > 0.98, "{dtype:?} prompt {i}: min cosine {cos}");
         }
     }

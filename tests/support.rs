@@ -20,14 +20,27 @@ pub struct Golden {
 }
 
 fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
+    t.to_dtype(DType::I64)
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
 }
 
 pub fn golden(dir: &Path) -> Golden {
-    let tensors = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).expect("golden.safetensors");
-    let mut g = Golden { prompts: vec![], logits: vec![], greedy: vec![] };
+    let tensors =
+        candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).expect("golden.safetensors");
+    let mut g = Golden {
+        prompts: vec![],
+        logits: vec![],
+        greedy: vec![],
+    };
     for i in 0.. {
-        let Some(p) = tensors.get(&format!("prompt.{i}")) else { break };
+        let Some(p) = tensors.get(&format!("prompt.{i}")) else {
+            break;
+        };
         g.prompts.push(ids(p));
         g.logits.push(tensors[&format!("logits.{i}")].clone());
         g.greedy.push(ids(&tensors[&format!("greedy.{i}")]));
@@ -46,7 +59,16 @@ pub fn load_model(dir: &Path, dtype: DType, options: &LoadOptions) -> DeepseekMo
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Copies a fixture directory into a fresh temporary directory, so a test can break it.

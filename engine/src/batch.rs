@@ -52,7 +52,9 @@ impl BatchBuilder {
     /// Appends one sequence's chunk; returns its index in the batch.
     pub fn push(&mut self, chunk: &SeqChunk) -> Result<usize> {
         if chunk.tokens.is_empty() {
-            return Err(EngineError::InvalidRequest("a batch chunk needs at least one token".into()));
+            return Err(EngineError::InvalidRequest(
+                "a batch chunk needs at least one token".into(),
+            ));
         }
         let context_len = chunk.start_pos + chunk.tokens.len();
         if chunk.block_table.len() * self.block_size < context_len {
@@ -95,7 +97,10 @@ impl BatchBuilder {
         for seq in &self.seqs {
             let first = seq.query_start as u32;
             let last = first + seq.query_len as u32;
-            let count = self.logits_rows[row..].iter().take_while(|&&r| r >= first && r < last).count();
+            let count = self.logits_rows[row..]
+                .iter()
+                .take_while(|&&r| r >= first && r < last)
+                .count();
             logits_ranges.push(row..row + count);
             row += count;
         }

@@ -76,7 +76,10 @@ impl BlockPool {
     pub fn new(num_blocks: usize) -> Result<Self, BlockPoolError> {
         let max = NIL as usize;
         if num_blocks > max {
-            return Err(BlockPoolError::TooManyBlocks { requested: num_blocks, max });
+            return Err(BlockPoolError::TooManyBlocks {
+                requested: num_blocks,
+                max,
+            });
         }
         let n = num_blocks as u32;
         let blocks = (0..n)
@@ -130,7 +133,11 @@ impl BlockPool {
         if count > self.num_free {
             return None;
         }
-        Some((0..count).map(|_| self.allocate().expect("counted free blocks")).collect())
+        Some(
+            (0..count)
+                .map(|_| self.allocate().expect("counted free blocks"))
+                .collect(),
+        )
     }
 
     /// Allocates one specific free block (reference count becomes 1), keeping its content
@@ -150,7 +157,10 @@ impl BlockPool {
         if entry.ref_count == 0 {
             return Err(BlockPoolError::NotAllocated(id));
         }
-        entry.ref_count = entry.ref_count.checked_add(1).ok_or(BlockPoolError::RefCountOverflow(id))?;
+        entry.ref_count = entry
+            .ref_count
+            .checked_add(1)
+            .ok_or(BlockPoolError::RefCountOverflow(id))?;
         Ok(())
     }
 
@@ -201,17 +211,23 @@ impl BlockPool {
 
     fn entry(&self, id: BlockId) -> Result<&BlockEntry, BlockPoolError> {
         let num_blocks = self.blocks.len();
-        self.blocks.get(id.index()).ok_or(BlockPoolError::OutOfRange { id, num_blocks })
+        self.blocks
+            .get(id.index())
+            .ok_or(BlockPoolError::OutOfRange { id, num_blocks })
     }
 
     fn entry_mut(&mut self, id: BlockId) -> Result<&mut BlockEntry, BlockPoolError> {
         let num_blocks = self.blocks.len();
-        self.blocks.get_mut(id.index()).ok_or(BlockPoolError::OutOfRange { id, num_blocks })
+        self.blocks
+            .get_mut(id.index())
+            .ok_or(BlockPoolError::OutOfRange { id, num_blocks })
     }
 
     /// Removes a free block from the free list. `id` must be valid and free.
     fn unlink(&mut self, id: BlockId) {
-        let BlockEntry { prev_free, next_free, .. } = self.blocks[id.index()];
+        let BlockEntry {
+            prev_free, next_free, ..
+        } = self.blocks[id.index()];
         match prev_free {
             NIL => self.free_head = next_free,
             prev => self.blocks[prev as usize].next_free = next_free,
@@ -404,6 +420,9 @@ mod tests {
     #[test]
     fn too_many_blocks_is_rejected() {
         let requested = u32::MAX as usize + 1;
-        assert!(matches!(BlockPool::new(requested), Err(BlockPoolError::TooManyBlocks { .. })));
+        assert!(matches!(
+            BlockPool::new(requested),
+            Err(BlockPoolError::TooManyBlocks { .. })
+        ));
     }
 }

@@ -66,7 +66,9 @@ struct Active {
 impl<'m> Generator<'m> {
     pub fn new(model: &'m DeepseekModel, block_size: usize, prefill_chunk: usize) -> Result<Self> {
         if block_size == 0 || prefill_chunk == 0 {
-            return Err(EngineError::InvalidRequest("block size and prefill chunk must be positive".into()));
+            return Err(EngineError::InvalidRequest(
+                "block size and prefill chunk must be positive".into(),
+            ));
         }
         Ok(Generator {
             model,
@@ -85,7 +87,10 @@ impl<'m> Generator<'m> {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
         if let Some(bad) = prompt.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                cfg.vocab_size
+            )));
         }
         let Some(extra) = extra else { return Ok(()) };
         if prompt.len() + extra > cfg.max_position_embeddings {
@@ -109,7 +114,11 @@ impl<'m> Generator<'m> {
             .map(|&n| {
                 (0..n)
                     .map(|_| {
-                        let b = if self.scramble_blocks { total as u32 - 1 - next } else { next };
+                        let b = if self.scramble_blocks {
+                            total as u32 - 1 - next
+                        } else {
+                            next
+                        };
                         next += 1;
                         b
                     })

@@ -32,10 +32,16 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(EngineError::InvalidRequest(format!("temperature must be >= 0, got {}", self.temperature)));
+            return Err(EngineError::InvalidRequest(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(EngineError::InvalidRequest(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return Err(EngineError::InvalidRequest(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -119,7 +125,12 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_p: f32, top_k: usize, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_p, top_k, seed: Some(seed) }
+        SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed: Some(seed),
+        }
     }
 
     #[test]

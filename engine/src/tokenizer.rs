@@ -52,9 +52,8 @@ impl TextTokenizer {
             message: e.to_string(),
         })?;
         let cfg = tokenizer_config.map(read_json).transpose()?;
-        let lookup = |field: &str| {
-            token_text(cfg.as_ref().and_then(|c| c.get(field))).and_then(|t| inner.token_to_id(&t))
-        };
+        let lookup =
+            |field: &str| token_text(cfg.as_ref().and_then(|c| c.get(field))).and_then(|t| inner.token_to_id(&t));
         let bos_id = lookup("bos_token");
         let add_bos = cfg
             .as_ref()

@@ -252,10 +252,17 @@ impl<'a> Fields<'a> {
         let Some(v) = self.get(key) else { return Ok(vec![]) };
         let bad = || self.unsupported(key, v, "expected a token id or a list of token ids");
         match v {
-            Value::Number(n) => Ok(vec![n.as_u64().filter(|&x| x <= u32::MAX as u64).ok_or_else(bad)? as u32]),
+            Value::Number(n) => Ok(vec![
+                n.as_u64().filter(|&x| x <= u32::MAX as u64).ok_or_else(bad)? as u32
+            ]),
             Value::Array(items) => items
                 .iter()
-                .map(|x| x.as_u64().filter(|&x| x <= u32::MAX as u64).map(|x| x as u32).ok_or_else(bad))
+                .map(|x| {
+                    x.as_u64()
+                        .filter(|&x| x <= u32::MAX as u64)
+                        .map(|x| x as u32)
+                        .ok_or_else(bad)
+                })
                 .collect(),
             _ => Err(bad()),
         }
@@ -499,7 +506,11 @@ fn parse_rope(f: &Fields<'_>, architecture: Architecture, max_position_embedding
         None => f.opt_f64("rope_theta")?.unwrap_or(10000.0),
     };
     if theta <= 1.0 {
-        let field = if nested_theta.is_some() { format!("{prefix}rope_theta") } else { "rope_theta".into() };
+        let field = if nested_theta.is_some() {
+            format!("{prefix}rope_theta")
+        } else {
+            "rope_theta".into()
+        };
         return Err(ModelError::UnsupportedValue {
             field,
             value: theta.to_string(),
@@ -550,7 +561,11 @@ fn parse_rope(f: &Fields<'_>, architecture: Architecture, max_position_embedding
             })
         }
         other => {
-            let field = if p.get("rope_type").is_some() { "rope_type" } else { "type" };
+            let field = if p.get("rope_type").is_some() {
+                "rope_type"
+            } else {
+                "type"
+            };
             return Err(p.unsupported(field, &Value::from(other), "supported rope types: default, yarn"));
         }
     };
@@ -595,7 +610,10 @@ fn parse_moe(f: &Fields<'_>, d: &Defaults) -> Result<Option<MoeConfig>> {
     };
     let grouped = topk_method != TopkMethod::Greedy;
     let n_group = f.opt_usize("n_group", MAX_COUNT)?.or(d.n_group).unwrap_or(1);
-    let topk_group = f.opt_usize("topk_group", MAX_COUNT)?.or(d.topk_group).unwrap_or(n_group);
+    let topk_group = f
+        .opt_usize("topk_group", MAX_COUNT)?
+        .or(d.topk_group)
+        .unwrap_or(n_group);
     if grouped {
         if n_group == 0 || n_routed_experts % n_group != 0 {
             return Err(f.unsupported(
@@ -633,7 +651,9 @@ fn parse_moe(f: &Fields<'_>, d: &Defaults) -> Result<Option<MoeConfig>> {
     let routed_scaling_factor = f.opt_f64("routed_scaling_factor")?.unwrap_or(d.routed_scaling_factor);
     Ok(Some(MoeConfig {
         n_routed_experts,
-        n_shared_experts: f.opt_usize("n_shared_experts", MAX_COUNT)?.unwrap_or(d.n_shared_experts),
+        n_shared_experts: f
+            .opt_usize("n_shared_experts", MAX_COUNT)?
+            .unwrap_or(d.n_shared_experts),
         num_experts_per_tok,
         moe_intermediate_size: f.positive("moe_intermediate_size", MAX_DIM)?,
         first_k_dense_replace,

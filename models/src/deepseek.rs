@@ -64,7 +64,13 @@ impl DeepseekModel {
             let mlp = if cfg.is_moe_layer(i) {
                 FeedForward::Moe(MoeBlock::load(weights, i, cfg, options.router.as_ref())?)
             } else {
-                FeedForward::Dense(Mlp::load(weights, &format!("{p}.mlp"), h, cfg.intermediate_size, cfg.mlp_bias)?)
+                FeedForward::Dense(Mlp::load(
+                    weights,
+                    &format!("{p}.mlp"),
+                    h,
+                    cfg.intermediate_size,
+                    cfg.mlp_bias,
+                )?)
             };
             layers.push(DecoderLayer {
                 input_layernorm: RmsNorm::load(weights, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
@@ -139,19 +145,30 @@ impl DeepseekModel {
     pub fn forward(&self, ctx: &ForwardCtx<'_>, cache: &LatentCache) -> Result<Tensor> {
         let tokens = ctx.num_tokens()?;
         if ctx.positions.dims1()? != tokens || ctx.slot_mapping.dims1()? != tokens {
-            return Err(ModelError::Input("token_ids, positions and slot_mapping must have one entry per token".into()));
+            return Err(ModelError::Input(
+                "token_ids, positions and slot_mapping must have one entry per token".into(),
+            ));
         }
         if cache.layers.len() != self.layers.len() || cache.latent_dim != self.config.latent_cache_dim() {
             return Err(ModelError::Input("the cache was not made for this model".into()));
         }
         let ids = ctx.token_ids.to_vec1::<u32>()?;
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size)));
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
         }
         let cos_sin = self.rope.cos_sin(ctx.positions)?;
         let mut x = self.embed_tokens.index_select(ctx.token_ids, 0)?; // [T, H]
         for (layer, cache_layer) in self.layers.iter().zip(&cache.layers) {
-            let attn = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, ctx, &self.rope, &cos_sin, cache_layer)?;
+            let attn = layer.self_attn.forward(
+                &layer.input_layernorm.forward(&x)?,
+                ctx,
+                &self.rope,
+                &cos_sin,
+                cache_layer,
+            )?;
             x = (x + attn)?;
             let normed = layer.post_attention_layernorm.forward(&x)?;
             let ff = match &layer.mlp {

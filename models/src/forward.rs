@@ -48,7 +48,10 @@ impl RoutingTrace {
     }
 
     pub fn take(&self) -> Vec<(usize, Vec<u32>)> {
-        self.records.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default()
+        self.records
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default()
     }
 }
 

@@ -49,7 +49,11 @@ pub fn model_sizes(cfg: &ModelConfig) -> ModelSizes {
                 let shared = 3 * h * (m.moe_intermediate_size * m.n_shared_experts) as u64;
                 // The gate, plus noaux_tc's `e_score_correction_bias` (a buffer in transformers,
                 // but stored in the checkpoint like a parameter).
-                let bias = if m.topk_method == crate::config::TopkMethod::NoauxTc { e } else { 0 };
+                let bias = if m.topk_method == crate::config::TopkMethod::NoauxTc {
+                    e
+                } else {
+                    0
+                };
                 total += e * h + bias + e * expert + shared;
                 routed += e * expert;
                 inactive += (e - m.num_experts_per_tok as u64) * expert;

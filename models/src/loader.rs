@@ -100,15 +100,19 @@ impl ModelFiles {
             }
             // The Hub's own convention for "never touch the network".
             if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
-                return Err(hub_err(format!("{name} is not in the hub cache and HF_HUB_OFFLINE is set")));
+                return Err(hub_err(format!(
+                    "{name} is not in the hub cache and HF_HUB_OFFLINE is set"
+                )));
             }
             let api = hf_hub::api::sync::ApiBuilder::from_env()
                 .with_progress(true)
                 .build()
                 .map_err(|e| hub_err(format!("cannot start the Hub client: {e}")))?;
-            api.repo(repo.clone())
-                .get(name)
-                .map_err(|e| hub_err(format!("cannot fetch {name} (not in the hub cache, and the Hub said: {e})")))
+            api.repo(repo.clone()).get(name).map_err(|e| {
+                hub_err(format!(
+                    "cannot fetch {name} (not in the hub cache, and the Hub said: {e})"
+                ))
+            })
         };
         let config = fetch("config.json")?;
         let weights = match fetch("model.safetensors.index.json") {
@@ -151,7 +155,9 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
             .as_str()
             .ok_or_else(|| bad(format!("weight_map entry for `{tensor}` is not a file name")))?;
         if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-            return Err(bad(format!("weight_map entry for `{tensor}` names {file:?}, which is not a plain file name")));
+            return Err(bad(format!(
+                "weight_map entry for `{tensor}` names {file:?}, which is not a plain file name"
+            )));
         }
         names.insert(file.to_string());
     }
@@ -263,10 +269,13 @@ impl Weights {
                 reason: "weights must be f32, f16 or bf16".into(),
             });
         }
-        let t = self.tensors.load(name, &self.device).map_err(|e| ModelError::Checkpoint {
-            path: self.dir.clone(),
-            message: format!("tensor `{name}`: {e}"),
-        })?;
+        let t = self
+            .tensors
+            .load(name, &self.device)
+            .map_err(|e| ModelError::Checkpoint {
+                path: self.dir.clone(),
+                message: format!("tensor `{name}`: {e}"),
+            })?;
         Ok(t.to_dtype(dtype)?)
     }
 }
@@ -285,7 +294,9 @@ pub fn check_header(path: &Path) -> Result<()> {
     let mut file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
     let file_len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
     if file_len < 8 {
-        return Err(bad(format!("truncated: {file_len} bytes, too short for a safetensors header")));
+        return Err(bad(format!(
+            "truncated: {file_len} bytes, too short for a safetensors header"
+        )));
     }
     let mut len_bytes = [0u8; 8];
     file.read_exact(&mut len_bytes).map_err(|e| bad(e.to_string()))?;
@@ -300,7 +311,9 @@ pub fn check_header(path: &Path) -> Result<()> {
     file.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
     let json: serde_json::Value =
         serde_json::from_slice(&header).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-    let map = json.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let map = json
+        .as_object()
+        .ok_or_else(|| bad("header is not a JSON object".into()))?;
     let data_len = file_len - 8 - header_len;
     for (name, info) in map {
         if name == "__metadata__" {

@@ -8,7 +8,6 @@ use std::process::{Command, Output};
 
 use moe_tests::{copy_fixture, fixture};
 
-
 fn moe(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_moe"))
         .args(args)
@@ -30,10 +29,20 @@ fn golden(dir: &Path) -> (Vec<Vec<u32>>, Vec<Vec<f32>>, Vec<Vec<u32>>) {
     let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let i64s = |name: &str| -> Vec<u32> {
-        st.tensor(name).unwrap().data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect()
     };
     let f32s = |name: &str| -> Vec<f32> {
-        st.tensor(name).unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     };
     let (mut p, mut l, mut g) = (vec![], vec![], vec![]);
     for i in 0..4 {
@@ -63,14 +72,27 @@ fn logits_command_matches_transformers() {
     for m in ["deepseek-v2-lite", "deepseek-v3-hubconfig"] {
         let dir = fixture(m);
         let (prompts, logits, _) = golden(&dir);
-        let o = moe(&["logits", "--model", dir.to_str().unwrap(), "--prompt-ids", &ids_arg(&prompts[2])]);
+        let o = moe(&[
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &ids_arg(&prompts[2]),
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
         let rows = v["logits"].as_array().unwrap();
         assert_eq!(rows.len(), prompts[2].len());
-        let got: Vec<f32> = rows.iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+        let got: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+            .collect();
         assert_eq!(got.len(), logits[2].len());
-        let max = got.iter().zip(&logits[2]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let max = got
+            .iter()
+            .zip(&logits[2])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         // Same tolerance and reasoning as tests/golden.rs.
         assert!(max < 1e-4, "{m}: max |diff| {max}");
     }
@@ -81,12 +103,24 @@ fn generate_json_reproduces_the_greedy_golden() {
     let dir = fixture("deepseek-v2");
     let (prompts, _, greedy) = golden(&dir);
     let o = moe(&[
-        "generate", "--model", dir.to_str().unwrap(), "--prompt-ids", &ids_arg(&prompts[3]),
-        "--max-tokens", "12", "--ignore-eos", "--json",
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &ids_arg(&prompts[3]),
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let ids: Vec<u32> = v["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let ids: Vec<u32> = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(ids, greedy[3]);
     assert_eq!(v["finish_reason"], "length");
     // The fixture has a tokenizer, so the text is its decoding.
@@ -96,7 +130,16 @@ fn generate_json_reproduces_the_greedy_golden() {
 #[test]
 fn generate_from_text_with_the_real_tokenizer() {
     let dir = fixture("deepseek-v3");
-    let args = ["generate", "--model", dir.to_str().unwrap(), "--prompt", "Héllo wörld, 你好 🙂", "--max-tokens", "6", "--json"];
+    let args = [
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Héllo wörld, 你好 🙂",
+        "--max-tokens",
+        "6",
+        "--json",
+    ];
     let o = moe(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
@@ -107,8 +150,19 @@ fn generate_from_text_with_the_real_tokenizer() {
     // Seeded sampling is reproducible, and differs from another seed over 16 tokens.
     let sample = |seed: &str| {
         stdout(&moe(&[
-            "generate", "--model", dir.to_str().unwrap(), "--prompt-ids", "5,6,7", "--max-tokens", "16",
-            "--temperature", "1.0", "--seed", seed, "--ignore-eos", "--json",
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            "5,6,7",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "--ignore-eos",
+            "--json",
         ]))
     };
     assert_eq!(sample("11"), sample("11"));
@@ -120,20 +174,54 @@ fn router_override_changes_the_output_and_bad_specs_fail() {
     let dir = fixture("deepseek-v3");
     let (prompts, logits, _) = golden(&dir);
     let run = |router: &str| {
-        let o = moe(&["logits", "--model", dir.to_str().unwrap(), "--prompt-ids", &ids_arg(&prompts[2]), "--router", router]);
+        let o = moe(&[
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &ids_arg(&prompts[2]),
+            "--router",
+            router,
+        ]);
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-        v["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect::<Vec<f32>>()
+        v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+            .collect::<Vec<f32>>()
     };
-    let diff = |got: &[f32]| got.iter().zip(&logits[2]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let diff = |got: &[f32]| {
+        got.iter()
+            .zip(&logits[2])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
     // Naming the checkpoint's own router changes nothing.
     assert!(diff(&run("noaux_tc")) < 1e-4);
     // Other strategies do.
     assert!(diff(&run("greedy:top_k=2,scoring=softmax")) > 1e-2);
     assert!(diff(&run("noaux_tc:bias=false")) > 1e-2);
-    let o = moe(&["logits", "--model", dir.to_str().unwrap(), "--prompt-ids", "1", "--router", "fancy"]);
+    let o = moe(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--router",
+        "fancy",
+    ]);
     assert_clean_failure(&o, &["fancy", "greedy"]);
-    let o = moe(&["logits", "--model", dir.to_str().unwrap(), "--prompt-ids", "1", "--router", "greedy:top_k=99"]);
+    let o = moe(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--router",
+        "greedy:top_k=99",
+    ]);
     assert_clean_failure(&o, &["top_k"]);
 }
 
@@ -149,12 +237,19 @@ fn inspect_reports_sizes_and_routing() {
     // Count the checkpoint's tensors directly: every parameter but the layer-3 MTP extras.
     let bytes = std::fs::read(fixture("deepseek-v3").join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let counted: u64 = st.tensors().iter().map(|(_, t)| t.shape().iter().product::<usize>() as u64).sum();
+    let counted: u64 = st
+        .tensors()
+        .iter()
+        .map(|(_, t)| t.shape().iter().product::<usize>() as u64)
+        .sum();
     // The correction bias is a buffer in transformers but is counted here as a parameter too.
     assert_eq!(total, counted);
     // Active = total minus the 5 unchosen of 8 experts in each of the 2 MoE layers.
     let expert = 3 * 64 * 32;
-    assert_eq!(v["sizes"]["active_params_per_token"].as_u64().unwrap(), total - 2 * 5 * expert);
+    assert_eq!(
+        v["sizes"]["active_params_per_token"].as_u64().unwrap(),
+        total - 2 * 5 * expert
+    );
     assert!(v["router"].as_str().unwrap().starts_with("noaux_tc"));
 }
 
@@ -178,7 +273,13 @@ fn missing_config_field_and_unknown_architecture_fail_cleanly() {
     edit_config(tmp.path(), |c| {
         c.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
     });
-    let o = moe(&["generate", "--model", tmp.path().to_str().unwrap(), "--prompt-ids", "1,2"]);
+    let o = moe(&[
+        "generate",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+    ]);
     assert_clean_failure(&o, &["LlamaForCausalLM", "DeepseekV3ForCausalLM"]);
 
     let tmp = copy_fixture("deepseek-v2-lite");
@@ -218,7 +319,12 @@ fn rewrite_tensor(dir: &Path, name: &str, shape: Option<&[usize]>) {
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::tensor::serialize_to_file(views, None, &p).unwrap();
 }
@@ -241,11 +347,23 @@ fn misshaped_and_missing_tensors_fail_naming_the_tensor() {
 fn bad_prompts_fail_cleanly() {
     let dir = fixture("deepseek-v2-lite");
     let d = dir.to_str().unwrap();
-    assert_clean_failure(&moe(&["logits", "--model", d, "--prompt-ids", "1,99999"]), &["99999", "vocabulary"]);
+    assert_clean_failure(
+        &moe(&["logits", "--model", d, "--prompt-ids", "1,99999"]),
+        &["99999", "vocabulary"],
+    );
     assert_clean_failure(&moe(&["logits", "--model", d, "--prompt-ids", "1,x"]), &["\"x\""]);
-    assert_clean_failure(&moe(&["logits", "--model", "/nonexistent/model", "--prompt-ids", "1"]), &["/nonexistent/model"]);
-    assert_clean_failure(&moe(&["logits", "--model", d, "--prompt-ids", "1", "--dtype", "f8"]), &["dtype", "f8"]);
-    assert_clean_failure(&moe(&["generate", "--model", d, "--prompt-ids", "1", "--max-tokens", "1000"]), &["max_position_embeddings"]);
+    assert_clean_failure(
+        &moe(&["logits", "--model", "/nonexistent/model", "--prompt-ids", "1"]),
+        &["/nonexistent/model"],
+    );
+    assert_clean_failure(
+        &moe(&["logits", "--model", d, "--prompt-ids", "1", "--dtype", "f8"]),
+        &["dtype", "f8"],
+    );
+    assert_clean_failure(
+        &moe(&["generate", "--model", d, "--prompt-ids", "1", "--max-tokens", "1000"]),
+        &["max_position_embeddings"],
+    );
 }
 
 #[test]
@@ -264,7 +382,13 @@ fn hub_repo_ids_resolve_from_an_offline_hub_cache() {
     }
     let (prompts, _, greedy) = golden(&fixture("deepseek-v3-sharded"));
     let o = Command::new(env!("CARGO_BIN_EXE_moe"))
-        .args(["generate", "--model", "moe-engine/tiny-deepseek-v3", "--prompt-ids", &ids_arg(&prompts[1])])
+        .args([
+            "generate",
+            "--model",
+            "moe-engine/tiny-deepseek-v3",
+            "--prompt-ids",
+            &ids_arg(&prompts[1]),
+        ])
         .args(["--max-tokens", "12", "--ignore-eos", "--json"])
         .env("HF_HOME", home.path())
         .env("HF_HUB_OFFLINE", "1")
@@ -272,7 +396,12 @@ fn hub_repo_ids_resolve_from_an_offline_hub_cache() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let ids: Vec<u32> = v["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let ids: Vec<u32> = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(ids, greedy[1]);
 
     // A repo that is not in the cache fails with a message naming it, without a network.

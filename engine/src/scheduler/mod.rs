@@ -84,7 +84,12 @@ pub enum SchedulerError {
         "request {id}: {num_prompt_tokens} prompt tokens + max_tokens {max_tokens} exceed \
          max_model_len {max_model_len}"
     )]
-    ExceedsMaxModelLen { id: RequestId, num_prompt_tokens: usize, max_tokens: usize, max_model_len: usize },
+    ExceedsMaxModelLen {
+        id: RequestId,
+        num_prompt_tokens: usize,
+        max_tokens: usize,
+        max_model_len: usize,
+    },
 
     #[error("request {0} already exists")]
     DuplicateRequest(RequestId),
@@ -154,7 +159,12 @@ impl Scheduler {
         let max_model_len = self.config.max_model_len;
         if num_prompt_tokens.saturating_add(new.max_tokens) > max_model_len {
             let max_tokens = new.max_tokens;
-            return Err(SchedulerError::ExceedsMaxModelLen { id, num_prompt_tokens, max_tokens, max_model_len });
+            return Err(SchedulerError::ExceedsMaxModelLen {
+                id,
+                num_prompt_tokens,
+                max_tokens,
+                max_model_len,
+            });
         }
         if self.requests.contains_key(&id) {
             return Err(SchedulerError::DuplicateRequest(id));
@@ -363,7 +373,10 @@ impl Scheduler {
     /// them as in flight. The caller has checked that enough blocks are free.
     fn schedule_tokens(&mut self, id: RequestId, num_tokens: usize) -> ScheduledRequest {
         let new_blocks = self.new_blocks_needed(id, num_tokens);
-        let blocks = self.pool.allocate_many(new_blocks).expect("caller checked the free blocks");
+        let blocks = self
+            .pool
+            .allocate_many(new_blocks)
+            .expect("caller checked the free blocks");
         let request = self.requests.get_mut(&id).expect("scheduled requests are live");
         request.block_table.extend(blocks);
         request.num_scheduled_tokens = num_tokens;

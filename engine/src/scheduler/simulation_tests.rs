@@ -73,10 +73,17 @@ fn make_requests(rng: &mut ChaCha8Rng) -> Vec<SimRequest> {
                     break;
                 }
             }
-            let abort = rng.random_bool(0.05).then(|| (arrival_step + rng.random_range(0..100), rng.random_bool(0.5)));
+            let abort = rng
+                .random_bool(0.05)
+                .then(|| (arrival_step + rng.random_range(0..100), rng.random_bool(0.5)));
             SimRequest {
                 arrival_step,
-                new: NewRequest { id, prompt_token_ids: prompt, max_tokens, stop_token_ids },
+                new: NewRequest {
+                    id,
+                    prompt_token_ids: prompt,
+                    max_tokens,
+                    stop_token_ids,
+                },
                 abort,
                 expected_tokens,
             }
@@ -99,15 +106,29 @@ struct Stats {
 
 /// The fake model's step over a plan: checks each entry against the shadow KV cache, writes
 /// its tokens there and samples where asked.
-fn run_model(plan: &SchedulerOutput, requests: &[SimRequest], kv: &mut [Option<(RequestId, usize)>]) -> Vec<SampledToken> {
+fn run_model(
+    plan: &SchedulerOutput,
+    requests: &[SimRequest],
+    kv: &mut [Option<(RequestId, usize)>],
+) -> Vec<SampledToken> {
     let block_size = CONFIG.block_size;
     let mut sampled = Vec::new();
     for entry in &plan.scheduled {
         let end = entry.start_position + entry.num_tokens;
         assert!(entry.num_tokens >= 1);
-        assert_eq!(entry.block_table.len(), end.div_ceil(block_size), "lazy allocation for {}", entry.id);
+        assert_eq!(
+            entry.block_table.len(),
+            end.div_ceil(block_size),
+            "lazy allocation for {}",
+            entry.id
+        );
         let expected = &requests[entry.id.0 as usize].expected_tokens;
-        assert_eq!(entry.token_ids, expected[entry.start_position..end], "tokens of {}", entry.id);
+        assert_eq!(
+            entry.token_ids,
+            expected[entry.start_position..end],
+            "tokens of {}",
+            entry.id
+        );
         let slot = |p: usize| entry.block_table[p / block_size].index() * block_size + p % block_size;
         for position in entry.start_position..end {
             kv[slot(position)] = Some((entry.id, position));
@@ -115,9 +136,18 @@ fn run_model(plan: &SchedulerOutput, requests: &[SimRequest], kv: &mut [Option<(
         if entry.needs_sample {
             // Attention reads the whole context: all of it must be this request's, in place.
             for position in 0..end {
-                assert_eq!(kv[slot(position)], Some((entry.id, position)), "cache of {} at {position}", entry.id);
+                assert_eq!(
+                    kv[slot(position)],
+                    Some((entry.id, position)),
+                    "cache of {} at {position}",
+                    entry.id
+                );
             }
-            sampled.push(SampledToken { id: entry.id, token_id: model_token(entry.id, end), finish: None });
+            sampled.push(SampledToken {
+                id: entry.id,
+                token_id: model_token(entry.id, end),
+                finish: None,
+            });
         }
     }
     sampled
@@ -144,18 +174,30 @@ fn check_pool_and_tables(scheduler: &Scheduler, num_live: usize) {
     for id in scheduler.waiting_ids() {
         let request = scheduler.request(id).unwrap();
         assert_eq!(request.status(), RequestStatus::Waiting);
-        assert_eq!((request.num_computed_tokens(), request.block_table().len()), (0, 0), "waiting {id}");
+        assert_eq!(
+            (request.num_computed_tokens(), request.block_table().len()),
+            (0, 0),
+            "waiting {id}"
+        );
     }
     for id in scheduler.running_ids() {
         let request = scheduler.request(id).unwrap();
         assert_eq!(request.status(), RequestStatus::Running);
         let covered = request.num_computed_tokens() + request.num_scheduled_tokens();
-        assert_eq!(request.block_table().len(), covered.div_ceil(block_size), "blocks of {id}");
+        assert_eq!(
+            request.block_table().len(),
+            covered.div_ceil(block_size),
+            "blocks of {id}"
+        );
         assert!(covered <= request.token_ids().len());
         assert!(request.token_ids().len() <= CONFIG.max_model_len);
         held += request.block_table().len();
     }
-    assert_eq!(scheduler.num_free_blocks() + held, CONFIG.num_blocks, "free + held blocks");
+    assert_eq!(
+        scheduler.num_free_blocks() + held,
+        CONFIG.num_blocks,
+        "free + held blocks"
+    );
 }
 
 #[test]
@@ -176,7 +218,10 @@ fn thousands_of_random_requests_keep_every_invariant_and_output() {
     let mut aborts_by_step: HashMap<usize, Vec<(RequestId, bool)>> = HashMap::new();
     for (n, request) in requests.iter().enumerate() {
         if let Some((step, in_flight)) = request.abort {
-            aborts_by_step.entry(step).or_default().push((RequestId(n as u64), in_flight));
+            aborts_by_step
+                .entry(step)
+                .or_default()
+                .push((RequestId(n as u64), in_flight));
         }
     }
 
@@ -197,12 +242,18 @@ fn thousands_of_random_requests_keep_every_invariant_and_output() {
         let head = scheduler.waiting_ids().next();
         let plan = scheduler.schedule().unwrap();
         assert!(plan.num_batched_tokens <= CONFIG.max_num_batched_tokens);
-        assert_eq!(plan.num_batched_tokens, plan.scheduled.iter().map(|e| e.num_tokens).sum::<usize>());
+        assert_eq!(
+            plan.num_batched_tokens,
+            plan.scheduled.iter().map(|e| e.num_tokens).sum::<usize>()
+        );
         assert!(plan.scheduled.len() <= CONFIG.max_num_seqs);
         if let Some(head) = head.filter(|&h| scheduler.request(h).unwrap().status() == RequestStatus::Waiting) {
             head_wait[head.0 as usize] += 1;
             stats.max_head_wait = stats.max_head_wait.max(head_wait[head.0 as usize]);
-            assert!(head_wait[head.0 as usize] <= HEAD_WAIT_BOUND, "request {head} starves at the head of the queue");
+            assert!(
+                head_wait[head.0 as usize] <= HEAD_WAIT_BOUND,
+                "request {head} starves at the head of the queue"
+            );
         }
         // First admissions happen strictly in arrival order (FCFS).
         for &id in &plan.first_scheduled {
@@ -211,7 +262,11 @@ fn thousands_of_random_requests_keep_every_invariant_and_output() {
         }
         // Preempted requests wait at the front of the queue, the earliest admitted first.
         let front: Vec<RequestId> = scheduler.waiting_ids().take(plan.preempted.len()).collect();
-        assert!(front.iter().eq(plan.preempted.iter().rev()), "preempted {:?}, queue front {front:?}", plan.preempted);
+        assert!(
+            front.iter().eq(plan.preempted.iter().rev()),
+            "preempted {:?}, queue front {front:?}",
+            plan.preempted
+        );
         stats.preempted += plan.preempted.len();
         stats.resumed += plan.resumed.len();
         stats.batched_tokens += plan.num_batched_tokens;
@@ -241,13 +296,27 @@ fn thousands_of_random_requests_keep_every_invariant_and_output() {
     assert_eq!(stats.preempted as u64, scheduler.num_preemptions());
     for (id, output) in &outputs {
         let expected = &requests[id.0 as usize].expected_tokens[requests[id.0 as usize].new.prompt_token_ids.len()..];
-        assert_eq!(output.generated_token_ids, expected, "output of {id} (preempted {} times)", output.num_preemptions);
+        assert_eq!(
+            output.generated_token_ids, expected,
+            "output of {id} (preempted {} times)",
+            output.num_preemptions
+        );
         let stopped = expected.last() == Some(&STOP_TOKEN) && id.0 % 2 == 1;
-        assert_eq!(output.reason, if stopped { FinishReason::Stop } else { FinishReason::Length }, "reason of {id}");
+        assert_eq!(
+            output.reason,
+            if stopped {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            },
+            "reason of {id}"
+        );
     }
     // The pool is small enough that the run exercises preemption and recompute heavily.
     assert!(stats.preempted >= 100, "only {} preemptions", stats.preempted);
-    assert!(outputs.values().any(|o| o.num_preemptions > 0 && o.generated_token_ids.len() > 1));
+    assert!(outputs
+        .values()
+        .any(|o| o.num_preemptions > 0 && o.generated_token_ids.len() > 1));
     eprintln!(
         "simulated {NUM_REQUESTS} requests in {} steps: {} finished, {} aborted, {} preemptions ({} resumed), \
          {:.1} tokens/step, at most {} running, max head-of-queue wait {} steps, max latency {} steps, {:?}",

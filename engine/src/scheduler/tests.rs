@@ -34,7 +34,11 @@ fn step(scheduler: &mut Scheduler) -> (SchedulerOutput, Vec<FinishedRequest>) {
         .scheduled
         .iter()
         .filter(|s| s.needs_sample)
-        .map(|s| SampledToken { id: s.id, token_id: fake_token(s.id, s.start_position + s.num_tokens), finish: None })
+        .map(|s| SampledToken {
+            id: s.id,
+            token_id: fake_token(s.id, s.start_position + s.num_tokens),
+            finish: None,
+        })
         .collect();
     let finished = scheduler.update(&sampled).unwrap();
     (plan, finished)
@@ -42,7 +46,10 @@ fn step(scheduler: &mut Scheduler) -> (SchedulerOutput, Vec<FinishedRequest>) {
 
 /// `(id, start_position, num_tokens)` of each scheduled entry.
 fn shares(plan: &SchedulerOutput) -> Vec<(u64, usize, usize)> {
-    plan.scheduled.iter().map(|s| (s.id.0, s.start_position, s.num_tokens)).collect()
+    plan.scheduled
+        .iter()
+        .map(|s| (s.id.0, s.start_position, s.num_tokens))
+        .collect()
 }
 
 fn ids(list: &[RequestId]) -> Vec<u64> {
@@ -54,23 +61,51 @@ fn config_rejects_zero_fields_and_a_pool_smaller_than_one_request() {
     let good = config(8, 4, 4);
     assert!(Scheduler::new(good).is_ok());
     for zeroed in [
-        SchedulerConfig { max_num_batched_tokens: 0, ..good },
-        SchedulerConfig { max_num_seqs: 0, ..good },
-        SchedulerConfig { max_model_len: 0, ..good },
+        SchedulerConfig {
+            max_num_batched_tokens: 0,
+            ..good
+        },
+        SchedulerConfig {
+            max_num_seqs: 0,
+            ..good
+        },
+        SchedulerConfig {
+            max_model_len: 0,
+            ..good
+        },
         SchedulerConfig { block_size: 0, ..good },
         SchedulerConfig { num_blocks: 0, ..good },
     ] {
-        assert!(matches!(Scheduler::new(zeroed), Err(SchedulerError::InvalidConfig(_))), "{zeroed:?}");
+        assert!(
+            matches!(Scheduler::new(zeroed), Err(SchedulerError::InvalidConfig(_))),
+            "{zeroed:?}"
+        );
     }
-    let too_long = SchedulerConfig { max_model_len: 17, ..good };
-    assert!(matches!(Scheduler::new(too_long), Err(SchedulerError::InvalidConfig(_))));
+    let too_long = SchedulerConfig {
+        max_model_len: 17,
+        ..good
+    };
+    assert!(matches!(
+        Scheduler::new(too_long),
+        Err(SchedulerError::InvalidConfig(_))
+    ));
 }
 
 #[test]
 fn add_request_rejects_bad_requests() {
-    let mut s = Scheduler::new(SchedulerConfig { max_model_len: 10, ..config(8, 4, 4) }).unwrap();
-    assert_eq!(s.add_request(request(1, 0, 1)), Err(SchedulerError::EmptyPrompt(RequestId(1))));
-    assert_eq!(s.add_request(request(1, 3, 0)), Err(SchedulerError::ZeroMaxTokens(RequestId(1))));
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_model_len: 10,
+        ..config(8, 4, 4)
+    })
+    .unwrap();
+    assert_eq!(
+        s.add_request(request(1, 0, 1)),
+        Err(SchedulerError::EmptyPrompt(RequestId(1)))
+    );
+    assert_eq!(
+        s.add_request(request(1, 3, 0)),
+        Err(SchedulerError::ZeroMaxTokens(RequestId(1)))
+    );
     let err = s.add_request(request(1, 6, 5)).unwrap_err();
     assert_eq!(
         err,
@@ -83,7 +118,10 @@ fn add_request_rejects_bad_requests() {
     );
     assert!(err.to_string().contains("max_model_len 10"));
     s.add_request(request(1, 6, 4)).unwrap();
-    assert_eq!(s.add_request(request(1, 2, 2)), Err(SchedulerError::DuplicateRequest(RequestId(1))));
+    assert_eq!(
+        s.add_request(request(1, 2, 2)),
+        Err(SchedulerError::DuplicateRequest(RequestId(1)))
+    );
     assert_eq!(s.num_waiting(), 1);
 }
 
@@ -96,15 +134,24 @@ fn long_prompt_is_split_into_chunks_and_samples_only_after_the_last() {
         let (plan, finished) = step(&mut s);
         assert!(finished.is_empty());
         let entry = &plan.scheduled[0];
-        assert_eq!(entry.token_ids, request(1, 10, 2).prompt_token_ids[entry.start_position..][..entry.num_tokens]);
-        assert_eq!(entry.block_table.len(), (entry.start_position + entry.num_tokens).div_ceil(4));
+        assert_eq!(
+            entry.token_ids,
+            request(1, 10, 2).prompt_token_ids[entry.start_position..][..entry.num_tokens]
+        );
+        assert_eq!(
+            entry.block_table.len(),
+            (entry.start_position + entry.num_tokens).div_ceil(4)
+        );
         seen.push((entry.start_position, entry.num_tokens, entry.needs_sample));
     }
     assert_eq!(seen, vec![(0, 4, false), (4, 4, false), (8, 2, true)]);
     let (plan, finished) = step(&mut s);
     assert_eq!(shares(&plan), vec![(1, 10, 1)]);
     assert_eq!(plan.scheduled[0].token_ids, vec![fake_token(RequestId(1), 10)]);
-    assert_eq!(finished[0].generated_token_ids, vec![fake_token(RequestId(1), 10), fake_token(RequestId(1), 11)]);
+    assert_eq!(
+        finished[0].generated_token_ids,
+        vec![fake_token(RequestId(1), 10), fake_token(RequestId(1), 11)]
+    );
     assert_eq!(finished[0].reason, FinishReason::Length);
     assert_eq!(s.num_free_blocks(), 8);
     assert!(!s.has_unfinished_requests());
@@ -150,7 +197,11 @@ fn waiting_head_that_does_not_fit_blocks_later_requests() {
 
 #[test]
 fn max_num_seqs_caps_running_requests() {
-    let mut s = Scheduler::new(SchedulerConfig { max_num_seqs: 2, ..config(64, 4, 16) }).unwrap();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 2,
+        ..config(64, 4, 16)
+    })
+    .unwrap();
     for id in 1..=3 {
         s.add_request(request(id, 2, 3)).unwrap();
     }
@@ -175,7 +226,11 @@ fn token_budget_stops_running_requests_too() {
 
 /// Two requests in lockstep on `num_blocks` blocks of 2 tokens; runs until one is preempted.
 fn lockstep_until_preemption(num_blocks: usize) -> (Scheduler, SchedulerOutput) {
-    let mut s = Scheduler::new(SchedulerConfig { max_model_len: 8, ..config(64, 2, num_blocks) }).unwrap();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_model_len: 8,
+        ..config(64, 2, num_blocks)
+    })
+    .unwrap();
     s.add_request(request(1, 2, 6)).unwrap();
     s.add_request(request(2, 2, 6)).unwrap();
     loop {
@@ -195,7 +250,14 @@ fn preemption_picks_the_newest_and_recomputes_its_generated_tokens() {
     assert_eq!(ids(&plan.preempted), vec![2]);
     assert_eq!(s.num_preemptions(), 1);
     let victim = s.request(RequestId(2)).unwrap();
-    assert_eq!((victim.status(), victim.num_computed_tokens(), victim.block_table().len()), (RequestStatus::Waiting, 0, 0));
+    assert_eq!(
+        (
+            victim.status(),
+            victim.num_computed_tokens(),
+            victim.block_table().len()
+        ),
+        (RequestStatus::Waiting, 0, 0)
+    );
     let replay = victim.token_ids().to_vec();
     assert_eq!(replay.len(), 5, "prompt 2 + 3 generated");
 
@@ -209,7 +271,10 @@ fn preemption_picks_the_newest_and_recomputes_its_generated_tokens() {
         finished.extend(done);
     }
     let resumed = resumed_entry.expect("the victim resumes");
-    assert_eq!((resumed.start_position, resumed.num_tokens, resumed.needs_sample), (0, 5, true));
+    assert_eq!(
+        (resumed.start_position, resumed.num_tokens, resumed.needs_sample),
+        (0, 5, true)
+    );
     assert_eq!(resumed.token_ids, replay);
     let victim = finished.iter().find(|f| f.id == RequestId(2)).unwrap();
     let uninterrupted: Vec<u32> = (2..8).map(|p| fake_token(RequestId(2), p)).collect();
@@ -260,7 +325,11 @@ fn abort_frees_blocks_of_waiting_running_and_in_flight_requests() {
     s.abort(RequestId(2)).unwrap();
     assert_eq!(s.num_free_blocks(), 4);
     // The runner may still report the aborted request's token; it is ignored.
-    let token = SampledToken { id: RequestId(2), token_id: 5, finish: None };
+    let token = SampledToken {
+        id: RequestId(2),
+        token_id: 5,
+        finish: None,
+    };
     assert_eq!(s.update(&[token]), Ok(vec![]));
     assert!(!s.has_unfinished_requests());
 }
@@ -282,12 +351,19 @@ fn stop_token_and_caller_finish_end_a_request() {
             .map(|e| {
                 let position = e.start_position + e.num_tokens;
                 let finish = (e.id == RequestId(2) && position == 3).then_some(FinishReason::Stop);
-                SampledToken { id: e.id, token_id: fake_token(e.id, position), finish }
+                SampledToken {
+                    id: e.id,
+                    token_id: fake_token(e.id, position),
+                    finish,
+                }
             })
             .collect();
         finished.extend(s.update(&sampled).unwrap());
     }
-    let summary: Vec<_> = finished.iter().map(|f| (f.id.0, f.generated_token_ids.len(), f.reason)).collect();
+    let summary: Vec<_> = finished
+        .iter()
+        .map(|f| (f.id.0, f.generated_token_ids.len(), f.reason))
+        .collect();
     assert_eq!(summary, vec![(2, 2, FinishReason::Stop), (1, 3, FinishReason::Stop)]);
     assert_eq!(s.num_free_blocks(), 8);
 }
@@ -300,16 +376,32 @@ fn update_rejects_inconsistent_reports_without_changing_state() {
     let plan = s.schedule().unwrap();
     assert_eq!(shares(&plan), vec![(1, 0, 2), (2, 0, 2)]);
     assert_eq!(s.schedule(), Err(SchedulerError::StepInFlight));
-    let token = |id| SampledToken { id: RequestId(id), token_id: 9, finish: None };
+    let token = |id| SampledToken {
+        id: RequestId(id),
+        token_id: 9,
+        finish: None,
+    };
     assert_eq!(s.update(&[]), Err(SchedulerError::MissingSample(RequestId(1))));
-    assert_eq!(s.update(&[token(1), token(2)]), Err(SchedulerError::UnexpectedSample(RequestId(2))));
-    assert_eq!(s.update(&[token(1), token(7)]), Err(SchedulerError::UnexpectedSample(RequestId(7))));
-    assert_eq!(s.update(&[token(1), token(1)]), Err(SchedulerError::DuplicateSample(RequestId(1))));
+    assert_eq!(
+        s.update(&[token(1), token(2)]),
+        Err(SchedulerError::UnexpectedSample(RequestId(2)))
+    );
+    assert_eq!(
+        s.update(&[token(1), token(7)]),
+        Err(SchedulerError::UnexpectedSample(RequestId(7)))
+    );
+    assert_eq!(
+        s.update(&[token(1), token(1)]),
+        Err(SchedulerError::DuplicateSample(RequestId(1)))
+    );
     assert_eq!(s.request(RequestId(1)).unwrap().num_computed_tokens(), 0);
     assert_eq!(s.update(&[token(1)]), Ok(vec![]));
     assert_eq!(s.request(RequestId(1)).unwrap().token_ids().len(), 3);
     assert_eq!(s.request(RequestId(2)).unwrap().num_computed_tokens(), 2);
-    assert_eq!(s.update(&[token(1)]), Err(SchedulerError::UnexpectedSample(RequestId(1))));
+    assert_eq!(
+        s.update(&[token(1)]),
+        Err(SchedulerError::UnexpectedSample(RequestId(1)))
+    );
 }
 
 #[test]
@@ -320,7 +412,10 @@ fn block_tables_of_running_requests_are_disjoint() {
     }
     for _ in 0..4 {
         step(&mut s);
-        let mut all: Vec<BlockId> = s.running_ids().flat_map(|id| s.request(id).unwrap().block_table().to_vec()).collect();
+        let mut all: Vec<BlockId> = s
+            .running_ids()
+            .flat_map(|id| s.request(id).unwrap().block_table().to_vec())
+            .collect();
         let held = all.len();
         all.sort();
         all.dedup();

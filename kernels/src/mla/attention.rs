@@ -63,7 +63,11 @@ pub fn paged_mla_attention(
         covered += seq.query_len;
     }
     if covered < num_tokens {
-        outputs.push(Tensor::zeros((num_tokens - covered, num_heads, value_dim), DType::F32, device)?);
+        outputs.push(Tensor::zeros(
+            (num_tokens - covered, num_heads, value_dim),
+            DType::F32,
+            device,
+        )?);
     }
     Tensor::cat(&outputs, 0)
 }

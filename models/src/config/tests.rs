@@ -6,7 +6,10 @@ use super::*;
 use crate::error::ModelError;
 
 const FIXTURE_T5: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/deepseek-v3/config.json");
-const FIXTURE_HUB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/deepseek-v3-hubconfig/config.json");
+const FIXTURE_HUB: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/deepseek-v3-hubconfig/config.json"
+);
 
 /// Smallest config the parser accepts for V2: no optional MoE/rope keys, so defaults apply.
 fn v2() -> Value {
@@ -85,7 +88,10 @@ fn fixtures_in_both_spellings_parse_to_the_same_config() {
     // `dtype` (transformers 5) vs `torch_dtype` (Hub): both say float32.
     assert_eq!(t5.saved_dtype.as_deref(), Some("float32"));
     assert_eq!(hub.saved_dtype.as_deref(), Some("float32"));
-    let strip = |c: &ModelConfig| ModelConfig { saved_dtype: None, ..c.clone() };
+    let strip = |c: &ModelConfig| ModelConfig {
+        saved_dtype: None,
+        ..c.clone()
+    };
     assert_eq!(strip(&t5), strip(&hub));
 
     let c = t5;
@@ -107,9 +113,15 @@ fn fixtures_in_both_spellings_parse_to_the_same_config() {
     assert_eq!((m.n_group, m.topk_group), (4, 2));
     assert!(m.norm_topk_prob);
     assert_eq!(m.routed_scaling_factor, 2.5);
-    assert_eq!((m.n_routed_experts, m.num_experts_per_tok, m.n_shared_experts), (8, 3, 1));
+    assert_eq!(
+        (m.n_routed_experts, m.num_experts_per_tok, m.n_shared_experts),
+        (8, 3, 1)
+    );
     // first_k_dense_replace = 1: layer 0 dense, layers 1 and 2 MoE.
-    assert_eq!((0..3).map(|l| c.is_moe_layer(l)).collect::<Vec<_>>(), [false, true, true]);
+    assert_eq!(
+        (0..3).map(|l| c.is_moe_layer(l)).collect::<Vec<_>>(),
+        [false, true, true]
+    );
 }
 
 #[test]
@@ -135,7 +147,11 @@ fn softmax_scale_multiplies_by_squared_yarn_mscale() {
     // yarn_mscale(4, 0.8) = 0.1 * 0.8 * ln 4 + 1 ≈ 1.1109035
     let m = 0.1 * 0.8 * 4f64.ln() + 1.0;
     let expected = 24f64.powf(-0.5) * m * m;
-    assert!((c.softmax_scale() - expected).abs() < 1e-12, "{} vs {expected}", c.softmax_scale());
+    assert!(
+        (c.softmax_scale() - expected).abs() < 1e-12,
+        "{} vs {expected}",
+        c.softmax_scale()
+    );
     assert!((c.softmax_scale() - 0.251_910_974_228_710_7).abs() < 1e-12);
     // No extension, no correction.
     assert_eq!(yarn_mscale(1.0, 0.8), 1.0);
@@ -150,7 +166,11 @@ fn softmax_scale_multiplies_by_squared_yarn_mscale() {
 
 #[test]
 fn is_moe_layer_honours_first_k_dense_replace_and_moe_layer_freq() {
-    let v = with(with(v2(), "first_k_dense_replace", json!(1)), "moe_layer_freq", json!(2));
+    let v = with(
+        with(v2(), "first_k_dense_replace", json!(1)),
+        "moe_layer_freq",
+        json!(2),
+    );
     let c = parse(&v);
     let moe: Vec<usize> = (0..6).filter(|&l| c.is_moe_layer(l)).collect();
     assert_eq!(moe, [2, 4]);
@@ -169,20 +189,32 @@ fn is_moe_layer_honours_first_k_dense_replace_and_moe_layer_freq() {
 fn absent_optional_fields_take_v2_or_v3_defaults() {
     let c = parse(&v2());
     let m = c.moe.as_ref().unwrap();
-    assert_eq!((m.topk_method, m.scoring_func), (TopkMethod::Greedy, ScoringFunc::Softmax));
+    assert_eq!(
+        (m.topk_method, m.scoring_func),
+        (TopkMethod::Greedy, ScoringFunc::Softmax)
+    );
     assert!(!m.norm_topk_prob);
     assert_eq!(m.routed_scaling_factor, 1.0);
-    assert_eq!((m.n_shared_experts, m.first_k_dense_replace, m.moe_layer_freq), (2, 0, 1));
+    assert_eq!(
+        (m.n_shared_experts, m.first_k_dense_replace, m.moe_layer_freq),
+        (2, 0, 1)
+    );
     assert_eq!((m.n_group, m.topk_group), (1, 1));
     assert_eq!(c.max_position_embeddings, 2048);
     assert_eq!(c.q_lora_rank, None);
-    assert_eq!((c.rope.theta, c.rope.yarn.is_none(), c.rope.interleaved), (10000.0, true, true));
+    assert_eq!(
+        (c.rope.theta, c.rope.yarn.is_none(), c.rope.interleaved),
+        (10000.0, true, true)
+    );
     assert_eq!(c.rms_norm_eps, 1e-6);
     assert!(!c.tie_word_embeddings && !c.attention_bias && !c.mlp_bias);
 
     let c = parse(&v3());
     let m = c.moe.as_ref().unwrap();
-    assert_eq!((m.topk_method, m.scoring_func), (TopkMethod::NoauxTc, ScoringFunc::Sigmoid));
+    assert_eq!(
+        (m.topk_method, m.scoring_func),
+        (TopkMethod::NoauxTc, ScoringFunc::Sigmoid)
+    );
     assert!(m.norm_topk_prob);
     assert_eq!(m.routed_scaling_factor, 2.5);
     assert_eq!((m.n_shared_experts, m.first_k_dense_replace), (1, 3));
@@ -190,14 +222,29 @@ fn absent_optional_fields_take_v2_or_v3_defaults() {
     assert_eq!(c.max_position_embeddings, 4096);
 
     // A V2 checkpoint asking for group-limited routing keeps its grouping.
-    let v = with(with(with(v2(), "topk_method", json!("group_limited_greedy")), "n_group", json!(4)), "topk_group", json!(2));
+    let v = with(
+        with(
+            with(v2(), "topk_method", json!("group_limited_greedy")),
+            "n_group",
+            json!(4),
+        ),
+        "topk_group",
+        json!(2),
+    );
     let m = parse(&v).moe.unwrap();
-    assert_eq!((m.topk_method, m.n_group, m.topk_group), (TopkMethod::GroupLimitedGreedy, 4, 2));
+    assert_eq!(
+        (m.topk_method, m.n_group, m.topk_group),
+        (TopkMethod::GroupLimitedGreedy, 4, 2)
+    );
 }
 
 #[test]
 fn architecture_falls_back_on_model_type() {
-    let c = parse(&with(without(v3(), "architectures"), "model_type", json!("deepseek_v3")));
+    let c = parse(&with(
+        without(v3(), "architectures"),
+        "model_type",
+        json!("deepseek_v3"),
+    ));
     assert_eq!(c.architecture, Architecture::DeepseekV3);
     reject_missing(&without(v3(), "architectures"), "architectures");
 }
@@ -231,7 +278,11 @@ fn unsupported_rope_types_name_the_field_of_either_spelling() {
     assert!(msg.contains("dynamic"), "{msg}");
     let hub2 = with(v3(), "rope_scaling", json!({"rope_type": "dynamic", "factor": 2.0}));
     reject_unsupported(&hub2, "rope_scaling.rope_type");
-    let t5 = with(v3(), "rope_parameters", json!({"rope_type": "dynamic", "rope_theta": 10000.0}));
+    let t5 = with(
+        v3(),
+        "rope_parameters",
+        json!({"rope_type": "dynamic", "rope_theta": 10000.0}),
+    );
     reject_unsupported(&t5, "rope_parameters.rope_type");
 }
 
@@ -251,10 +302,22 @@ fn unsupported_routing_choices_are_rejected() {
 
 #[test]
 fn absurd_sizes_are_rejected_before_allocating() {
-    let msg = reject_unsupported(&with(v3(), "n_routed_experts", json!(1_000_000_000_000u64)), "n_routed_experts");
-    assert!(msg.contains("limit") && msg.contains(&(1usize << 16).to_string()), "{msg}");
-    let msg = reject_unsupported(&with(v3(), "hidden_size", json!(1_000_000_000_000_000u64)), "hidden_size");
-    assert!(msg.contains("limit") && msg.contains(&(1usize << 22).to_string()), "{msg}");
+    let msg = reject_unsupported(
+        &with(v3(), "n_routed_experts", json!(1_000_000_000_000u64)),
+        "n_routed_experts",
+    );
+    assert!(
+        msg.contains("limit") && msg.contains(&(1usize << 16).to_string()),
+        "{msg}"
+    );
+    let msg = reject_unsupported(
+        &with(v3(), "hidden_size", json!(1_000_000_000_000_000u64)),
+        "hidden_size",
+    );
+    assert!(
+        msg.contains("limit") && msg.contains(&(1usize << 22).to_string()),
+        "{msg}"
+    );
 }
 
 #[test]

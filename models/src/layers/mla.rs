@@ -99,7 +99,14 @@ impl Mla {
     /// `x`: `[tokens, hidden]` (normed) -> `[tokens, hidden]`. Writes the tokens' latents into
     /// `cache` (`[num_blocks, block_size, kv_lora_rank + rope]`) at `ctx.slot_mapping` first, so
     /// each token attends to itself and everything cached before it in its sequence.
-    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx<'_>, rope: &Rope, cos_sin: &(Tensor, Tensor), cache: &Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardCtx<'_>,
+        rope: &Rope,
+        cos_sin: &(Tensor, Tensor),
+        cache: &Tensor,
+    ) -> Result<Tensor> {
         let tokens = x.dims2()?.0;
         let dtype = x.dtype();
         let q = match &self.q {
@@ -111,14 +118,24 @@ impl Mla {
         let q_pe = rope.apply(&q.narrow(2, self.nope_dim, self.rope_dim)?, &cos_sin.0, &cos_sin.1)?;
 
         let kv = self.kv_a_proj_with_mqa.forward(x)?;
-        let c_kv = self.kv_a_layernorm.forward(&kv.narrow(1, 0, self.kv_lora_rank)?.contiguous()?)?;
-        let k_pe = kv.narrow(1, self.kv_lora_rank, self.rope_dim)?.reshape((tokens, 1, self.rope_dim))?;
-        let k_pe = rope.apply(&k_pe, &cos_sin.0, &cos_sin.1)?.reshape((tokens, self.rope_dim))?;
+        let c_kv = self
+            .kv_a_layernorm
+            .forward(&kv.narrow(1, 0, self.kv_lora_rank)?.contiguous()?)?;
+        let k_pe = kv
+            .narrow(1, self.kv_lora_rank, self.rope_dim)?
+            .reshape((tokens, 1, self.rope_dim))?;
+        let k_pe = rope
+            .apply(&k_pe, &cos_sin.0, &cos_sin.1)?
+            .reshape((tokens, self.rope_dim))?;
         let latents = Tensor::cat(&[c_kv, k_pe], 1)?;
         write_latent_cache(cache, &latents, ctx.slot_mapping)?;
 
         // Absorb W_UK: [heads, tokens, nope] x [heads, nope, r] -> [tokens, heads, r].
-        let q_latent = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?.transpose(0, 1)?;
+        let q_latent = q_nope
+            .transpose(0, 1)?
+            .contiguous()?
+            .matmul(&self.w_uk)?
+            .transpose(0, 1)?;
         let q_full = Tensor::cat(&[q_latent.to_dtype(DType::F32)?, q_pe.to_dtype(DType::F32)?], 2)?;
         let attn = paged_mla_attention(&q_full, cache, ctx.seqs, self.kv_lora_rank, self.scale)?; // [T, H, r] f32
 

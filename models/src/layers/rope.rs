@@ -103,8 +103,10 @@ fn yarn_frequencies(y: &YarnScaling, pos_freqs: &[f32], base: f64, dim: usize) -
         _ => yarn_mscale(y.factor, 1.0),
     };
     let d = dim as f64;
-    let correction_dim =
-        |rotations: f64| d * (y.original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+    let correction_dim = |rotations: f64| {
+        d * (y.original_max_position_embeddings as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+            / (2.0 * base.ln())
+    };
     let (mut low, mut high) = (correction_dim(y.beta_fast), correction_dim(y.beta_slow));
     if y.truncate {
         low = low.floor();
@@ -168,7 +170,11 @@ mod tests {
     #[test]
     fn interleaved_and_half_split_rotate_the_same_pairs_differently() -> Result<()> {
         let dev = Device::Cpu;
-        let cfg = RopeConfig { theta: 10000.0, interleaved: true, yarn: None };
+        let cfg = RopeConfig {
+            theta: 10000.0,
+            interleaved: true,
+            yarn: None,
+        };
         let rope = Rope::new(&cfg, 4);
         let x = Tensor::new(&[[[1f32, 2., 3., 4.]]], &dev)?;
         let pos = Tensor::new(&[3u32], &dev)?;
@@ -177,13 +183,29 @@ mod tests {
         // Pair (1,2) at angle 3 rad, pair (3,4) at 3 * 0.01 rad.
         let (c0, s0) = (3f32.cos(), 3f32.sin());
         let (c1, s1) = (0.03f32.cos(), 0.03f32.sin());
-        let want = [1. * c0 - 2. * s0, 1. * s0 + 2. * c0, 3. * c1 - 4. * s1, 3. * s1 + 4. * c1];
+        let want = [
+            1. * c0 - 2. * s0,
+            1. * s0 + 2. * c0,
+            3. * c1 - 4. * s1,
+            3. * s1 + 4. * c1,
+        ];
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-6);
         }
-        let half = Rope::new(&RopeConfig { interleaved: false, ..cfg }, 4);
+        let half = Rope::new(
+            &RopeConfig {
+                interleaved: false,
+                ..cfg
+            },
+            4,
+        );
         let y = half.apply(&x, &cos, &sin)?.flatten_all()?.to_vec1::<f32>()?;
-        let want = [1. * c0 - 3. * s0, 2. * c1 - 4. * s1, 1. * s0 + 3. * c0, 2. * s1 + 4. * c1];
+        let want = [
+            1. * c0 - 3. * s0,
+            2. * c1 - 4. * s1,
+            1. * s0 + 3. * c0,
+            2. * s1 + 4. * c1,
+        ];
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-6);
         }

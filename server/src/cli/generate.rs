@@ -85,7 +85,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let generator = Generator::new(&loaded.model, args.block_size, 512)?;
     let out = generator.generate(std::slice::from_ref(&request), None)?.remove(0);
-    let text = loaded.tokenizer.as_ref().map(|t| t.decode(&out.token_ids)).transpose()?;
+    let text = loaded
+        .tokenizer
+        .as_ref()
+        .map(|t| t.decode(&out.token_ids))
+        .transpose()?;
     if args.json {
         let mut v = serde_json::json!({
             "token_ids": out.token_ids,
@@ -98,7 +102,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     } else {
         match text {
             Some(t) => println!("{t}"),
-            None => println!("{}", out.token_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+            None => println!(
+                "{}",
+                out.token_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+            ),
         }
     }
     Ok(())

@@ -63,7 +63,11 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     }
     println!("model:         {}", files.dir.display());
     println!("architecture:  {}", cfg.architecture.hf_name());
-    println!("dtype:         {} (saved as {})", args.model.dtype, cfg.saved_dtype.as_deref().unwrap_or("?"));
+    println!(
+        "dtype:         {} (saved as {})",
+        args.model.dtype,
+        cfg.saved_dtype.as_deref().unwrap_or("?")
+    );
     println!(
         "parameters:    {} total, {} active per token ({} embedding)",
         human(sizes.total_params),
@@ -88,7 +92,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             "rope:          theta {}, YaRN factor {} over {} positions (max {})",
             cfg.rope.theta, y.factor, y.original_max_position_embeddings, cfg.max_position_embeddings
         ),
-        None => println!("rope:          theta {}, max positions {}", cfg.rope.theta, cfg.max_position_embeddings),
+        None => println!(
+            "rope:          theta {}, max positions {}",
+            cfg.rope.theta, cfg.max_position_embeddings
+        ),
     }
     if let Some(m) = &cfg.moe {
         println!(

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 pub use model_args::ModelArgs;
 
 #[derive(Debug, Parser)]
-#[command(name = "moe", version, about = "Inference engine for Mixture-of-Experts models with Multi-head Latent Attention")]
+#[command(
+    name = "moe",
+    version,
+    about = "Inference engine for Mixture-of-Experts models with Multi-head Latent Attention"
+)]
 pub struct Cli {
     /// Log more (-v: info, -vv: debug) on stderr.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -55,6 +59,9 @@ pub fn parse_ids(s: &str) -> anyhow::Result<Vec<u32>> {
     s.split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().map_err(|_| anyhow::anyhow!("--prompt-ids: {t:?} is not a token id")))
+        .map(|t| {
+            t.parse::<u32>()
+                .map_err(|_| anyhow::anyhow!("--prompt-ids: {t:?} is not a token id"))
+        })
         .collect()
 }

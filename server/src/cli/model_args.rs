@@ -42,7 +42,9 @@ impl ModelArgs {
         match self.device.as_str() {
             "cpu" => Ok(Device::Cpu),
             other if other.starts_with("cuda") => {
-                anyhow::bail!("--device {other}: this binary was built without CUDA support (build with --features cuda)")
+                anyhow::bail!(
+                    "--device {other}: this binary was built without CUDA support (build with --features cuda)"
+                )
             }
             other => anyhow::bail!("--device {other:?}: expected cpu or cuda[:N]"),
         }
@@ -53,12 +55,17 @@ impl ModelArgs {
     }
 
     pub fn router(&self) -> anyhow::Result<Option<RouterSpec>> {
-        self.router.as_deref().map(|s| s.parse::<RouterSpec>()).transpose().map_err(Into::into)
+        self.router
+            .as_deref()
+            .map(|s| s.parse::<RouterSpec>())
+            .transpose()
+            .map_err(Into::into)
     }
 
     pub fn resolve(&self) -> anyhow::Result<(ModelFiles, ModelConfig)> {
         let files = ModelFiles::resolve(&self.model)?;
-        let config = ModelConfig::from_file(&files.config).with_context(|| format!("reading {}", files.config.display()))?;
+        let config =
+            ModelConfig::from_file(&files.config).with_context(|| format!("reading {}", files.config.display()))?;
         Ok((files, config))
     }
 

@@ -19,7 +19,15 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
 }
 
 /// Dense reference: for each query row, softmax over keys at positions <= its own.
-fn reference(q: &[f32], heads: usize, dim: usize, value_dim: usize, latents: &[Vec<f32>], seq: &PagedSeq, scale: f32) -> Vec<f32> {
+fn reference(
+    q: &[f32],
+    heads: usize,
+    dim: usize,
+    value_dim: usize,
+    latents: &[Vec<f32>],
+    seq: &PagedSeq,
+    scale: f32,
+) -> Vec<f32> {
     let mut out = vec![0f32; seq.query_len * heads * value_dim];
     let offset = seq.context_len - seq.query_len;
     for i in 0..seq.query_len {
@@ -58,12 +66,21 @@ fn paged_attention_matches_dense_reference_on_awkward_shapes() -> candle_core::R
         let mut start = 0;
         for (n, &(qlen, ctx)) in plans.iter().enumerate() {
             let blocks: Vec<u32> = free.drain(..ctx.div_ceil(block_size)).collect();
-            let seq = PagedSeq { query_start: start, query_len: qlen, context_len: ctx, block_table: blocks };
+            let seq = PagedSeq {
+                query_start: start,
+                query_len: qlen,
+                context_len: ctx,
+                block_table: blocks,
+            };
             let latents: Vec<Vec<f32>> = (0..ctx).map(|p| values(dim, (n * 100 + p) as u32)).collect();
             let slots: Vec<u32> = (0..ctx).map(|p| seq.slot(p, block_size) as u32).collect();
             if ctx > 0 {
                 let flat: Vec<f32> = latents.concat();
-                write_latent_cache(&cache, &Tensor::from_vec(flat, (ctx, dim), &dev)?, &Tensor::from_vec(slots, ctx, &dev)?)?;
+                write_latent_cache(
+                    &cache,
+                    &Tensor::from_vec(flat, (ctx, dim), &dev)?,
+                    &Tensor::from_vec(slots, ctx, &dev)?,
+                )?;
             }
             start += qlen;
             seqs.push(seq);
@@ -96,9 +113,19 @@ fn bad_arguments_are_errors_not_panics() -> candle_core::Result<()> {
     let dev = Device::Cpu;
     let cache = Tensor::zeros((2, 4, 8), candle_core::DType::F32, &dev)?;
     let q = Tensor::zeros((2, 1, 8), candle_core::DType::F32, &dev)?;
-    let beyond = PagedSeq { query_start: 0, query_len: 2, context_len: 9, block_table: vec![0, 1] };
+    let beyond = PagedSeq {
+        query_start: 0,
+        query_len: 2,
+        context_len: 9,
+        block_table: vec![0, 1],
+    };
     assert!(paged_mla_attention(&q, &cache, &[beyond], 4, 1.0).is_err());
-    let bad_block = PagedSeq { query_start: 0, query_len: 2, context_len: 2, block_table: vec![5] };
+    let bad_block = PagedSeq {
+        query_start: 0,
+        query_len: 2,
+        context_len: 2,
+        block_table: vec![5],
+    };
     assert!(paged_mla_attention(&q, &cache, &[bad_block], 4, 1.0).is_err());
     let latents = Tensor::zeros((1, 8), candle_core::DType::F32, &dev)?;
     let slot = Tensor::new(&[8u32], &dev)?;

@@ -29,7 +29,10 @@ impl Experts {
         let (gate_up, down) = if w.contains(&fused) {
             (
                 w.get(&fused, &[num_experts, 2 * intermediate, hidden])?,
-                w.get(&format!("{prefix}.experts.down_proj"), &[num_experts, hidden, intermediate])?,
+                w.get(
+                    &format!("{prefix}.experts.down_proj"),
+                    &[num_experts, hidden, intermediate],
+                )?,
             )
         } else {
             let mut gate_up = Vec::with_capacity(num_experts);
@@ -56,14 +59,21 @@ impl Experts {
         let (tokens, hidden) = x.dims2()?;
         let k = routing.top_k;
         if routing.expert_ids.len() != tokens * k {
-            return Err(ModelError::Input(format!("routing covers {} slots, expected {}", routing.expert_ids.len(), tokens * k)));
+            return Err(ModelError::Input(format!(
+                "routing covers {} slots, expected {}",
+                routing.expert_ids.len(),
+                tokens * k
+            )));
         }
         // Group (token, weight) pairs by expert on the host.
         let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.num_experts];
         for (slot, (&e, &wt)) in routing.expert_ids.iter().zip(&routing.weights).enumerate() {
             let e = e as usize;
             if e >= self.num_experts {
-                return Err(ModelError::Input(format!("router chose expert {e} of {}", self.num_experts)));
+                return Err(ModelError::Input(format!(
+                    "router chose expert {e} of {}",
+                    self.num_experts
+                )));
             }
             per_expert[e].0.push((slot / k) as u32);
             per_expert[e].1.push(wt);

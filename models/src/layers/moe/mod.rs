@@ -41,7 +41,8 @@ impl MoeBlock {
         let bias_name = format!("{prefix}.gate.e_score_correction_bias");
         let correction_bias = if w.contains(&bias_name) {
             Some(w.get_as(&bias_name, &[e], DType::F32)?.to_vec1::<f32>()?)
-        } else if cfg.architecture == Architecture::DeepseekV3 && moe.topk_method == crate::config::TopkMethod::NoauxTc {
+        } else if cfg.architecture == Architecture::DeepseekV3 && moe.topk_method == crate::config::TopkMethod::NoauxTc
+        {
             // transformers initialises a missing bias buffer to zeros; a V3 checkpoint without
             // one is therefore legal, but we say so.
             tracing::warn!("{bias_name} is missing; routing without a correction bias");

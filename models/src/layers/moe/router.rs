@@ -152,7 +152,9 @@ impl Router for GroupLimitedGreedyRouter {
         let p = &self.0;
         route_each(input, p, |s| {
             let mut masked = s.to_vec();
-            mask_groups(&mut masked, p.n_group, p.topk_group, 0.0, |g| g.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
+            mask_groups(&mut masked, p.n_group, p.topk_group, 0.0, |g| {
+                g.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
+            });
             top_k_indices(&masked, p.top_k)
         })
     }
@@ -191,7 +193,10 @@ fn describe(name: &str, p: &RouterParams) -> String {
         ScoringFunc::Softmax => "softmax",
         ScoringFunc::Sigmoid => "sigmoid",
     };
-    let mut s = format!("{name}: top_k={} scoring={scoring} normalize={} scale={}", p.top_k, p.normalize, p.scale);
+    let mut s = format!(
+        "{name}: top_k={} scoring={scoring} normalize={} scale={}",
+        p.top_k, p.normalize, p.scale
+    );
     if name != "greedy" {
         s += &format!(" n_group={} topk_group={}", p.n_group, p.topk_group);
     }
@@ -225,7 +230,10 @@ impl std::str::FromStr for RouterSpec {
         let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
         let name = name.trim();
         if !ROUTER_NAMES.contains(&name) {
-            return Err(err(format!("unknown router {name:?}; available: {}", ROUTER_NAMES.join(", "))));
+            return Err(err(format!(
+                "unknown router {name:?}; available: {}",
+                ROUTER_NAMES.join(", ")
+            )));
         }
         let mut overrides = Vec::new();
         for item in rest.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -258,7 +266,15 @@ impl RouterParams {
 
     fn apply(&mut self, spec: &RouterSpec, num_experts: usize) -> Result<()> {
         let err = |message: String| ModelError::RouterSpec {
-            spec: format!("{}:{}", spec.name, spec.overrides.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")),
+            spec: format!(
+                "{}:{}",
+                spec.name,
+                spec.overrides
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             message,
         };
         for (k, v) in &spec.overrides {
@@ -282,7 +298,11 @@ impl RouterParams {
                         _ => return Err(bad()),
                     }
                 }
-                other => return Err(err(format!("unknown key {other:?}; keys: top_k, scoring, n_group, topk_group, normalize, scale, bias"))),
+                other => {
+                    return Err(err(format!(
+                        "unknown key {other:?}; keys: top_k, scoring, n_group, topk_group, normalize, scale, bias"
+                    )))
+                }
             }
         }
         if self.top_k == 0 || self.top_k > num_experts {
@@ -290,7 +310,10 @@ impl RouterParams {
         }
         if spec.name != "greedy" {
             if self.n_group == 0 || num_experts % self.n_group != 0 {
-                return Err(err(format!("n_group {} must divide the {num_experts} experts", self.n_group)));
+                return Err(err(format!(
+                    "n_group {} must divide the {num_experts} experts",
+                    self.n_group
+                )));
             }
             let per_group = num_experts / self.n_group;
             if self.topk_group == 0 || self.topk_group > self.n_group || self.topk_group * per_group < self.top_k {

@@ -116,7 +116,8 @@ fn group_limited_greedy_only_chooses_from_groups_with_best_max() {
     let greedy = GreedyRouter(params(3, ScoringFunc::Softmax, (1, 1), false, 1.0)).route(&input(&logits, 8, None));
     assert_eq!(greedy.expert_ids, [0, 2, 4]);
 
-    let r = GroupLimitedGreedyRouter(params(3, ScoringFunc::Softmax, (4, 2), false, 1.0)).route(&input(&logits, 8, None));
+    let r =
+        GroupLimitedGreedyRouter(params(3, ScoringFunc::Softmax, (4, 2), false, 1.0)).route(&input(&logits, 8, None));
     assert_eq!(r.expert_ids, [0, 2, 1]);
     // Weights are the softmax over all experts, not over the kept ones.
     let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
@@ -165,7 +166,8 @@ fn noaux_tc_scores_groups_by_sum_of_top_two() {
     assert_close(&r.weights, &[2.0 * 0.8 / 1.55, 2.0 * 0.75 / 1.55]);
 
     // The V2 rule (max) on the same scores keeps group A instead (ties: lower index first).
-    let v2 = GroupLimitedGreedyRouter(params(2, ScoringFunc::Sigmoid, (2, 1), true, 2.0)).route(&input(&logits, 8, None));
+    let v2 =
+        GroupLimitedGreedyRouter(params(2, ScoringFunc::Sigmoid, (2, 1), true, 2.0)).route(&input(&logits, 8, None));
     assert_eq!(v2.expert_ids, [0, 1]);
 
     // Group choice uses the biased scores: a bias on A's 2nd expert (.5+.2 → top-2 sum 1.6)
@@ -183,7 +185,13 @@ fn router_spec_parses_name_and_overrides() {
     assert_eq!(s.overrides, [("top_k".to_string(), "4".to_string())]);
     let s = spec("noaux_tc:bias=false,scale=1.0");
     assert_eq!(s.name, "noaux_tc");
-    assert_eq!(s.overrides, [("bias".to_string(), "false".to_string()), ("scale".to_string(), "1.0".to_string())]);
+    assert_eq!(
+        s.overrides,
+        [
+            ("bias".to_string(), "false".to_string()),
+            ("scale".to_string(), "1.0".to_string())
+        ]
+    );
     let s = spec("group_limited_greedy");
     assert!(s.overrides.is_empty());
 
@@ -194,7 +202,10 @@ fn router_spec_parses_name_and_overrides() {
         }
     }
     let e = "topk".parse::<RouterSpec>().unwrap_err().to_string();
-    assert!(e.contains("greedy") && e.contains("noaux_tc"), "lists available routers: {e}");
+    assert!(
+        e.contains("greedy") && e.contains("noaux_tc"),
+        "lists available routers: {e}"
+    );
 }
 
 #[test]
@@ -217,8 +228,17 @@ fn build_router_validates_overrides() {
     let r = build_router(&m, Architecture::DeepseekV3, Some(&spec("greedy:top_k=8"))).unwrap();
     assert_eq!(r.top_k(), 8);
     assert!(r.describe().starts_with("greedy:"), "{}", r.describe());
-    let r = build_router(&m, Architecture::DeepseekV3, Some(&spec("noaux_tc:bias=false,scale=1.0"))).unwrap();
-    assert!(r.describe().contains("bias=false") && r.describe().contains("scale=1"), "{}", r.describe());
+    let r = build_router(
+        &m,
+        Architecture::DeepseekV3,
+        Some(&spec("noaux_tc:bias=false,scale=1.0")),
+    )
+    .unwrap();
+    assert!(
+        r.describe().contains("bias=false") && r.describe().contains("scale=1"),
+        "{}",
+        r.describe()
+    );
 }
 
 #[test]
@@ -228,7 +248,12 @@ fn build_router_follows_topk_method_without_spec() {
         (TopkMethod::GroupLimitedGreedy, "group_limited_greedy:"),
         (TopkMethod::NoauxTc, "noaux_tc:"),
     ] {
-        let r = build_router(&moe(method, ScoringFunc::Sigmoid, true, 1.0), Architecture::DeepseekV3, None).unwrap();
+        let r = build_router(
+            &moe(method, ScoringFunc::Sigmoid, true, 1.0),
+            Architecture::DeepseekV3,
+            None,
+        )
+        .unwrap();
         assert!(r.describe().starts_with(name), "{}", r.describe());
         assert_eq!(r.top_k(), 2);
     }
@@ -239,15 +264,22 @@ fn norm_topk_prob_is_ignored_for_v2_but_honoured_for_v3() {
     let m = moe(TopkMethod::Greedy, ScoringFunc::Softmax, true, 1.0);
     let logits = [1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0];
     let z = E + E * E + E.powi(3) + 5.0;
-    let v2 = build_router(&m, Architecture::DeepseekV2, None).unwrap().route(&input(&logits, 8, None));
+    let v2 = build_router(&m, Architecture::DeepseekV2, None)
+        .unwrap()
+        .route(&input(&logits, 8, None));
     assert_eq!(v2.expert_ids, [2, 1]);
     assert_close(&v2.weights, &[E.powi(3) / z, E * E / z]);
 
-    let v3 = build_router(&m, Architecture::DeepseekV3, None).unwrap().route(&input(&logits, 8, None));
+    let v3 = build_router(&m, Architecture::DeepseekV3, None)
+        .unwrap()
+        .route(&input(&logits, 8, None));
     assert_eq!(v3.expert_ids, [2, 1]);
     assert_close(&v3.weights, &[E / (1.0 + E), 1.0 / (1.0 + E)]);
 
     // An explicit override still normalizes a V2 checkpoint.
     let r = build_router(&m, Architecture::DeepseekV2, Some(&spec("greedy:normalize=true"))).unwrap();
-    assert_close(&r.route(&input(&logits, 8, None)).weights, &[E / (1.0 + E), 1.0 / (1.0 + E)]);
+    assert_close(
+        &r.route(&input(&logits, 8, None)).weights,
+        &[E / (1.0 + E), 1.0 / (1.0 + E)],
+    );
 }
