@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use moe_engine::{Generator, TextTokenizer};
+use moe_engine::{PromptScorer, TextTokenizer};
 use moe_models::deepseek::LoadOptions;
 use moe_models::loader::check_header;
 use moe_models::{ModelError, ModelFiles, RoutingTrace, Weights};
@@ -42,7 +42,7 @@ fn expert_choices(dir: &Path) -> (Vec<(usize, Vec<u32>)>, Vec<candle_core::Tenso
     let model = load_model(dir, DType::F32, &LoadOptions::default());
     let g = golden(&fixture("deepseek-v3"));
     let trace = RoutingTrace::default();
-    let logits = Generator::new(&model, 16, usize::MAX)
+    let logits = PromptScorer::new(&model, 16, usize::MAX)
         .unwrap()
         .prompt_logits(&g.prompts, Some(&trace))
         .unwrap();

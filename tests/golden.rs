@@ -3,8 +3,9 @@
 //! one batch, scrambled block tables, chunked prefill, lockstep decode).
 
 use candle_core::DType;
-use moe_engine::generate::{argmax_rows, GenerateRequest};
-use moe_engine::{Generator, SamplingParams};
+use moe_engine::runner::ModelRunner;
+use moe_engine::scoring::argmax_rows;
+use moe_engine::{Engine, EngineConfig, GenerationRequest, PromptScorer};
 use moe_models::deepseek::LoadOptions;
 use moe_tests::{fixture, golden, load_model, max_abs_diff};
 
@@ -28,7 +29,7 @@ fn check_logits(dir_name: &str, dtype_on_disk_note: &str, block_size: usize, chu
     let dir = fixture(dir_name);
     let g = golden(&dir);
     let model = load_model(&dir, DType::F32, &LoadOptions::default());
-    let gen = Generator::new(&model, block_size, chunk).unwrap();
+    let gen = PromptScorer::new(&model, block_size, chunk).unwrap();
     let got = gen.prompt_logits(&g.prompts, None).unwrap();
     for (i, (got, want)) in got.iter().zip(&g.logits).enumerate() {
         let diff = max_abs_diff(got, want);
@@ -65,17 +66,39 @@ fn bf16_checkpoints_computed_in_f32_match_transformers_on_the_same_weights() {
     }
 }
 
-fn greedy_requests(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<GenerateRequest> {
+fn greedy_requests(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<GenerationRequest> {
     prompts
         .iter()
-        .map(|p| GenerateRequest {
-            prompt: p.clone(),
+        .map(|p| GenerationRequest {
+            prompt_token_ids: p.clone(),
             max_tokens,
-            sampling: SamplingParams::default(),
             // The fixtures' continuations ignore EOS.
-            stop_ids: vec![],
+            ignore_eos: true,
+            ..Default::default()
         })
         .collect()
+}
+
+/// Greedy outputs through the batching engine (scheduler, paged cache, chunked prefill).
+fn engine_greedy(
+    dir: &std::path::Path,
+    requests: &[GenerationRequest],
+    block_size: usize,
+    budget: usize,
+) -> Vec<Vec<u32>> {
+    let model = load_model(dir, DType::F32, &LoadOptions::default());
+    let runner = ModelRunner::new(model, 256, block_size).unwrap();
+    let config = EngineConfig {
+        max_num_batched_tokens: budget,
+        max_num_seqs: 16,
+        max_model_len: 256,
+    };
+    let engine = Engine::start(runner, None, config).unwrap();
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|r| engine.submit(r.clone(), None).unwrap())
+        .collect();
+    streams.into_iter().map(|s| s.collect().unwrap().token_ids).collect()
 }
 
 #[test]
@@ -86,21 +109,17 @@ fn greedy_continuations_are_identical_batched_and_alone() {
     {
         let dir = fixture(m);
         let g = golden(&dir);
-        let model = load_model(&dir, DType::F32, &LoadOptions::default());
-        let n = g.greedy[0].len();
-        // All prompts decoded together in one lockstep batch, prefill chunks of 8.
-        let gen = Generator::new(&model, 4, 8).unwrap();
-        let batched = gen.generate(&greedy_requests(&g.prompts, n), None).unwrap();
+        let requests = greedy_requests(&g.prompts, g.greedy[0].len());
+        // All prompts together, 4-token blocks, 8 tokens a step: prompts are chunked and
+        // share steps with other requests' decode tokens.
+        let batched = engine_greedy(&dir, &requests, 4, 8);
         for (i, out) in batched.iter().enumerate() {
-            assert_eq!(out.token_ids, g.greedy[i], "{m} prompt {i} (batched)");
+            assert_eq!(*out, g.greedy[i], "{m} prompt {i} (batched)");
         }
         // And each alone, whole-prompt prefill.
-        let gen = Generator::new(&model, 16, usize::MAX).unwrap();
-        for (i, p) in g.prompts.iter().enumerate() {
-            let alone = gen
-                .generate(&greedy_requests(std::slice::from_ref(p), n), None)
-                .unwrap();
-            assert_eq!(alone[0].token_ids, g.greedy[i], "{m} prompt {i} (alone)");
+        for (i, r) in requests.iter().enumerate() {
+            let alone = engine_greedy(&dir, std::slice::from_ref(r), 16, 4096);
+            assert_eq!(alone[0], g.greedy[i], "{m} prompt {i} (alone)");
         }
     }
 }
@@ -136,7 +155,7 @@ fn half_precision_compute_runs_and_stays_close_to_f32() {
     let g = golden(&dir);
     for dtype in [DType::BF16, DType::F16] {
         let model = load_model(&dir, dtype, &LoadOptions::default());
-        let got = Generator::new(&model, 16, usize::MAX)
+        let got = PromptScorer::new(&model, 16, usize::MAX)
             .unwrap()
             .prompt_logits(&g.prompts, None)
             .unwrap();

@@ -15,8 +15,19 @@ pub struct SeqChunk {
     pub start_pos: usize,
     /// Blocks holding positions `0..start_pos + tokens.len()`.
     pub block_table: Vec<u32>,
-    /// Compute logits for every token of the chunk (else only for the last one).
-    pub all_logits: bool,
+    /// Which of the chunk's rows get logits.
+    pub logits: LogitRows,
+}
+
+/// Rows of a chunk whose logits the step returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// None (a prompt chunk that is not the last one).
+    None,
+    /// The last token's row (for sampling).
+    Last,
+    /// Every row (for scoring a prompt).
+    All,
 }
 
 /// Host-side batch description, turned into device tensors by [`BatchBuilder::tensors`].
@@ -77,10 +88,10 @@ impl BatchBuilder {
             self.slot_mapping.push(seq.slot(pos, self.block_size) as u32);
         }
         let last = (seq.query_start + seq.query_len - 1) as u32;
-        if chunk.all_logits {
-            self.logits_rows.extend(seq.query_start as u32..=last);
-        } else {
-            self.logits_rows.push(last);
+        match chunk.logits {
+            LogitRows::None => {}
+            LogitRows::Last => self.logits_rows.push(last),
+            LogitRows::All => self.logits_rows.extend(seq.query_start as u32..=last),
         }
         self.seqs.push(seq);
         Ok(self.seqs.len() - 1)

@@ -1,17 +1,24 @@
-//! Serving core of moe-engine: turning token sequences into model batches, sampling, and the
-//! generation loop the CLI (and later the server) drives. Holds no tensor math of its own;
-//! the model computes, this crate decides what to compute.
+//! Serving core of moe-engine: requests, the continuous-batching scheduler and block pool,
+//! the model runner, sampling, detokenization and stops, and the engine loop that ties them
+//! together. Holds no tensor math of its own: the model computes, this crate decides what.
 
 pub mod batch;
 pub mod block_pool;
+pub mod detokenizer;
+pub mod engine;
 pub mod error;
-pub mod generate;
+pub mod runner;
 pub mod sampling;
 pub mod scheduler;
+pub mod scoring;
+pub mod stop;
 pub mod tokenizer;
 
-pub use batch::{BatchBuilder, SeqChunk};
+pub use batch::{BatchBuilder, LogitRows, SeqChunk};
+pub use detokenizer::IncrementalDetokenizer;
+pub use engine::{Engine, EngineConfig, FinishReason, GenerationRequest, RequestOutput};
 pub use error::{EngineError, Result};
-pub use generate::{all_position_logits, FinishReason, GenerateRequest, Generation, Generator};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{SampledToken, Sampler, SamplingParams};
+pub use scoring::{all_position_logits, PromptScorer};
+pub use stop::{StopCheck, StopStrings};
 pub use tokenizer::TextTokenizer;

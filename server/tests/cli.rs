@@ -362,7 +362,7 @@ fn bad_prompts_fail_cleanly() {
     );
     assert_clean_failure(
         &moe(&["generate", "--model", d, "--prompt-ids", "1", "--max-tokens", "1000"]),
-        &["max_position_embeddings"],
+        &["maximum model length", "1000"],
     );
 }
 
@@ -412,4 +412,72 @@ fn hub_repo_ids_resolve_from_an_offline_hub_cache() {
         .output()
         .unwrap();
     assert_clean_failure(&o, &["moe-engine/not-there", "HF_HUB_OFFLINE"]);
+}
+
+#[test]
+fn prompts_file_runs_requests_together_and_prints_them_in_order() {
+    let dir = fixture("deepseek-v3");
+    let (prompts, _, greedy) = golden(&dir);
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("prompts.jsonl");
+    let mut lines = String::new();
+    for p in &prompts {
+        lines += &format!("{}\n", serde_json::json!({ "prompt_ids": p, "max_tokens": 12 }));
+    }
+    lines += &format!(
+        "{}\n",
+        serde_json::json!({ "prompt": "Hello there", "max_tokens": 3, "stop": ["zzz"] })
+    );
+    lines += &format!(
+        "{}\n",
+        serde_json::json!({ "prompt_ids": [5, 6], "temperature": 0.7, "seed": 3, "max_tokens": 5 })
+    );
+    std::fs::write(&file, lines).unwrap();
+    let o = moe(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompts-file",
+        file.to_str().unwrap(),
+        "--ignore-eos",
+        "--json",
+        "--max-num-batched-tokens",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 6);
+    for (i, g) in greedy.iter().enumerate() {
+        let ids: Vec<u32> = rows[i]["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(&ids, g, "line {}", i + 1);
+        assert_eq!(rows[i]["finish_reason"], "length");
+    }
+    assert_eq!(rows[4]["token_ids"].as_array().unwrap().len(), 3);
+    assert!(rows[4]["text"].is_string());
+    assert_eq!(rows[5]["token_ids"].as_array().unwrap().len(), 5);
+
+    // A bad line is reported with its number.
+    std::fs::write(&file, "{\"prompt_ids\": [5]}\n{\"prompt\": 7}\n").unwrap();
+    let o = moe(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompts-file",
+        file.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, &["line 2"]);
+    std::fs::write(&file, "{\"prompt_ids\": [5], \"temprature\": 1}\n").unwrap();
+    let o = moe(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompts-file",
+        file.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, &["line 1", "temprature"]);
 }

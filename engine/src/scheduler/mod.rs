@@ -29,7 +29,7 @@ pub use output::{FinishedRequest, SampledToken, ScheduledRequest, SchedulerOutpu
 pub use request::{NewRequest, Request, RequestId, RequestStatus};
 
 use crate::block_pool::{BlockPool, BlockPoolError};
-use crate::generate::FinishReason;
+use crate::engine::FinishReason;
 
 /// Limits of the scheduler; all must be positive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

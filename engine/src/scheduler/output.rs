@@ -2,7 +2,7 @@
 //! going out, the sampled tokens coming back, and the requests that finished. Plain data.
 
 use crate::block_pool::BlockId;
-use crate::generate::FinishReason;
+use crate::engine::FinishReason;
 
 use super::request::RequestId;
 

@@ -1,5 +1,6 @@
 //! Command-line interface: subcommands and the options they share.
 
+mod engine_args;
 mod generate;
 mod inspect;
 mod logits;

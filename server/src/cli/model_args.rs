@@ -32,7 +32,6 @@ pub struct ModelArgs {
 
 pub struct LoadedModel {
     pub files: ModelFiles,
-    pub config: ModelConfig,
     pub model: DeepseekModel,
     pub tokenizer: Option<TextTokenizer>,
 }
@@ -85,7 +84,6 @@ impl ModelArgs {
         };
         Ok(LoadedModel {
             files,
-            config,
             model,
             tokenizer,
         })

@@ -1,0 +1,476 @@
+//! The engine: a step loop on its own thread that admits requests, asks the scheduler for a
+//! plan, runs it on the model runner, samples, detokenizes, applies stops and streams each
+//! request's output over its own channel. Callers submit and abort through [`Engine`];
+//! they never touch the scheduler or the model directly.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::detokenizer::IncrementalDetokenizer;
+use crate::error::{EngineError, Result};
+use crate::runner::ModelRunner;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::scheduler::{NewRequest, RequestId, SampledToken, Scheduler, SchedulerConfig};
+use crate::stop::StopStrings;
+use crate::tokenizer::TextTokenizer;
+
+/// Why a request stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// Hit `max_tokens`.
+    Length,
+    /// Produced a stop token (EOS or a stop id) or a stop string.
+    Stop,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+        }
+    }
+}
+
+/// Limits of the batching loop (vLLM's flag names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Tokens computed per step at most (`--max-num-batched-tokens`).
+    pub max_num_batched_tokens: usize,
+    /// Sequences per step at most (`--max-num-seqs`).
+    pub max_num_seqs: usize,
+    /// Prompt + output tokens per request at most (`--max-model-len`).
+    pub max_model_len: usize,
+}
+
+/// One generation request as the engine takes it.
+#[derive(Debug, Clone, Default)]
+pub struct GenerationRequest {
+    pub prompt_token_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Extra token ids that end generation (EOS ids are added unless `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    /// Strings that end generation; matched on the detokenized text and not returned.
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+/// Log-probabilities of one generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// The most likely alternatives, descending.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Token counts of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// One streamed piece of a request's output. The last one has `finish_reason` set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestOutput {
+    pub id: RequestId,
+    /// Tokens generated since the previous piece.
+    pub token_ids: Vec<u32>,
+    /// Text generated since the previous piece (empty without a tokenizer).
+    pub text: String,
+    /// One entry per token in `token_ids` when logprobs were requested.
+    pub logprobs: Vec<TokenLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+    pub usage: Usage,
+}
+
+/// A submitted request's output stream.
+pub struct RequestStream {
+    pub id: RequestId,
+    receiver: Receiver<RequestOutput>,
+}
+
+impl RequestStream {
+    /// The next piece; `None` once the request finished or was aborted.
+    pub fn next(&self) -> Option<RequestOutput> {
+        self.receiver.recv().ok()
+    }
+
+    /// Collects the whole output: all tokens, all text, the finish reason and usage.
+    pub fn collect(self) -> Option<RequestOutput> {
+        let mut all: Option<RequestOutput> = None;
+        while let Some(piece) = self.next() {
+            match &mut all {
+                None => all = Some(piece),
+                Some(a) => {
+                    a.token_ids.extend(piece.token_ids);
+                    a.text.push_str(&piece.text);
+                    a.logprobs.extend(piece.logprobs);
+                    a.finish_reason = piece.finish_reason;
+                    a.usage = piece.usage;
+                }
+            }
+        }
+        all.filter(|a| a.finish_reason.is_some())
+    }
+}
+
+/// Counters and gauges of the engine, refreshed every step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub blocks_total: usize,
+    pub blocks_used: usize,
+    pub preemptions: u64,
+    pub steps: u64,
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+}
+
+enum Command {
+    Submit(NewRequest, Box<Live>),
+    Abort(RequestId),
+    Shutdown,
+}
+
+/// Per-request state the loop keeps beside the scheduler's.
+struct Live {
+    sender: Sender<RequestOutput>,
+    sampler: Sampler,
+    detokenizer: Option<IncrementalDetokenizer>,
+    stops: StopStrings,
+    generated: Vec<u32>,
+    prompt_tokens: usize,
+    /// A stop string ended the output: nothing after it may be emitted.
+    stopped_by_string: bool,
+}
+
+/// Handle to the engine thread. Dropping it shuts the engine down.
+pub struct Engine {
+    commands: Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+    next_id: AtomicU64,
+    stats: Arc<Mutex<EngineStats>>,
+    config: EngineConfig,
+    vocab_size: usize,
+    eos_ids: Vec<u32>,
+}
+
+impl Engine {
+    /// Starts the step loop on its own thread.
+    pub fn start(runner: ModelRunner, tokenizer: Option<Arc<TextTokenizer>>, config: EngineConfig) -> Result<Self> {
+        let model_config = runner.model().config();
+        let scheduler = Scheduler::new(SchedulerConfig {
+            max_num_batched_tokens: config.max_num_batched_tokens,
+            max_num_seqs: config.max_num_seqs,
+            max_model_len: config.max_model_len,
+            block_size: runner.block_size(),
+            num_blocks: runner.num_blocks(),
+        })
+        .map_err(|e| EngineError::InvalidRequest(format!("engine limits: {e}")))?;
+        let vocab_size = model_config.vocab_size;
+        let mut eos_ids = model_config.eos_token_ids.clone();
+        if let Some(t) = &tokenizer {
+            eos_ids.extend(
+                t.eos_ids()
+                    .iter()
+                    .copied()
+                    .filter(|id| !model_config.eos_token_ids.contains(id)),
+            );
+        }
+        let stats = Arc::new(Mutex::new(EngineStats {
+            blocks_total: runner.num_blocks(),
+            ..Default::default()
+        }));
+        let (commands, inbox) = mpsc::channel();
+        let loop_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("moe-engine".into())
+            .spawn(move || {
+                let mut l = StepLoop {
+                    runner,
+                    scheduler,
+                    tokenizer,
+                    live: HashMap::new(),
+                    stats: loop_stats,
+                    totals: EngineStats::default(),
+                };
+                l.run(inbox)
+            })
+            .map_err(|e| EngineError::InvalidRequest(format!("cannot start the engine thread: {e}")))?;
+        Ok(Engine {
+            commands,
+            thread: Some(thread),
+            next_id: AtomicU64::new(1),
+            stats,
+            config,
+            vocab_size,
+            eos_ids,
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Validates and enqueues a request; its output arrives on the returned stream.
+    pub fn submit(&self, request: GenerationRequest, tokenizer: Option<&TextTokenizer>) -> Result<RequestStream> {
+        let prompt_len = request.prompt_token_ids.len();
+        if prompt_len == 0 {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(bad) = request
+            .prompt_token_ids
+            .iter()
+            .find(|&&t| t as usize >= self.vocab_size)
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab_size
+            )));
+        }
+        if request.max_tokens == 0 {
+            return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
+        }
+        if prompt_len + request.max_tokens > self.config.max_model_len {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt ({prompt_len} tokens) + max_tokens ({}) exceeds the maximum model length ({})",
+                request.max_tokens, self.config.max_model_len
+            )));
+        }
+        let sampler = Sampler::new(request.sampling.clone())?;
+        let stops = StopStrings::new(request.stop.clone())?;
+        let mut stop_token_ids = request.stop_token_ids.clone();
+        if !request.ignore_eos {
+            stop_token_ids.extend(self.eos_ids.iter().copied());
+        }
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (sender, receiver) = mpsc::channel();
+        let live = Live {
+            sender,
+            sampler,
+            detokenizer: tokenizer.map(|_| IncrementalDetokenizer::new()),
+            stops,
+            generated: Vec::new(),
+            prompt_tokens: prompt_len,
+            stopped_by_string: false,
+        };
+        let new = NewRequest {
+            id,
+            prompt_token_ids: request.prompt_token_ids,
+            max_tokens: request.max_tokens,
+            stop_token_ids,
+        };
+        self.commands
+            .send(Command::Submit(new, Box::new(live)))
+            .map_err(|_| EngineError::InvalidRequest("the engine has stopped".into()))?;
+        Ok(RequestStream { id, receiver })
+    }
+
+    /// Aborts a request: its blocks are freed at the next loop iteration and its stream ends.
+    pub fn abort(&self, id: RequestId) {
+        let _ = self.commands.send(Command::Abort(id));
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// Stops the loop (requests in flight are dropped) and joins the thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct StepLoop {
+    runner: ModelRunner,
+    scheduler: Scheduler,
+    tokenizer: Option<Arc<TextTokenizer>>,
+    live: HashMap<RequestId, Box<Live>>,
+    stats: Arc<Mutex<EngineStats>>,
+    totals: EngineStats,
+}
+
+impl StepLoop {
+    fn run(&mut self, inbox: Receiver<Command>) {
+        loop {
+            // Block while idle; otherwise take what has arrived and step.
+            let first = if self.scheduler.has_unfinished_requests() {
+                inbox.try_recv().ok()
+            } else {
+                match inbox.recv_timeout(Duration::from_millis(100)) {
+                    Ok(c) => Some(c),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            let mut pending: Vec<Command> = first.into_iter().collect();
+            pending.extend(inbox.try_iter());
+            for c in pending {
+                match c {
+                    Command::Submit(new, live) => {
+                        let id = new.id;
+                        match self.scheduler.add_request(new) {
+                            Ok(()) => {
+                                self.live.insert(id, live);
+                            }
+                            Err(e) => tracing::warn!("request {id:?} rejected: {e}"),
+                        }
+                    }
+                    Command::Abort(id) => self.abort(id),
+                    Command::Shutdown => return,
+                }
+            }
+            if self.scheduler.has_unfinished_requests() {
+                if let Err(e) = self.step() {
+                    // A failed step cannot be retried safely: fail every request in flight.
+                    tracing::error!("engine step failed: {e}");
+                    let ids: Vec<RequestId> = self.live.keys().copied().collect();
+                    for id in ids {
+                        self.abort(id);
+                    }
+                }
+            }
+            self.publish_stats();
+        }
+    }
+
+    fn abort(&mut self, id: RequestId) {
+        let _ = self.scheduler.abort(id);
+        self.live.remove(&id);
+    }
+
+    fn step(&mut self) -> Result<()> {
+        let plan = self
+            .scheduler
+            .schedule()
+            .map_err(|e| EngineError::InvalidRequest(format!("scheduler: {e}")))?;
+        if plan.scheduled.is_empty() {
+            return Ok(());
+        }
+        self.totals.steps += 1;
+        let logits = self.runner.execute(&plan, None)?;
+        let mut sampled = Vec::with_capacity(logits.len());
+        let mut disconnected = Vec::new();
+        for (id, row) in logits {
+            let Some(live) = self.live.get_mut(&id) else { continue };
+            let step = live.generated.len();
+            let token = live.sampler.sample(&row, &live.generated, step);
+            live.generated.push(token.token);
+            let mut finish = None;
+            let mut text = String::new();
+            if let (Some(d), Some(t)) = (live.detokenizer.as_mut(), self.tokenizer.as_deref()) {
+                let delta = d.push(t, token.token)?;
+                let check = live.stops.push(&delta);
+                text = check.emit;
+                if check.stopped {
+                    live.stopped_by_string = true;
+                    finish = Some(FinishReason::Stop);
+                }
+            }
+            let logprobs = token
+                .logprob
+                .map(|lp| TokenLogprobs {
+                    token: token.token,
+                    logprob: lp,
+                    top: token.top_logprobs.clone(),
+                })
+                .into_iter()
+                .collect();
+            let piece = RequestOutput {
+                id,
+                token_ids: vec![token.token],
+                text,
+                logprobs,
+                finish_reason: None,
+                usage: Usage {
+                    prompt_tokens: live.prompt_tokens,
+                    completion_tokens: live.generated.len(),
+                },
+            };
+            if live.sender.send(piece).is_err() {
+                disconnected.push(id);
+            }
+            sampled.push(SampledToken {
+                id,
+                token_id: token.token,
+                finish,
+            });
+        }
+        self.totals.generation_tokens += sampled.len() as u64;
+        self.totals.prompt_tokens += plan
+            .first_scheduled
+            .iter()
+            .filter_map(|id| self.scheduler.request(*id))
+            .map(|r| r.num_prompt_tokens() as u64)
+            .sum::<u64>();
+        let finished = self
+            .scheduler
+            .update(&sampled)
+            .map_err(|e| EngineError::InvalidRequest(format!("scheduler: {e}")))?;
+        // Blocks of finished requests are free now: publish before telling their clients.
+        self.publish_stats();
+        for f in finished {
+            let Some(mut live) = self.live.remove(&f.id) else {
+                continue;
+            };
+            let mut text = String::new();
+            if !live.stopped_by_string {
+                if let (Some(d), Some(t)) = (live.detokenizer.as_mut(), self.tokenizer.as_deref()) {
+                    let tail = d.finish(t)?;
+                    text = live.stops.push(&tail).emit;
+                }
+                text.push_str(&live.stops.flush());
+            }
+            let _ = live.sender.send(RequestOutput {
+                id: f.id,
+                token_ids: vec![],
+                text,
+                logprobs: vec![],
+                finish_reason: Some(f.reason),
+                usage: Usage {
+                    prompt_tokens: live.prompt_tokens,
+                    completion_tokens: live.generated.len(),
+                },
+            });
+        }
+        for id in disconnected {
+            self.abort(id);
+        }
+        Ok(())
+    }
+
+    fn publish_stats(&mut self) {
+        if let Ok(mut s) = self.stats.lock() {
+            *s = EngineStats {
+                running: self.scheduler.num_running(),
+                waiting: self.scheduler.num_waiting(),
+                blocks_total: self.scheduler.num_blocks(),
+                blocks_used: self.scheduler.num_blocks() - self.scheduler.num_free_blocks(),
+                preemptions: self.scheduler.num_preemptions(),
+                ..self.totals
+            };
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The model runner: owns the model and its paged latent KV cache, turns a scheduler step
+//! into batch tensors, runs the forward pass and hands back the logits rows to sample from.
+//! It makes no scheduling decisions and keeps no per-request state.
+
+use candle_core::DType;
+use moe_models::{DeepseekModel, LatentCache, ModelConfig, RoutingTrace};
+
+use crate::batch::{BatchBuilder, LogitRows, SeqChunk};
+use crate::error::{EngineError, Result};
+use crate::scheduler::{RequestId, SchedulerOutput};
+
+/// Default tokens per KV block. A DeepSeek token is 576 latent values per layer, so a
+/// 16-token block is ~18 KiB per layer in bf16: small enough that the half-empty last block
+/// of each sequence wastes little (8 tokens on average) and prefix sharing stays fine-grained,
+/// large enough that block tables stay short (a 128k context is 8k entries).
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+pub struct ModelRunner {
+    model: DeepseekModel,
+    cache: LatentCache,
+}
+
+impl ModelRunner {
+    /// Allocates `num_blocks` cache blocks of `block_size` tokens for `model`.
+    pub fn new(model: DeepseekModel, num_blocks: usize, block_size: usize) -> Result<Self> {
+        let cache = model.new_cache(num_blocks, block_size)?;
+        Ok(ModelRunner { model, cache })
+    }
+
+    /// Blocks that fit in `bytes` of cache memory (`--kv-cache-memory`).
+    pub fn blocks_for_memory(config: &ModelConfig, dtype: DType, bytes: usize, block_size: usize) -> usize {
+        let per_token = LatentCache::bytes_per_token(config.num_hidden_layers, config.latent_cache_dim(), dtype);
+        bytes / (per_token * block_size).max(1)
+    }
+
+    pub fn model(&self) -> &DeepseekModel {
+        &self.model
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.cache.num_blocks
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.cache.block_size
+    }
+
+    /// Runs one step. Returns, for every scheduled request with `needs_sample`, its id and
+    /// the f32 logits (`[vocab]`) of its last computed position, in plan order.
+    pub fn execute(&self, step: &SchedulerOutput, trace: Option<&RoutingTrace>) -> Result<Vec<(RequestId, Vec<f32>)>> {
+        let mut batch = BatchBuilder::new(self.cache.block_size);
+        for s in &step.scheduled {
+            if s.token_ids.len() != s.num_tokens {
+                return Err(EngineError::InvalidRequest(format!(
+                    "step for {:?} is inconsistent",
+                    s.id
+                )));
+            }
+            batch.push(&SeqChunk {
+                tokens: s.token_ids.clone(),
+                start_pos: s.start_position,
+                block_table: s.block_table.iter().map(|b| b.index() as u32).collect(),
+                logits: if s.needs_sample {
+                    LogitRows::Last
+                } else {
+                    LogitRows::None
+                },
+            })?;
+        }
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tensors = batch.tensors(self.model.device())?;
+        let logits = self.model.forward(&tensors.ctx(trace), &self.cache)?;
+        let rows = if logits.dims()[0] == 0 {
+            Vec::new()
+        } else {
+            logits.to_vec2::<f32>()?
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for (s, range) in step.scheduled.iter().zip(&tensors.logits_ranges) {
+            if s.needs_sample {
+                out.push((s.id, rows[range.start].clone()));
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,118 @@
+//! Engine options shared by every command that runs the batching engine (vLLM's names):
+//! sequence and token limits, the model length cap and the KV-cache size.
+
+use anyhow::Context;
+use clap::Args;
+use moe_engine::engine::EngineConfig;
+use moe_engine::runner::{ModelRunner, DEFAULT_BLOCK_SIZE};
+use moe_models::{DeepseekModel, LatentCache};
+
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Sequences computed together in one step at most.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+
+    /// Tokens computed in one step at most (decode tokens plus prompt chunks).
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+
+    /// Prompt + output tokens per request at most (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+
+    /// KV-cache size in bytes on the CPU, e.g. 2GiB, 512MiB, 1000000000 (default: enough for
+    /// max-num-seqs full-length sequences, at most 4GiB).
+    #[arg(long, value_parser = parse_bytes)]
+    pub kv_cache_memory: Option<usize>,
+
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
+    pub block_size: usize,
+}
+
+/// Parses a byte count with an optional K/M/G/T suffix (powers of 1024; `B`/`iB` optional).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (e.g. 2GiB)"))?;
+    let scale = match unit
+        .trim()
+        .trim_end_matches('B')
+        .trim_end_matches('i')
+        .to_ascii_uppercase()
+        .as_str()
+    {
+        "" => 1u64,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+    };
+    let bytes = value * scale as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > usize::MAX as f64 {
+        return Err(format!("{s:?} is not a usable size"));
+    }
+    Ok(bytes as usize)
+}
+
+impl EngineArgs {
+    /// Sizes the cache and builds the runner and the engine limits.
+    pub fn build(&self, model: DeepseekModel) -> anyhow::Result<(ModelRunner, EngineConfig)> {
+        let cfg = model.config();
+        let max_model_len = self.max_model_len.unwrap_or(cfg.max_position_embeddings);
+        if max_model_len == 0 || self.block_size == 0 || self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
+            anyhow::bail!(
+                "--max-model-len, --block-size, --max-num-seqs and --max-num-batched-tokens must be positive"
+            );
+        }
+        let per_token = LatentCache::bytes_per_token(cfg.num_hidden_layers, cfg.latent_cache_dim(), model.dtype());
+        let bytes = self.kv_cache_memory.unwrap_or_else(|| {
+            let wanted = self
+                .max_num_seqs
+                .saturating_mul(max_model_len)
+                .saturating_mul(per_token);
+            wanted.min(4 << 30)
+        });
+        let num_blocks = ModelRunner::blocks_for_memory(cfg, model.dtype(), bytes, self.block_size);
+        if num_blocks * self.block_size < max_model_len {
+            anyhow::bail!(
+                "--kv-cache-memory {bytes} bytes holds {} tokens ({per_token} bytes each), fewer than --max-model-len {max_model_len}",
+                num_blocks * self.block_size
+            );
+        }
+        tracing::info!(
+            "KV cache: {num_blocks} blocks of {} tokens ({} MiB)",
+            self.block_size,
+            num_blocks * self.block_size * per_token >> 20
+        );
+        let config = EngineConfig {
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_num_seqs: self.max_num_seqs,
+            max_model_len,
+        };
+        let runner = ModelRunner::new(model, num_blocks, self.block_size).context("allocating the KV cache")?;
+        Ok((runner, config))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts_parse_with_binary_units() {
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5KB"), Ok(1536));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3X").is_err());
+        assert!(parse_bytes("0").is_err());
+    }
+}

@@ -1,0 +1,276 @@
+//! The batching engine end to end on the V3 fixture: continuous batching with chunked
+//! prefill gives every request exactly the tokens it gets alone (1, 7 and 64 concurrent
+//! requests of mixed lengths), preemption under a too-small cache changes nothing, seeded
+//! sampling does not depend on the batch, stop strings and aborts behave, no block leaks.
+
+use std::sync::Arc;
+
+use candle_core::DType;
+use moe_engine::engine::{Engine, EngineConfig, GenerationRequest, RequestOutput};
+use moe_engine::runner::ModelRunner;
+use moe_engine::{FinishReason, SamplingParams, TextTokenizer};
+use moe_models::deepseek::LoadOptions;
+use moe_tests::{fixture, golden, load_model};
+
+fn tokenizer() -> Arc<TextTokenizer> {
+    let d = fixture("deepseek-v3");
+    Arc::new(
+        TextTokenizer::load(
+            &d.join("tokenizer.json"),
+            Some(&d.join("tokenizer_config.json")),
+            Some(&d.join("generation_config.json")),
+        )
+        .unwrap(),
+    )
+}
+
+/// An engine over the V3 fixture with the given cache and step limits.
+fn engine(block_size: usize, num_blocks: usize, max_num_batched_tokens: usize, max_num_seqs: usize) -> Engine {
+    let model = load_model(&fixture("deepseek-v3"), DType::F32, &LoadOptions::default());
+    let runner = ModelRunner::new(model, num_blocks, block_size).unwrap();
+    let config = EngineConfig {
+        max_num_batched_tokens,
+        max_num_seqs,
+        // The scheduler needs room for one whole sequence.
+        max_model_len: 256.min(block_size * num_blocks),
+    };
+    Engine::start(runner, Some(tokenizer()), config).unwrap()
+}
+
+/// 64 requests: the 4 golden prompts, then mixed lengths up to 150 tokens (many span
+/// several prefill chunks), with 1 to 12 output tokens.
+fn requests() -> Vec<GenerationRequest> {
+    let g = golden(&fixture("deepseek-v3"));
+    let mut prompts = g.prompts.clone();
+    let mut state = 12345u64;
+    let mut next = |m: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) % m
+    };
+    while prompts.len() < 64 {
+        let len = 1 + next(150) as usize;
+        prompts.push((0..len).map(|_| 2 + next(318) as u32).collect());
+    }
+    prompts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| GenerationRequest {
+            prompt_token_ids: p,
+            max_tokens: if i < 4 { 12 } else { 1 + i % 12 },
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn run_all(engine: &Engine, requests: &[GenerationRequest]) -> Vec<RequestOutput> {
+    let tok = tokenizer();
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|r| engine.submit(r.clone(), Some(&tok)).unwrap())
+        .collect();
+    streams.into_iter().map(|s| s.collect().expect("finished")).collect()
+}
+
+fn alone(requests: &[GenerationRequest]) -> Vec<RequestOutput> {
+    let e = engine(16, 64, 4096, 1);
+    requests
+        .iter()
+        .map(|r| run_all(&e, std::slice::from_ref(r)).remove(0))
+        .collect()
+}
+
+#[test]
+fn batched_outputs_equal_each_request_alone_for_1_7_and_64_requests() {
+    let reqs = requests();
+    let solo = alone(&reqs);
+    let g = golden(&fixture("deepseek-v3"));
+    for i in 0..4 {
+        assert_eq!(solo[i].token_ids, g.greedy[i], "golden prompt {i} alone");
+    }
+    for n in [1usize, 7, 64] {
+        // Budget of 48 tokens a step: long prompts are chunked and share steps with decodes.
+        let e = engine(16, 1024, 48, 64);
+        let out = run_all(&e, &reqs[..n]);
+        for (i, (a, b)) in out.iter().zip(&solo).enumerate() {
+            assert_eq!(a.token_ids, b.token_ids, "{n} concurrent: request {i}");
+            assert_eq!(a.text, b.text);
+            assert_eq!(a.finish_reason, Some(FinishReason::Length));
+            assert_eq!(a.usage.completion_tokens, reqs[i].max_tokens);
+            assert_eq!(a.usage.prompt_tokens, reqs[i].prompt_token_ids.len());
+        }
+        let stats = e.stats();
+        assert_eq!(stats.blocks_used, 0, "every block returns to the pool");
+        assert_eq!(
+            stats.generation_tokens as usize,
+            reqs[..n].iter().map(|r| r.max_tokens).sum::<usize>()
+        );
+    }
+}
+
+#[test]
+fn preemption_under_a_small_cache_keeps_outputs_identical() {
+    let reqs: Vec<_> = requests().into_iter().take(24).collect();
+    let solo = alone(&reqs);
+    // 44 blocks of 4 tokens hold 176 tokens, far below what 24 requests want at once.
+    let e = engine(4, 44, 64, 24);
+    let out = run_all(&e, &reqs);
+    for (i, (a, b)) in out.iter().zip(&solo).enumerate() {
+        assert_eq!(a.token_ids, b.token_ids, "request {i} after preemptions");
+    }
+    let stats = e.stats();
+    assert!(stats.preemptions > 0, "the cache was meant to be too small: {stats:?}");
+    assert_eq!(stats.blocks_used, 0);
+}
+
+#[test]
+fn seeded_sampling_does_not_depend_on_the_batch() {
+    let mut reqs = requests();
+    for (i, r) in reqs.iter_mut().enumerate() {
+        r.sampling = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: Some(1000 + i as u64),
+            ..Default::default()
+        };
+        r.max_tokens = 10;
+    }
+    let solo = alone(&reqs[..8]);
+    let e = engine(4, 60, 32, 64);
+    let together = run_all(&e, &reqs[..8]);
+    for (a, b) in together.iter().zip(&solo) {
+        assert_eq!(a.token_ids, b.token_ids);
+    }
+    // Different seeds give different samples (over 8 requests x 10 tokens).
+    let mut other = reqs[..8].to_vec();
+    other
+        .iter_mut()
+        .for_each(|r| r.sampling.seed = r.sampling.seed.map(|s| s + 1));
+    let shifted = run_all(&e, &other);
+    assert!(shifted.iter().zip(&solo).any(|(a, b)| a.token_ids != b.token_ids));
+}
+
+#[test]
+fn stop_strings_end_the_text_and_are_not_returned() {
+    let e = engine(16, 256, 256, 8);
+    let base = GenerationRequest {
+        prompt_token_ids: tokenizer().encode("The quick brown fox").unwrap(),
+        max_tokens: 24,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let full = run_all(&e, std::slice::from_ref(&base)).remove(0);
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(chars.len() >= 6, "need some text to cut: {:?}", full.text);
+    // Stop on a piece from the middle of the text.
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = full.text.find(&stop).unwrap();
+    let stopped = run_all(
+        &e,
+        &[GenerationRequest {
+            stop: vec![stop.clone()],
+            ..base.clone()
+        }],
+    )
+    .remove(0);
+    assert_eq!(stopped.text, full.text[..cut], "stop {stop:?}");
+    assert_eq!(stopped.finish_reason, Some(FinishReason::Stop));
+    assert!(stopped.token_ids.len() <= full.token_ids.len());
+    assert_eq!(e.stats().blocks_used, 0);
+}
+
+#[test]
+fn eos_ends_generation_unless_ignored() {
+    let g = golden(&fixture("deepseek-v3"));
+    // Find a golden continuation that contains EOS (id 1), if the fixture has one.
+    let Some((i, pos)) = g
+        .greedy
+        .iter()
+        .enumerate()
+        .find_map(|(i, c)| c.iter().position(|&t| t == 1).map(|p| (i, p)))
+    else {
+        return;
+    };
+    let e = engine(16, 256, 256, 8);
+    let out = run_all(
+        &e,
+        &[GenerationRequest {
+            prompt_token_ids: g.prompts[i].clone(),
+            max_tokens: 12,
+            ..Default::default()
+        }],
+    )
+    .remove(0);
+    assert_eq!(out.token_ids, g.greedy[i][..=pos]);
+    assert_eq!(out.finish_reason, Some(FinishReason::Stop));
+}
+
+#[test]
+fn aborting_and_dropping_streams_free_blocks() {
+    let e = engine(4, 200, 16, 8);
+    let long = GenerationRequest {
+        prompt_token_ids: (2..120).collect(),
+        max_tokens: 100,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let tok = tokenizer();
+    let a = e.submit(long.clone(), Some(&tok)).unwrap();
+    let b = e.submit(long.clone(), Some(&tok)).unwrap();
+    // Wait until both produce output, then abort one and drop the other.
+    assert!(a.next().is_some());
+    assert!(b.next().is_some());
+    e.abort(a.id);
+    drop(b);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while e.stats().blocks_used > 0 || e.stats().running > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "blocks not freed: {:?}",
+            e.stats()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The aborted stream ends without a finish reason.
+    while let Some(p) = a.next() {
+        assert!(p.finish_reason.is_none());
+    }
+}
+
+#[test]
+fn invalid_requests_are_rejected_at_submit() {
+    let e = engine(16, 64, 64, 4);
+    let tok = tokenizer();
+    let bad = |r: GenerationRequest| e.submit(r, Some(&tok)).err().map(|e| e.to_string()).unwrap_or_default();
+    let ok = GenerationRequest {
+        prompt_token_ids: vec![5, 6],
+        max_tokens: 4,
+        ..Default::default()
+    };
+    assert!(bad(GenerationRequest {
+        prompt_token_ids: vec![],
+        ..ok.clone()
+    })
+    .contains("empty"));
+    assert!(bad(GenerationRequest {
+        prompt_token_ids: vec![5, 320],
+        ..ok.clone()
+    })
+    .contains("320"));
+    assert!(bad(GenerationRequest {
+        max_tokens: 0,
+        ..ok.clone()
+    })
+    .contains("max_tokens"));
+    assert!(bad(GenerationRequest {
+        max_tokens: 300,
+        ..ok.clone()
+    })
+    .contains("maximum model length"));
+    let mut hot = ok.clone();
+    hot.sampling.temperature = -1.0;
+    assert!(bad(hot).contains("temperature"));
+    assert!(e.submit(ok, Some(&tok)).unwrap().collect().is_some());
+}
