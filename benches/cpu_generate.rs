@@ -51,10 +51,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ignore_eos: true,
             ..Default::default()
         };
-        engine.submit(request(0), None)?.collect(); // warm-up
+        engine.submit(request(0))?.collect(); // warm-up
         let start = Instant::now();
         let streams = (0..batch)
-            .map(|r| engine.submit(request(r), None))
+            .map(|r| engine.submit(request(r)))
             .collect::<Result<Vec<_>, _>>()?;
         let tokens: usize = streams
             .into_iter()

@@ -66,11 +66,7 @@ fn requests() -> Vec<GenerationRequest> {
 }
 
 fn run_all(engine: &Engine, requests: &[GenerationRequest]) -> Vec<RequestOutput> {
-    let tok = tokenizer();
-    let streams: Vec<_> = requests
-        .iter()
-        .map(|r| engine.submit(r.clone(), Some(&tok)).unwrap())
-        .collect();
+    let streams: Vec<_> = requests.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
     streams.into_iter().map(|s| s.collect().expect("finished")).collect()
 }
 
@@ -216,9 +212,8 @@ fn aborting_and_dropping_streams_free_blocks() {
         ignore_eos: true,
         ..Default::default()
     };
-    let tok = tokenizer();
-    let a = e.submit(long.clone(), Some(&tok)).unwrap();
-    let b = e.submit(long.clone(), Some(&tok)).unwrap();
+    let a = e.submit(long.clone()).unwrap();
+    let b = e.submit(long.clone()).unwrap();
     // Wait until both produce output, then abort one and drop the other.
     assert!(a.next().is_some());
     assert!(b.next().is_some());
@@ -242,8 +237,7 @@ fn aborting_and_dropping_streams_free_blocks() {
 #[test]
 fn invalid_requests_are_rejected_at_submit() {
     let e = engine(16, 64, 64, 4);
-    let tok = tokenizer();
-    let bad = |r: GenerationRequest| e.submit(r, Some(&tok)).err().map(|e| e.to_string()).unwrap_or_default();
+    let bad = |r: GenerationRequest| e.submit(r).err().map(|e| e.to_string()).unwrap_or_default();
     let ok = GenerationRequest {
         prompt_token_ids: vec![5, 6],
         max_tokens: 4,
@@ -272,5 +266,5 @@ fn invalid_requests_are_rejected_at_submit() {
     let mut hot = ok.clone();
     hot.sampling.temperature = -1.0;
     assert!(bad(hot).contains("temperature"));
-    assert!(e.submit(ok, Some(&tok)).unwrap().collect().is_some());
+    assert!(e.submit(ok).unwrap().collect().is_some());
 }

@@ -94,10 +94,7 @@ fn engine_greedy(
         max_model_len: 256,
     };
     let engine = Engine::start(runner, None, config).unwrap();
-    let streams: Vec<_> = requests
-        .iter()
-        .map(|r| engine.submit(r.clone(), None).unwrap())
-        .collect();
+    let streams: Vec<_> = requests.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
     streams.into_iter().map(|s| s.collect().unwrap().token_ids).collect()
 }
 

@@ -162,6 +162,8 @@ pub struct Engine {
     config: EngineConfig,
     vocab_size: usize,
     eos_ids: Vec<u32>,
+    /// Streams carry text (the engine was given a tokenizer).
+    has_tokenizer: bool,
 }
 
 impl Engine {
@@ -186,6 +188,7 @@ impl Engine {
                     .filter(|id| !model_config.eos_token_ids.contains(id)),
             );
         }
+        let has_tokenizer = tokenizer.is_some();
         let stats = Arc::new(Mutex::new(EngineStats {
             blocks_total: runner.num_blocks(),
             ..Default::default()
@@ -214,6 +217,7 @@ impl Engine {
             config,
             vocab_size,
             eos_ids,
+            has_tokenizer,
         })
     }
 
@@ -222,7 +226,7 @@ impl Engine {
     }
 
     /// Validates and enqueues a request; its output arrives on the returned stream.
-    pub fn submit(&self, request: GenerationRequest, tokenizer: Option<&TextTokenizer>) -> Result<RequestStream> {
+    pub fn submit(&self, request: GenerationRequest) -> Result<RequestStream> {
         let prompt_len = request.prompt_token_ids.len();
         if prompt_len == 0 {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
@@ -257,7 +261,7 @@ impl Engine {
         let live = Live {
             sender,
             sampler,
-            detokenizer: tokenizer.map(|_| IncrementalDetokenizer::new()),
+            detokenizer: self.has_tokenizer.then(IncrementalDetokenizer::new),
             stops,
             generated: Vec::new(),
             prompt_tokens: prompt_len,

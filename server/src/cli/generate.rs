@@ -176,9 +176,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let engine = Engine::start(runner, tokenizer.clone(), config)?;
     let mut streams = Vec::with_capacity(requests.len());
     for (n, r) in requests.into_iter().enumerate() {
-        let s = engine
-            .submit(r, tokenizer.as_deref())
-            .with_context(|| format!("request {}", n + 1))?;
+        let s = engine.submit(r).with_context(|| format!("request {}", n + 1))?;
         streams.push(s);
     }
     for s in streams {
