@@ -9,33 +9,7 @@ use moe_engine::{PromptScorer, TextTokenizer};
 use moe_models::deepseek::LoadOptions;
 use moe_models::loader::check_header;
 use moe_models::{ModelError, ModelFiles, RoutingTrace, Weights};
-use moe_tests::{copy_fixture, fixture, golden, load_model, max_abs_diff};
-
-/// Rewrites `dir/model.safetensors`, passing every tensor's bytes through `edit`.
-fn rewrite(dir: &Path, edit: impl Fn(&str, &mut Vec<u8>)) {
-    let p = dir.join("model.safetensors");
-    let bytes = std::fs::read(&p).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let owned: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| {
-            let mut data = t.data().to_vec();
-            edit(&n, &mut data);
-            (n, t.dtype(), t.shape().to_vec(), data)
-        })
-        .collect();
-    let views: Vec<_> = owned
-        .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::tensor::serialize_to_file(views, None, &p).unwrap();
-}
+use moe_tests::{copy_fixture, fixture, golden, load_model, max_abs_diff, rewrite_safetensors};
 
 /// Expert ids chosen by every MoE layer for the golden prompts, in layer order.
 fn expert_choices(dir: &Path) -> (Vec<(usize, Vec<u32>)>, Vec<candle_core::Tensor>) {
@@ -58,10 +32,11 @@ fn zeroing_the_v3_correction_bias_changes_expert_choice() {
     }
     let tmp = copy_fixture("deepseek-v3");
     let mut zeroed = 0;
-    rewrite(tmp.path(), |name, data| {
+    rewrite_safetensors(tmp.path(), |name, (dtype, shape, mut data)| {
         if name.ends_with("e_score_correction_bias") {
             data.iter_mut().for_each(|b| *b = 0);
         }
+        Some((dtype, shape, data))
     });
     // Count what we zeroed through the loader itself.
     let w = Weights::open(&ModelFiles::from_dir(tmp.path()).unwrap(), DType::F32, &Device::Cpu).unwrap();

@@ -80,3 +80,30 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     }
     tmp
 }
+
+/// One tensor of a safetensors file as owned data: (dtype, shape, little-endian bytes).
+pub type OwnedTensor = (safetensors::Dtype, Vec<usize>, Vec<u8>);
+
+/// Rewrites `dir/model.safetensors`, passing every tensor through `edit`, which may change
+/// it or drop it (`None`). For tests that break checkpoints on purpose.
+pub fn rewrite_safetensors(dir: &Path, mut edit: impl FnMut(&str, OwnedTensor) -> Option<OwnedTensor>) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).expect("read model.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse model.safetensors");
+    let owned: Vec<(String, OwnedTensor)> = st
+        .tensors()
+        .into_iter()
+        .filter_map(|(name, t)| {
+            let kept = edit(&name, (t.dtype(), t.shape().to_vec(), t.data().to_vec()))?;
+            Some((name, kept))
+        })
+        .collect();
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(name, (dtype, shape, data))| {
+            let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).expect("tensor view");
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::tensor::serialize_to_file(views, None, &path).expect("write model.safetensors");
+}

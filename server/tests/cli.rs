@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use moe_tests::{copy_fixture, fixture};
+use moe_tests::{copy_fixture, fixture, rewrite_safetensors};
 
 fn moe(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_moe"))
@@ -51,6 +51,16 @@ fn golden(dir: &Path) -> (Vec<Vec<u32>>, Vec<Vec<f32>>, Vec<Vec<u32>>) {
         g.push(i64s(&format!("greedy.{i}")));
     }
     (p, l, g)
+}
+
+/// The `token_ids` array of a `--json` output line.
+fn token_ids(v: &serde_json::Value) -> Vec<u32> {
+    v["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn ids_arg(ids: &[u32]) -> String {
@@ -115,12 +125,7 @@ fn generate_json_reproduces_the_greedy_golden() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let ids: Vec<u32> = v["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let ids = token_ids(&v);
     assert_eq!(ids, greedy[3]);
     assert_eq!(v["finish_reason"], "length");
     // The fixture has a tokenizer, so the text is its decoding.
@@ -301,32 +306,16 @@ fn truncated_safetensors_fails_cleanly() {
     assert_clean_failure(&o, &["model.safetensors", "truncated"]);
 }
 
-/// Rewrites `model.safetensors` with `name` replaced by an f32 tensor of `shape` (or removed).
+/// Rewrites `model.safetensors` with `name` replaced by a zero f32 tensor of `shape` (or removed).
 fn rewrite_tensor(dir: &Path, name: &str, shape: Option<&[usize]>) {
-    let p = dir.join("model.safetensors");
-    let bytes = std::fs::read(&p).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (n, t) in st.tensors() {
-        if n == name {
-            if let Some(shape) = shape {
-                let numel: usize = shape.iter().product();
-                owned.push((n, safetensors::Dtype::F32, shape.to_vec(), vec![0u8; numel * 4]));
-            }
-        } else {
-            owned.push((n, t.dtype(), t.shape().to_vec(), t.data().to_vec()));
+    rewrite_safetensors(dir, |n, t| {
+        if n != name {
+            return Some(t);
         }
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
-        .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::tensor::serialize_to_file(views, None, &p).unwrap();
+        let shape = shape?;
+        let numel: usize = shape.iter().product();
+        Some((safetensors::Dtype::F32, shape.to_vec(), vec![0u8; numel * 4]))
+    });
 }
 
 #[test]
@@ -396,12 +385,7 @@ fn hub_repo_ids_resolve_from_an_offline_hub_cache() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let ids: Vec<u32> = v["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let ids = token_ids(&v);
     assert_eq!(ids, greedy[1]);
 
     // A repo that is not in the cache fails with a message naming it, without a network.
@@ -448,13 +432,7 @@ fn prompts_file_runs_requests_together_and_prints_them_in_order() {
     let rows: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 6);
     for (i, g) in greedy.iter().enumerate() {
-        let ids: Vec<u32> = rows[i]["token_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
-        assert_eq!(&ids, g, "line {}", i + 1);
+        assert_eq!(&token_ids(&rows[i]), g, "line {}", i + 1);
         assert_eq!(rows[i]["finish_reason"], "length");
     }
     assert_eq!(rows[4]["token_ids"].as_array().unwrap().len(), 3);
