@@ -100,6 +100,13 @@ impl TextTokenizer {
         })
     }
 
+    /// The text of one token as the vocabulary spells it decoded (special tokens included),
+    /// for logprob listings; `None` for an unknown id.
+    pub fn token_piece(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)?;
+        self.inner.decode(&[id], false).ok()
+    }
+
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids
     }

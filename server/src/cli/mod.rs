@@ -8,6 +8,7 @@ mod model_args;
 
 use clap::{Parser, Subcommand};
 
+pub use engine_args::EngineArgs;
 pub use model_args::ModelArgs;
 
 #[derive(Debug, Parser)]
@@ -33,6 +34,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Describe a model: architecture, sizes, routing, KV bytes per token.
     Inspect(inspect::InspectArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(crate::serve::ServeArgs),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -52,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Serve(a) => crate::serve::run(a),
     }
 }
 

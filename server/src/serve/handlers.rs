@@ -1,0 +1,400 @@
+//! Endpoint handlers: completions and chat completions (whole or streamed as server-sent
+//! events), models, health and metrics. Requests are validated here, then handed to the
+//! engine; a client that goes away aborts its requests.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use moe_engine::engine::{RequestStream, TokenLogprobs};
+use moe_engine::{GenerationRequest, RequestOutput};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::error::ApiError;
+use super::protocol::{
+    chat_logprobs, completion_logprobs, parse_body, usage, ChatRequest, CompletionRequest, PromptInput,
+};
+use super::AppState;
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"), None)
+        }
+    })
+}
+
+impl AppState {
+    fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.model_name {
+            Ok(())
+        } else {
+            Err(ApiError::unknown_model(
+                format!(
+                    "the model `{model}` does not exist; this server serves `{}`",
+                    self.model_name
+                ),
+                Some("model"),
+            ))
+        }
+    }
+
+    fn check_capacity(&self) -> Result<(), ApiError> {
+        let waiting = self.engine.stats().waiting;
+        if waiting >= self.max_waiting {
+            return Err(ApiError::overloaded(waiting));
+        }
+        Ok(())
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>, ApiError> {
+        let tok = self
+            .tokenizer
+            .as_deref()
+            .ok_or_else(|| ApiError::bad_request("this model has no tokenizer; send token ids", Some("prompt")))?;
+        tok.encode(text)
+            .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt")))
+    }
+
+    /// Submits `n` copies of `request` (seeds offset per choice, so choices differ).
+    fn submit(&self, request: &GenerationRequest, n: u32) -> Result<Vec<RequestStream>, ApiError> {
+        let mut streams = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let mut r = request.clone();
+            r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            match self.engine.submit(r) {
+                Ok(s) => streams.push(s),
+                Err(e) => {
+                    for s in &streams {
+                        self.engine.abort(s.id);
+                    }
+                    return Err(ApiError::bad_request(e.to_string(), None));
+                }
+            }
+        }
+        self.metrics.requests.inc_by(n as u64);
+        Ok(streams)
+    }
+}
+
+/// One piece of one choice, tagged with the choice index.
+type Piece = (usize, RequestOutput);
+
+/// Moves each stream's pieces onto one async channel, recording latency metrics. When the
+/// receiving side is gone (the client disconnected), aborts the request at once.
+fn pump(state: &Arc<AppState>, streams: Vec<RequestStream>) -> mpsc::Receiver<Piece> {
+    let (tx, rx) = mpsc::channel(256);
+    for (index, stream) in streams.into_iter().enumerate() {
+        let tx = tx.clone();
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            let mut last: Option<Instant> = None;
+            while let Some(piece) = stream.next() {
+                let now = Instant::now();
+                if !piece.token_ids.is_empty() {
+                    match last {
+                        None => state.metrics.ttft.observe(now.duration_since(start).as_secs_f64()),
+                        Some(t) => state.metrics.inter_token.observe(now.duration_since(t).as_secs_f64()),
+                    }
+                    last = Some(now);
+                }
+                if let Some(reason) = piece.finish_reason {
+                    let secs = now.duration_since(start).as_secs_f64();
+                    state.metrics.e2e.observe(secs);
+                    tracing::info!(
+                        request = stream.id.0,
+                        prompt_tokens = piece.usage.prompt_tokens,
+                        completion_tokens = piece.usage.completion_tokens,
+                        finish = reason.as_str(),
+                        latency_ms = (secs * 1000.0) as u64,
+                        "request finished"
+                    );
+                }
+                if tx.blocking_send((index, piece)).is_err() {
+                    state.engine.abort(stream.id);
+                    tracing::info!(request = stream.id.0, "client went away; request aborted");
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// Everything one choice produced, for non-streamed responses.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    token_ids: Vec<u32>,
+    logprobs: Vec<TokenLogprobs>,
+    finish_reason: Option<&'static str>,
+    prompt_tokens: usize,
+}
+
+async fn collect(state: &Arc<AppState>, streams: Vec<RequestStream>) -> Result<Vec<Choice>, ApiError> {
+    let n = streams.len();
+    let mut rx = pump(state, streams);
+    let mut choices: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
+    while let Some((i, piece)) = rx.recv().await {
+        let c = &mut choices[i];
+        c.text.push_str(&piece.text);
+        c.token_ids.extend(piece.token_ids);
+        c.logprobs.extend(piece.logprobs);
+        c.prompt_tokens = piece.usage.prompt_tokens;
+        if let Some(r) = piece.finish_reason {
+            c.finish_reason = Some(r.as_str());
+        }
+    }
+    if choices.iter().any(|c| c.finish_reason.is_none()) {
+        return Err(ApiError::internal("the engine stopped before the request finished"));
+    }
+    Ok(choices)
+}
+
+fn total_usage(choices: &[Choice]) -> Value {
+    let prompt = choices.first().map_or(0, |c| c.prompt_tokens);
+    usage(prompt, choices.iter().map(|c| c.token_ids.len()).sum())
+}
+
+fn sse_event(v: &Value) -> Result<Event, Infallible> {
+    Ok(Event::default().data(v.to_string()))
+}
+
+pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match completions_inner(state, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions_inner(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body_or_error(body, state.max_body_bytes)?;
+    let req: CompletionRequest = parse_body(&body)?;
+    state.check_model(&req.model)?;
+    let prompt = match req.prompt {
+        PromptInput::Text(t) => state.encode(&t)?,
+        PromptInput::Ids(ids) => ids,
+        PromptInput::Texts(v) if v.len() == 1 => state.encode(&v[0])?,
+        PromptInput::IdLists(v) if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "send one prompt per request (batch prompts are not supported)",
+                Some("prompt"),
+            ))
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+    }
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= state.vocab_size) {
+        return Err(ApiError::bad_request(
+            format!("token id {bad} is outside the vocabulary of {}", state.vocab_size),
+            Some("prompt"),
+        ));
+    }
+    let n = req.sampling.n()?;
+    let mut request =
+        req.sampling
+            .to_request(req.sampling.max_tokens, req.logprobs, prompt.len(), state.max_model_len)?;
+    request.prompt_token_ids = prompt;
+    state.check_capacity()?;
+    let streams = state.submit(&request, n)?;
+    let id = format!("cmpl-{}", streams[0].id.0);
+    let created = now_secs();
+    let want_logprobs = req.logprobs.is_some();
+    if !req.sampling.stream {
+        let choices = collect(&state, streams).await?;
+        let tok = state.tokenizer.as_deref();
+        let body = json!({
+            "id": id, "object": "text_completion", "created": created, "model": state.model_name,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i, "text": c.text, "finish_reason": c.finish_reason,
+                "logprobs": if want_logprobs { completion_logprobs(&c.logprobs, tok) } else { Value::Null },
+            })).collect::<Vec<_>>(),
+            "usage": total_usage(&choices),
+        });
+        return Ok(Json(body).into_response());
+    }
+    let include_usage = req.sampling.include_usage();
+    let mut rx = pump(&state, streams);
+    let (tx, events) = mpsc::channel(64);
+    let st = state.clone();
+    tokio::spawn(async move {
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        while let Some((i, piece)) = rx.recv().await {
+            prompt_tokens = piece.usage.prompt_tokens;
+            completion_tokens += piece.token_ids.len();
+            if piece.text.is_empty() && piece.finish_reason.is_none() && !want_logprobs {
+                continue;
+            }
+            let chunk = json!({
+                "id": id, "object": "text_completion", "created": created, "model": st.model_name,
+                "choices": [{
+                    "index": i, "text": piece.text,
+                    "finish_reason": piece.finish_reason.map(|r| r.as_str()),
+                    "logprobs": if want_logprobs { completion_logprobs(&piece.logprobs, st.tokenizer.as_deref()) } else { Value::Null },
+                }],
+            });
+            if tx.send(sse_event(&chunk)).await.is_err() {
+                return;
+            }
+        }
+        if include_usage {
+            let chunk = json!({
+                "id": id, "object": "text_completion", "created": created, "model": st.model_name,
+                "choices": [], "usage": usage(prompt_tokens, completion_tokens),
+            });
+            let _ = tx.send(sse_event(&chunk)).await;
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    });
+    Ok(Sse::new(ReceiverStream::new(events))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match chat_inner(state, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_inner(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body_or_error(body, state.max_body_bytes)?;
+    let req: ChatRequest = parse_body(&body)?;
+    state.check_model(&req.model)?;
+    let template = state.chat_template.as_ref().ok_or_else(|| {
+        ApiError::bad_request("this model has no chat template; use /v1/completions", Some("messages"))
+    })?;
+    let rendered = template
+        .render(&req.messages, true)
+        .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
+    let prompt = state.encode(&rendered)?;
+    let n = req.sampling.n()?;
+    let top = if req.logprobs {
+        Some(req.top_logprobs.unwrap_or(0))
+    } else {
+        None
+    };
+    if req.top_logprobs.is_some() && !req.logprobs {
+        return Err(ApiError::bad_request(
+            "top_logprobs needs logprobs: true",
+            Some("top_logprobs"),
+        ));
+    }
+    let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
+    let mut request = req
+        .sampling
+        .to_request(max_tokens, top, prompt.len(), state.max_model_len)?;
+    request.prompt_token_ids = prompt;
+    state.check_capacity()?;
+    let streams = state.submit(&request, n)?;
+    let id = format!("chatcmpl-{}", streams[0].id.0);
+    let created = now_secs();
+    let want_logprobs = req.logprobs;
+    if !req.sampling.stream {
+        let choices = collect(&state, streams).await?;
+        let tok = state.tokenizer.as_deref();
+        let body = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": state.model_name,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i,
+                "message": { "role": "assistant", "content": c.text },
+                "finish_reason": c.finish_reason,
+                "logprobs": if want_logprobs { chat_logprobs(&c.logprobs, tok) } else { Value::Null },
+            })).collect::<Vec<_>>(),
+            "usage": total_usage(&choices),
+        });
+        return Ok(Json(body).into_response());
+    }
+    let include_usage = req.sampling.include_usage();
+    let mut rx = pump(&state, streams);
+    let (tx, events) = mpsc::channel(64);
+    let st = state.clone();
+    tokio::spawn(async move {
+        let chunk = |choices: Value| json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": st.model_name, "choices": choices });
+        for i in 0..n as usize {
+            let first = chunk(
+                json!([{ "index": i, "delta": { "role": "assistant", "content": "" }, "finish_reason": null, "logprobs": null }]),
+            );
+            if tx.send(sse_event(&first)).await.is_err() {
+                return;
+            }
+        }
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        while let Some((i, piece)) = rx.recv().await {
+            prompt_tokens = piece.usage.prompt_tokens;
+            completion_tokens += piece.token_ids.len();
+            if piece.text.is_empty() && piece.finish_reason.is_none() && !want_logprobs {
+                continue;
+            }
+            let delta = if piece.finish_reason.is_some() && piece.text.is_empty() {
+                json!({})
+            } else {
+                json!({ "content": piece.text })
+            };
+            let c = chunk(json!([{
+                "index": i, "delta": delta,
+                "finish_reason": piece.finish_reason.map(|r| r.as_str()),
+                "logprobs": if want_logprobs { chat_logprobs(&piece.logprobs, st.tokenizer.as_deref()) } else { Value::Null },
+            }]));
+            if tx.send(sse_event(&c)).await.is_err() {
+                return;
+            }
+        }
+        if include_usage {
+            let mut c = chunk(json!([]));
+            c["usage"] = usage(prompt_tokens, completion_tokens);
+            let _ = tx.send(sse_event(&c)).await;
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    });
+    Ok(Sse::new(ReceiverStream::new(events))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_name, "object": "model", "created": state.started, "owned_by": "moe-engine",
+            "max_model_len": state.max_model_len,
+        }],
+    }))
+}
+
+pub async fn health() -> StatusCode {
+    StatusCode::OK
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let text = state.metrics.render(state.engine.stats());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}

@@ -1,0 +1,117 @@
+//! Prometheus metrics of `/metrics`: engine gauges and counters (read from the engine at
+//! scrape time) and request latency histograms (recorded by the handlers).
+
+use std::sync::Mutex;
+
+use moe_engine::engine::EngineStats;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+pub struct Metrics {
+    registry: Registry,
+    running: Gauge,
+    waiting: Gauge,
+    kv_blocks_used: Gauge,
+    kv_blocks_total: Gauge,
+    prompt_tokens: Counter,
+    generation_tokens: Counter,
+    preemptions: Counter,
+    pub requests: Counter,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+    pub e2e: Histogram,
+    /// Engine totals already added to the counters.
+    seen: Mutex<EngineStats>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("moe");
+        let running = Gauge::default();
+        let waiting = Gauge::default();
+        let kv_blocks_used = Gauge::default();
+        let kv_blocks_total = Gauge::default();
+        let prompt_tokens = Counter::default();
+        let generation_tokens = Counter::default();
+        let preemptions = Counter::default();
+        let requests = Counter::default();
+        let ttft = Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        let inter_token = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let e2e = Histogram::new(exponential_buckets(0.01, 2.0, 16));
+        registry.register("num_requests_running", "Requests being computed", running.clone());
+        registry.register(
+            "num_requests_waiting",
+            "Requests waiting to be scheduled",
+            waiting.clone(),
+        );
+        registry.register(
+            "kv_cache_blocks_used",
+            "KV-cache blocks held by requests",
+            kv_blocks_used.clone(),
+        );
+        registry.register(
+            "kv_cache_blocks_total",
+            "KV-cache blocks in all",
+            kv_blocks_total.clone(),
+        );
+        registry.register("prompt_tokens", "Prompt tokens admitted", prompt_tokens.clone());
+        registry.register("generation_tokens", "Tokens generated", generation_tokens.clone());
+        registry.register(
+            "preemptions",
+            "Requests preempted for lack of KV blocks",
+            preemptions.clone(),
+        );
+        registry.register("requests", "Requests accepted", requests.clone());
+        registry.register("time_to_first_token_seconds", "Time to first token", ttft.clone());
+        registry.register(
+            "inter_token_latency_seconds",
+            "Time between streamed tokens",
+            inter_token.clone(),
+        );
+        registry.register(
+            "e2e_request_latency_seconds",
+            "Request latency, start to finish",
+            e2e.clone(),
+        );
+        Metrics {
+            registry,
+            running,
+            waiting,
+            kv_blocks_used,
+            kv_blocks_total,
+            prompt_tokens,
+            generation_tokens,
+            preemptions,
+            requests,
+            ttft,
+            inter_token,
+            e2e,
+            seen: Mutex::new(EngineStats::default()),
+        }
+    }
+
+    /// Refreshes from the engine's stats and renders the text exposition format.
+    pub fn render(&self, stats: EngineStats) -> String {
+        self.running.set(stats.running as i64);
+        self.waiting.set(stats.waiting as i64);
+        self.kv_blocks_used.set(stats.blocks_used as i64);
+        self.kv_blocks_total.set(stats.blocks_total as i64);
+        if let Ok(mut seen) = self.seen.lock() {
+            self.prompt_tokens
+                .inc_by(stats.prompt_tokens.saturating_sub(seen.prompt_tokens));
+            self.generation_tokens
+                .inc_by(stats.generation_tokens.saturating_sub(seen.generation_tokens));
+            self.preemptions
+                .inc_by(stats.preemptions.saturating_sub(seen.preemptions));
+            *seen = stats;
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
