@@ -31,11 +31,25 @@ struct DecoderLayer {
     mlp: FeedForward,
 }
 
+/// Called after each decoder layer is loaded with `(layers loaded, total layers)`.
+pub type LoadProgress = std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>;
+
 /// Options that change how a checkpoint is run without changing the checkpoint.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct LoadOptions {
     /// Replaces the checkpoint's routing in every MoE layer (`--router`).
     pub router: Option<RouterSpec>,
+    /// Progress callback (e.g. a progress bar) while weights load.
+    pub progress: Option<LoadProgress>,
+}
+
+impl std::fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("router", &self.router)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +97,9 @@ impl DeepseekModel {
                 )?,
                 mlp,
             });
+            if let Some(progress) = &options.progress {
+                progress(i + 1, cfg.num_hidden_layers);
+            }
         }
         let lm_head = if cfg.tie_word_embeddings {
             Linear {

@@ -1,6 +1,8 @@
 //! Options every model-running subcommand shares (`--model`, `--dtype`, `--router`,
 //! `--device`) and the loading they drive.
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::Args;
@@ -72,8 +74,23 @@ impl ModelArgs {
         let (dtype, device, router) = (self.dtype()?, self.device()?, self.router()?);
         let (files, config) = self.resolve()?;
         let weights = Weights::open(&files, dtype, &device)?;
-        let model = DeepseekModel::load(&config, &weights, &LoadOptions { router })
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(config.num_hidden_layers as u64);
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("loading weights {bar:40} {pos}/{len} layers {elapsed}")
+            {
+                bar.set_style(style);
+            }
+            bar
+        });
+        let progress: Option<moe_models::deepseek::LoadProgress> = bar
+            .clone()
+            .map(|b| std::sync::Arc::new(move |done: usize, _total: usize| b.set_position(done as u64)) as _);
+        let model = DeepseekModel::load(&config, &weights, &LoadOptions { router, progress })
             .with_context(|| format!("loading {}", files.dir.display()))?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
         let tokenizer = match &files.tokenizer {
             Some(t) => Some(TextTokenizer::load(
                 t,
