@@ -4,7 +4,7 @@
 //! they never touch the scheduler or the model directly.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -159,6 +159,8 @@ pub struct Engine {
     thread: Option<JoinHandle<()>>,
     next_id: AtomicU64,
     stats: Arc<Mutex<EngineStats>>,
+    /// Submitted requests the loop has not taken in yet (counted as waiting).
+    pending: Arc<AtomicUsize>,
     config: EngineConfig,
     vocab_size: usize,
     eos_ids: Vec<u32>,
@@ -195,6 +197,8 @@ impl Engine {
         }));
         let (commands, inbox) = mpsc::channel();
         let loop_stats = stats.clone();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let loop_pending = pending.clone();
         let thread = std::thread::Builder::new()
             .name("moe-engine".into())
             .spawn(move || {
@@ -204,6 +208,7 @@ impl Engine {
                     tokenizer,
                     live: HashMap::new(),
                     stats: loop_stats,
+                    pending: loop_pending,
                     totals: EngineStats::default(),
                 };
                 l.run(inbox)
@@ -214,6 +219,7 @@ impl Engine {
             thread: Some(thread),
             next_id: AtomicU64::new(1),
             stats,
+            pending,
             config,
             vocab_size,
             eos_ids,
@@ -273,9 +279,11 @@ impl Engine {
             max_tokens: request.max_tokens,
             stop_token_ids,
         };
-        self.commands
-            .send(Command::Submit(new, Box::new(live)))
-            .map_err(|_| EngineError::InvalidRequest("the engine has stopped".into()))?;
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.commands.send(Command::Submit(new, Box::new(live))).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Stopped);
+        }
         Ok(RequestStream { id, receiver })
     }
 
@@ -284,8 +292,11 @@ impl Engine {
         let _ = self.commands.send(Command::Abort(id));
     }
 
+    /// Current gauges and totals; `waiting` includes requests submitted but not yet taken in.
     pub fn stats(&self) -> EngineStats {
-        self.stats.lock().map(|s| *s).unwrap_or_default()
+        let mut s = self.stats.lock().map(|s| *s).unwrap_or_default();
+        s.waiting += self.pending.load(Ordering::SeqCst);
+        s
     }
 
     /// Stops the loop (requests in flight are dropped) and joins the thread.
@@ -313,6 +324,7 @@ struct StepLoop {
     tokenizer: Option<Arc<TextTokenizer>>,
     live: HashMap<RequestId, Box<Live>>,
     stats: Arc<Mutex<EngineStats>>,
+    pending: Arc<AtomicUsize>,
     totals: EngineStats,
 }
 
@@ -335,6 +347,7 @@ impl StepLoop {
                 match c {
                     Command::Submit(new, live) => {
                         let id = new.id;
+                        self.pending.fetch_sub(1, Ordering::SeqCst);
                         match self.scheduler.add_request(new) {
                             Ok(()) => {
                                 self.live.insert(id, live);

@@ -13,6 +13,9 @@ pub enum EngineError {
 
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+
+    #[error("the engine has stopped")]
+    Stopped,
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -14,7 +14,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use moe_engine::engine::{RequestStream, TokenLogprobs};
-use moe_engine::{GenerationRequest, RequestOutput};
+use moe_engine::{EngineError, GenerationRequest, RequestOutput};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -57,9 +57,10 @@ impl AppState {
         }
     }
 
-    fn check_capacity(&self) -> Result<(), ApiError> {
+    /// Refuses `n` more requests when they would push the waiting queue past its limit.
+    fn check_capacity(&self, n: u32) -> Result<(), ApiError> {
         let waiting = self.engine.stats().waiting;
-        if waiting >= self.max_waiting {
+        if waiting + n as usize > self.max_waiting {
             return Err(ApiError::overloaded(waiting));
         }
         Ok(())
@@ -86,7 +87,10 @@ impl AppState {
                     for s in &streams {
                         self.engine.abort(s.id);
                     }
-                    return Err(ApiError::bad_request(e.to_string(), None));
+                    return Err(match e {
+                        EngineError::InvalidRequest(m) => ApiError::bad_request(m, None),
+                        other => ApiError::internal(other.to_string()),
+                    });
                 }
             }
         }
@@ -216,7 +220,7 @@ async fn completions_inner(state: Arc<AppState>, body: Result<Bytes, BytesReject
         req.sampling
             .to_request(req.sampling.max_tokens, req.logprobs, prompt.len(), state.max_model_len)?;
     request.prompt_token_ids = prompt;
-    state.check_capacity()?;
+    state.check_capacity(n)?;
     let streams = state.submit(&request, n)?;
     let id = format!("cmpl-{}", streams[0].id.0);
     let created = now_secs();
@@ -307,7 +311,7 @@ async fn chat_inner(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -
         .sampling
         .to_request(max_tokens, top, prompt.len(), state.max_model_len)?;
     request.prompt_token_ids = prompt;
-    state.check_capacity()?;
+    state.check_capacity(n)?;
     let streams = state.submit(&request, n)?;
     let id = format!("chatcmpl-{}", streams[0].id.0);
     let created = now_secs();

@@ -109,6 +109,14 @@ async fn not_found() -> Response {
     .into_response()
 }
 
+async fn method_not_allowed() -> Response {
+    ApiError {
+        status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::bad_request("method not allowed on this endpoint", None)
+    }
+    .into_response()
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/v1/completions", post(handlers::completions))
@@ -120,6 +128,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(protected)
         .route("/health", get(handlers::health))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)
 }

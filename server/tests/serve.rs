@@ -1,0 +1,288 @@
+//! `moe serve` end to end over HTTP on the tiny DeepSeek-V3 fixture: greedy completions equal
+//! `moe generate` (itself checked against the transformers goldens), streamed and whole
+//! responses agree, n choices, models, health and metrics.
+
+mod common;
+
+#[allow(unused_imports)]
+use common::*;
+#[allow(unused_imports)]
+use moe_tests::fixture;
+#[allow(unused_imports)]
+use serde_json::{json, Value};
+#[allow(unused_imports)]
+use std::collections::HashMap;
+#[allow(unused_imports)]
+use std::io::{BufRead, BufReader, Read};
+#[allow(unused_imports)]
+use std::path::{Path, PathBuf};
+#[allow(unused_imports)]
+use std::process::{Child, Command, ExitStatus, Stdio};
+#[allow(unused_imports)]
+use std::sync::{mpsc, Arc, Mutex};
+#[allow(unused_imports)]
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_completions_match_the_cli_and_the_goldens() {
+    let (prompts, greedy) = golden(&model_dir());
+    let server = Server::start(&[]);
+    for (i, (prompt, want)) in prompts.iter().zip(&greedy).enumerate() {
+        let (cli_ids, cli_text) = cli_generate(prompt, 12);
+        assert_eq!(&cli_ids, want, "moe generate vs transformers greedy, prompt {i}");
+        let body = json!({
+            "model": NAME, "prompt": prompt, "temperature": 0, "max_tokens": 12, "ignore_eos": true,
+        });
+        let v = server.ok("/v1/completions", &body).await;
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(v["model"], NAME);
+        assert!(v["id"].as_str().unwrap().starts_with("cmpl-"), "{v}");
+        let choices = v["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 1);
+        assert_eq!(choices[0]["index"], 0);
+        assert_eq!(choices[0]["finish_reason"], "length");
+        assert_eq!(
+            choices[0]["text"],
+            cli_text.as_str(),
+            "server vs moe generate, prompt {i}"
+        );
+        assert_eq!(
+            v["usage"],
+            json!({"prompt_tokens": prompt.len(), "completion_tokens": 12, "total_tokens": prompt.len() + 12})
+        );
+        // Deterministic, and the one-element list forms mean the same prompt.
+        let again = server.ok("/v1/completions", &body).await;
+        assert_eq!(again["choices"][0]["text"], choices[0]["text"]);
+        let mut nested = body.clone();
+        nested["prompt"] = json!([prompt]);
+        let nested = server.ok("/v1/completions", &nested).await;
+        assert_eq!(nested["choices"][0]["text"], choices[0]["text"]);
+    }
+
+    // Greedy logprobs: the chosen token is the most likely of the top alternatives.
+    let v = server
+        .ok(
+            "/v1/completions",
+            &json!({"model": NAME, "prompt": prompts[2], "temperature": 0, "max_tokens": 12,
+                    "ignore_eos": true, "logprobs": 3}),
+        )
+        .await;
+    let lp = &v["choices"][0]["logprobs"];
+    let chosen = lp["token_logprobs"].as_array().unwrap();
+    let tops = lp["top_logprobs"].as_array().unwrap();
+    assert_eq!(chosen.len(), 12, "{lp}");
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 12);
+    assert_eq!(tops.len(), 12);
+    for (c, top) in chosen.iter().zip(tops) {
+        let c = c.as_f64().unwrap();
+        assert!(c <= 0.0);
+        let top = top.as_object().unwrap();
+        // Token pieces can collide as text (partial UTF-8 shows as U+FFFD), so <= 3 keys.
+        assert!(!top.is_empty() && top.len() <= 3, "{lp}");
+        let best = top.values().map(|x| x.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert!(
+            c >= best - 1e-4,
+            "greedy token logprob {c} below a top alternative {best}: {lp}"
+        );
+    }
+
+    // A text prompt goes through the tokenizer (BOS added, so at least 2 tokens).
+    let v = server
+        .ok(
+            "/v1/completions",
+            &json!({"model": NAME, "prompt": "Hello there", "temperature": 0, "max_tokens": 8}),
+        )
+        .await;
+    let usage = &v["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() >= 2, "{v}");
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!((1..=8).contains(&completion), "{v}");
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + completion
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_and_whole_responses_agree() {
+    let server = Server::start(&[]);
+
+    // Chat.
+    let whole = server.ok("/v1/chat/completions", &chat_body(json!({}))).await;
+    assert_eq!(whole["object"], "chat.completion");
+    assert!(whole["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let message = &whole["choices"][0]["message"];
+    assert_eq!(message["role"], "assistant");
+    let content = message["content"].as_str().unwrap();
+    assert_eq!(whole["usage"]["completion_tokens"], 16);
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+
+    let chunks = stream_chunks(
+        &server,
+        "/v1/chat/completions",
+        &chat_body(json!({"stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
+    let (usage_chunk, choice_chunks) = chunks.split_last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]), "{usage_chunk}");
+    assert_eq!(usage_chunk["usage"], whole["usage"], "streamed usage vs whole usage");
+    assert_eq!(choice_chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut text = String::new();
+    let mut finish = vec![];
+    for c in choice_chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], choice_chunks[0]["id"]);
+        assert_eq!(c["model"], NAME);
+        assert!(
+            c.get("usage").is_none_or(Value::is_null),
+            "usage only in the last chunk: {c}"
+        );
+        let choice = &c["choices"][0];
+        assert_eq!(choice["index"], 0);
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if !choice["finish_reason"].is_null() {
+            finish.push(choice["finish_reason"].clone());
+        }
+    }
+    assert_eq!(text, content, "reassembled deltas vs whole content");
+    assert_eq!(finish, vec![json!("length")]);
+
+    // Without include_usage there is no usage chunk.
+    let chunks = stream_chunks(&server, "/v1/chat/completions", &chat_body(json!({"stream": true}))).await;
+    assert!(chunks.iter().all(|c| c.get("usage").is_none_or(Value::is_null)));
+    assert!(chunks.iter().all(|c| !c["choices"].as_array().unwrap().is_empty()));
+
+    // max_completion_tokens is the chat name of max_tokens.
+    let v = server
+        .ok(
+            "/v1/chat/completions",
+            &chat_body(json!({"max_tokens": null, "max_completion_tokens": 5})),
+        )
+        .await;
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert!(content.starts_with(v["choices"][0]["message"]["content"].as_str().unwrap()));
+
+    // Chat logprobs.
+    let v = server
+        .ok(
+            "/v1/chat/completions",
+            &chat_body(json!({"logprobs": true, "top_logprobs": 2})),
+        )
+        .await;
+    let entries = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(entries.len(), 16);
+    for e in entries {
+        assert!(
+            e["token"].is_string() && e["logprob"].is_number() && e["bytes"].is_array(),
+            "{e}"
+        );
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 2, "{e}");
+    }
+
+    // Completions.
+    let body = json!({"model": NAME, "prompt": [5, 6, 7, 8], "temperature": 0, "max_tokens": 20, "ignore_eos": true});
+    let whole = server.ok("/v1/completions", &body).await;
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let chunks = stream_chunks(&server, "/v1/completions", &sbody).await;
+    let (usage_chunk, choice_chunks) = chunks.split_last().unwrap();
+    assert_eq!(usage_chunk["usage"], whole["usage"]);
+    let text: String = choice_chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(choice_chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_with_a_seed_are_reproducible() {
+    let server = Server::start(&[]);
+    let body = json!({"model": NAME, "prompt": [5, 6, 7], "n": 2, "seed": 7, "temperature": 1.0,
+                      "max_tokens": 16, "ignore_eos": true});
+    let a = server.ok("/v1/completions", &body).await;
+    let choices = a["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    assert_eq!(choices[0]["index"], 0);
+    assert_eq!(choices[1]["index"], 1);
+    assert_eq!(a["usage"]["completion_tokens"], 32, "usage sums the choices: {a}");
+    assert_eq!(a["usage"]["prompt_tokens"], 3);
+    let b = server.ok("/v1/completions", &body).await;
+    assert_eq!(a["choices"], b["choices"], "same seed, same choices");
+
+    // Chat with n = 2, streamed: two indexes, each ends once.
+    let chunks = stream_chunks(
+        &server,
+        "/v1/chat/completions",
+        &chat_body(json!({"n": 2, "seed": 3, "temperature": 0.8, "stream": true})),
+    )
+    .await;
+    let mut finished = [0, 0];
+    for c in &chunks {
+        for choice in c["choices"].as_array().unwrap() {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            if !choice["finish_reason"].is_null() {
+                finished[i] += 1;
+            }
+        }
+    }
+    assert_eq!(finished, [1, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_health_and_metrics() {
+    let server = Server::start(&[]);
+    let r = server.get("/health").await;
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = server.get("/v1/models").await.json().await.unwrap();
+    assert_eq!(v["object"], "list");
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data[0]["id"], NAME);
+    assert_eq!(data[0]["object"], "model");
+
+    server
+        .ok(
+            "/v1/completions",
+            &json!({"model": NAME, "prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": true}),
+        )
+        .await;
+    let r = server.get("/metrics").await;
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let m = parse_metrics(&r.text().await.unwrap());
+    for name in [
+        "moe_num_requests_running",
+        "moe_num_requests_waiting",
+        "moe_kv_cache_blocks_used",
+        "moe_kv_cache_blocks_total",
+        "moe_prompt_tokens_total",
+        "moe_generation_tokens_total",
+        "moe_preemptions_total",
+        "moe_requests_total",
+        "moe_time_to_first_token_seconds_count",
+        "moe_inter_token_latency_seconds_count",
+        "moe_e2e_request_latency_seconds_count",
+    ] {
+        assert!(m.contains_key(name), "/metrics lacks {name}: {m:?}");
+    }
+    assert_eq!(m["moe_requests_total"], 1.0);
+    assert_eq!(m["moe_prompt_tokens_total"], 3.0);
+    assert_eq!(m["moe_generation_tokens_total"], 4.0);
+    assert_eq!(m["moe_e2e_request_latency_seconds_count"], 1.0);
+    assert!(m["moe_kv_cache_blocks_total"] > 0.0);
+
+    // Without --served-model-name the name is the --model argument.
+    let plain = Server::start_raw(&[]);
+    let v: Value = plain.get("/v1/models").await.json().await.unwrap();
+    let dir = model_dir();
+    assert_eq!(v["data"][0]["id"], dir.to_str().unwrap());
+    plain
+        .ok(
+            "/v1/completions",
+            &json!({"model": dir.to_str().unwrap(), "prompt": [1], "max_tokens": 1}),
+        )
+        .await;
+}
