@@ -24,33 +24,15 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Golden prompts/logits/greedy of a fixture, read with the safetensors crate directly.
+/// Golden prompts, all-position logits (flattened) and greedy continuations of a fixture.
 fn golden(dir: &Path) -> (Vec<Vec<u32>>, Vec<Vec<f32>>, Vec<Vec<u32>>) {
-    let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let i64s = |name: &str| -> Vec<u32> {
-        st.tensor(name)
-            .unwrap()
-            .data()
-            .chunks(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-            .collect()
-    };
-    let f32s = |name: &str| -> Vec<f32> {
-        st.tensor(name)
-            .unwrap()
-            .data()
-            .chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    };
-    let (mut p, mut l, mut g) = (vec![], vec![], vec![]);
-    for i in 0..4 {
-        p.push(i64s(&format!("prompt.{i}")));
-        l.push(f32s(&format!("logits.{i}")));
-        g.push(i64s(&format!("greedy.{i}")));
-    }
-    (p, l, g)
+    let g = moe_tests::golden(dir);
+    let logits = g
+        .logits
+        .iter()
+        .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    (g.prompts, logits, g.greedy)
 }
 
 /// The `token_ids` array of a `--json` output line.

@@ -4,24 +4,8 @@
 
 mod common;
 
-#[allow(unused_imports)]
 use common::*;
-#[allow(unused_imports)]
-use moe_tests::fixture;
-#[allow(unused_imports)]
 use serde_json::{json, Value};
-#[allow(unused_imports)]
-use std::collections::HashMap;
-#[allow(unused_imports)]
-use std::io::{BufRead, BufReader, Read};
-#[allow(unused_imports)]
-use std::path::{Path, PathBuf};
-#[allow(unused_imports)]
-use std::process::{Child, Command, ExitStatus, Stdio};
-#[allow(unused_imports)]
-use std::sync::{mpsc, Arc, Mutex};
-#[allow(unused_imports)]
-use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_completions_match_the_cli_and_the_goldens() {

@@ -233,24 +233,10 @@ pub async fn stream_chunks(server: &Server, path: &str, body: &Value) -> Vec<Val
         .collect()
 }
 
-/// Golden prompts and greedy continuations, read with the safetensors crate.
+/// Golden prompts and greedy continuations of a fixture.
 pub fn golden(dir: &Path) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
-    let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let i64s = |name: &str| -> Vec<u32> {
-        st.tensor(name)
-            .unwrap()
-            .data()
-            .chunks(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-            .collect()
-    };
-    let (mut p, mut g) = (vec![], vec![]);
-    for i in 0..4 {
-        p.push(i64s(&format!("prompt.{i}")));
-        g.push(i64s(&format!("greedy.{i}")));
-    }
-    (p, g)
+    let g = moe_tests::golden(dir);
+    (g.prompts, g.greedy)
 }
 
 pub fn ids_arg(ids: &[u32]) -> String {
