@@ -183,6 +183,60 @@ fn sse_event(v: &Value) -> Result<Event, Infallible> {
     Ok(Event::default().data(v.to_string()))
 }
 
+/// Streams choices as server-sent events, one chunk per choice object: first `opening`, then
+/// one per piece of output (`choice_of` builds it; pieces carrying neither text, a finish
+/// reason nor wanted logprobs are skipped), then a usage chunk when asked for, then `[DONE]`.
+/// Each chunk is `envelope` (id, object, created, model) plus its `choices`.
+fn sse_response(
+    state: &Arc<AppState>,
+    streams: Vec<RequestStream>,
+    envelope: Value,
+    opening: Vec<Value>,
+    include_usage: bool,
+    want_logprobs: bool,
+    choice_of: impl Fn(usize, &RequestOutput, &AppState) -> Value + Send + 'static,
+) -> Response {
+    let mut rx = pump(state, streams);
+    let (tx, events) = mpsc::channel(64);
+    let st = state.clone();
+    tokio::spawn(async move {
+        let chunk = |choices: Value| {
+            let mut c = envelope.clone();
+            c["choices"] = choices;
+            c
+        };
+        for choice in opening {
+            if tx.send(sse_event(&chunk(json!([choice])))).await.is_err() {
+                return;
+            }
+        }
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        while let Some((i, piece)) = rx.recv().await {
+            prompt_tokens = piece.usage.prompt_tokens;
+            completion_tokens += piece.token_ids.len();
+            if piece.text.is_empty() && piece.finish_reason.is_none() && !want_logprobs {
+                continue;
+            }
+            if tx
+                .send(sse_event(&chunk(json!([choice_of(i, &piece, &st)]))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if include_usage {
+            let mut c = chunk(json!([]));
+            c["usage"] = usage(prompt_tokens, completion_tokens);
+            let _ = tx.send(sse_event(&c)).await;
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    });
+    Sse::new(ReceiverStream::new(events))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
 pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     match completions_inner(state, body).await {
         Ok(r) => r,
@@ -238,42 +292,22 @@ async fn completions_inner(state: Arc<AppState>, body: Result<Bytes, BytesReject
         });
         return Ok(Json(body).into_response());
     }
-    let include_usage = req.sampling.include_usage();
-    let mut rx = pump(&state, streams);
-    let (tx, events) = mpsc::channel(64);
-    let st = state.clone();
-    tokio::spawn(async move {
-        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-        while let Some((i, piece)) = rx.recv().await {
-            prompt_tokens = piece.usage.prompt_tokens;
-            completion_tokens += piece.token_ids.len();
-            if piece.text.is_empty() && piece.finish_reason.is_none() && !want_logprobs {
-                continue;
-            }
-            let chunk = json!({
-                "id": id, "object": "text_completion", "created": created, "model": st.model_name,
-                "choices": [{
-                    "index": i, "text": piece.text,
-                    "finish_reason": piece.finish_reason.map(|r| r.as_str()),
-                    "logprobs": if want_logprobs { completion_logprobs(&piece.logprobs, st.tokenizer.as_deref()) } else { Value::Null },
-                }],
-            });
-            if tx.send(sse_event(&chunk)).await.is_err() {
-                return;
-            }
-        }
-        if include_usage {
-            let chunk = json!({
-                "id": id, "object": "text_completion", "created": created, "model": st.model_name,
-                "choices": [], "usage": usage(prompt_tokens, completion_tokens),
-            });
-            let _ = tx.send(sse_event(&chunk)).await;
-        }
-        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-    });
-    Ok(Sse::new(ReceiverStream::new(events))
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    let envelope = json!({ "id": id, "object": "text_completion", "created": created, "model": state.model_name });
+    Ok(sse_response(
+        &state,
+        streams,
+        envelope,
+        vec![],
+        req.sampling.include_usage(),
+        want_logprobs,
+        move |i, piece, st| {
+            json!({
+                "index": i, "text": piece.text,
+                "finish_reason": piece.finish_reason.map(|r| r.as_str()),
+                "logprobs": if want_logprobs { completion_logprobs(&piece.logprobs, st.tokenizer.as_deref()) } else { Value::Null },
+            })
+        },
+    ))
 }
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -331,51 +365,31 @@ async fn chat_inner(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -
         });
         return Ok(Json(body).into_response());
     }
-    let include_usage = req.sampling.include_usage();
-    let mut rx = pump(&state, streams);
-    let (tx, events) = mpsc::channel(64);
-    let st = state.clone();
-    tokio::spawn(async move {
-        let chunk = |choices: Value| json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": st.model_name, "choices": choices });
-        for i in 0..n as usize {
-            let first = chunk(
-                json!([{ "index": i, "delta": { "role": "assistant", "content": "" }, "finish_reason": null, "logprobs": null }]),
-            );
-            if tx.send(sse_event(&first)).await.is_err() {
-                return;
-            }
-        }
-        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-        while let Some((i, piece)) = rx.recv().await {
-            prompt_tokens = piece.usage.prompt_tokens;
-            completion_tokens += piece.token_ids.len();
-            if piece.text.is_empty() && piece.finish_reason.is_none() && !want_logprobs {
-                continue;
-            }
+    let envelope =
+        json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": state.model_name });
+    let opening = (0..n as usize)
+        .map(|i| json!({ "index": i, "delta": { "role": "assistant", "content": "" }, "finish_reason": null, "logprobs": null }))
+        .collect();
+    Ok(sse_response(
+        &state,
+        streams,
+        envelope,
+        opening,
+        req.sampling.include_usage(),
+        want_logprobs,
+        move |i, piece, st| {
             let delta = if piece.finish_reason.is_some() && piece.text.is_empty() {
                 json!({})
             } else {
                 json!({ "content": piece.text })
             };
-            let c = chunk(json!([{
+            json!({
                 "index": i, "delta": delta,
                 "finish_reason": piece.finish_reason.map(|r| r.as_str()),
                 "logprobs": if want_logprobs { chat_logprobs(&piece.logprobs, st.tokenizer.as_deref()) } else { Value::Null },
-            }]));
-            if tx.send(sse_event(&c)).await.is_err() {
-                return;
-            }
-        }
-        if include_usage {
-            let mut c = chunk(json!([]));
-            c["usage"] = usage(prompt_tokens, completion_tokens);
-            let _ = tx.send(sse_event(&c)).await;
-        }
-        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-    });
-    Ok(Sse::new(ReceiverStream::new(events))
-        .keep_alive(KeepAlive::default())
-        .into_response())
+            })
+        },
+    ))
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
