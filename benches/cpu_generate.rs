@@ -41,6 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             max_num_batched_tokens: 2048,
             max_num_seqs: 256,
             max_model_len: PROMPT_LEN + OUTPUT_LEN,
+            enable_prefix_caching: false,
         };
         let engine = Engine::start(runner, None, limits)?;
         let request = |r: usize| GenerationRequest {

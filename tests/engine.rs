@@ -33,6 +33,7 @@ fn engine(block_size: usize, num_blocks: usize, max_num_batched_tokens: usize, m
         max_num_seqs,
         // The scheduler needs room for one whole sequence.
         max_model_len: 256.min(block_size * num_blocks),
+        enable_prefix_caching: true,
     };
     Engine::start(runner, Some(tokenizer()), config).unwrap()
 }

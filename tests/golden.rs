@@ -92,6 +92,7 @@ fn engine_greedy(
         max_num_batched_tokens: budget,
         max_num_seqs: 16,
         max_model_len: 256,
+        enable_prefix_caching: true,
     };
     let engine = Engine::start(runner, None, config).unwrap();
     let streams: Vec<_> = requests.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();

@@ -46,6 +46,8 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     /// Prompt + output tokens per request at most (`--max-model-len`).
     pub max_model_len: usize,
+    /// Reuse cached KV blocks of equal prompt prefixes (on unless `--no-prefix-caching`).
+    pub enable_prefix_caching: bool,
 }
 
 /// One generation request as the engine takes it.
@@ -133,6 +135,13 @@ pub struct EngineStats {
     pub steps: u64,
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
+    /// Blocks no request holds that still keep a cached prefix (evictable, counted as free
+    /// in neither `blocks_used` nor here twice: free + cached + used = total).
+    pub blocks_cached: usize,
+    /// Prompt tokens looked up in the prefix cache at admission.
+    pub prefix_cache_queries: u64,
+    /// Of those, tokens found cached (not computed again).
+    pub prefix_cache_hits: u64,
 }
 
 enum Command {
@@ -178,6 +187,7 @@ impl Engine {
             max_model_len: config.max_model_len,
             block_size: runner.block_size(),
             num_blocks: runner.num_blocks(),
+            enable_prefix_caching: config.enable_prefix_caching,
         })
         .map_err(|e| EngineError::InvalidRequest(format!("engine limits: {e}")))?;
         let vocab_size = model_config.vocab_size;

@@ -44,6 +44,8 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     /// Blocks in the KV cache; together they must hold at least `max_model_len` tokens.
     pub num_blocks: usize,
+    /// Keep full blocks keyed by their prefix and reuse them for requests that start alike.
+    pub enable_prefix_caching: bool,
 }
 
 impl SchedulerConfig {

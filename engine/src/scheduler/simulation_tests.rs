@@ -22,6 +22,7 @@ const CONFIG: SchedulerConfig = SchedulerConfig {
     block_size: 16,
     // 2048 token slots against prompts of up to 300 tokens: preemption is routine.
     num_blocks: 128,
+    enable_prefix_caching: false,
 };
 
 /// Steps a request may spend at the head of the queue without being admitted. While it is

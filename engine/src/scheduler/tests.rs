@@ -10,6 +10,7 @@ fn config(max_num_batched_tokens: usize, block_size: usize, num_blocks: usize) -
         max_model_len: block_size * num_blocks,
         block_size,
         num_blocks,
+        enable_prefix_caching: false,
     }
 }
 

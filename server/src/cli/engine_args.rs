@@ -29,6 +29,11 @@ pub struct EngineArgs {
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
+
+    /// Compute every prompt from scratch instead of reusing the cached KV blocks of an equal
+    /// prefix (prefix caching is on by default).
+    #[arg(long, alias = "no-enable-prefix-caching")]
+    pub no_prefix_caching: bool,
 }
 
 /// Parses a byte count with an optional K/M/G/T suffix (powers of 1024; `B`/`iB` optional).
@@ -95,6 +100,7 @@ impl EngineArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_num_seqs: self.max_num_seqs,
             max_model_len,
+            enable_prefix_caching: !self.no_prefix_caching,
         };
         let runner = ModelRunner::new(model, num_blocks, self.block_size).context("allocating the KV cache")?;
         Ok((runner, config))

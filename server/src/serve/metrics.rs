@@ -19,6 +19,9 @@ pub struct Metrics {
     prompt_tokens: Counter,
     generation_tokens: Counter,
     preemptions: Counter,
+    kv_blocks_cached: Gauge,
+    prefix_cache_queries: Counter,
+    prefix_cache_hits: Counter,
     pub requests: Counter,
     pub ttft: Histogram,
     pub inter_token: Histogram,
@@ -37,6 +40,9 @@ impl Metrics {
         let prompt_tokens = Counter::default();
         let generation_tokens = Counter::default();
         let preemptions = Counter::default();
+        let kv_blocks_cached = Gauge::default();
+        let prefix_cache_queries = Counter::default();
+        let prefix_cache_hits = Counter::default();
         let requests = Counter::default();
         let ttft = Histogram::new(exponential_buckets(0.001, 2.0, 18));
         let inter_token = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
@@ -64,6 +70,21 @@ impl Metrics {
             "Requests preempted for lack of KV blocks",
             preemptions.clone(),
         );
+        registry.register(
+            "kv_cache_blocks_cached",
+            "KV-cache blocks no request holds that keep a reusable prefix",
+            kv_blocks_cached.clone(),
+        );
+        registry.register(
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            prefix_cache_queries.clone(),
+        );
+        registry.register(
+            "prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not computed again)",
+            prefix_cache_hits.clone(),
+        );
         registry.register("requests", "Requests accepted", requests.clone());
         registry.register("time_to_first_token_seconds", "Time to first token", ttft.clone());
         registry.register(
@@ -85,6 +106,9 @@ impl Metrics {
             prompt_tokens,
             generation_tokens,
             preemptions,
+            kv_blocks_cached,
+            prefix_cache_queries,
+            prefix_cache_hits,
             requests,
             ttft,
             inter_token,
@@ -99,6 +123,7 @@ impl Metrics {
         self.waiting.set(stats.waiting as i64);
         self.kv_blocks_used.set(stats.blocks_used as i64);
         self.kv_blocks_total.set(stats.blocks_total as i64);
+        self.kv_blocks_cached.set(stats.blocks_cached as i64);
         if let Ok(mut seen) = self.seen.lock() {
             self.prompt_tokens
                 .inc_by(stats.prompt_tokens.saturating_sub(seen.prompt_tokens));
@@ -106,6 +131,10 @@ impl Metrics {
                 .inc_by(stats.generation_tokens.saturating_sub(seen.generation_tokens));
             self.preemptions
                 .inc_by(stats.preemptions.saturating_sub(seen.preemptions));
+            self.prefix_cache_queries
+                .inc_by(stats.prefix_cache_queries.saturating_sub(seen.prefix_cache_queries));
+            self.prefix_cache_hits
+                .inc_by(stats.prefix_cache_hits.saturating_sub(seen.prefix_cache_hits));
             *seen = stats;
         }
         let mut out = String::new();
