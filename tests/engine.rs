@@ -3,39 +3,19 @@
 //! requests of mixed lengths), preemption under a too-small cache changes nothing, seeded
 //! sampling does not depend on the batch, stop strings and aborts behave, no block leaks.
 
-use std::sync::Arc;
+use moe_engine::engine::{Engine, GenerationRequest, RequestOutput};
+use moe_engine::{FinishReason, SamplingParams};
+use moe_tests::{fixture, golden, v3_engine, EngineLimits};
 
-use candle_core::DType;
-use moe_engine::engine::{Engine, EngineConfig, GenerationRequest, RequestOutput};
-use moe_engine::runner::ModelRunner;
-use moe_engine::{FinishReason, SamplingParams, TextTokenizer};
-use moe_models::deepseek::LoadOptions;
-use moe_tests::{fixture, golden, load_model};
-
-fn tokenizer() -> Arc<TextTokenizer> {
-    let d = fixture("deepseek-v3");
-    Arc::new(
-        TextTokenizer::load(
-            &d.join("tokenizer.json"),
-            Some(&d.join("tokenizer_config.json")),
-            Some(&d.join("generation_config.json")),
-        )
-        .unwrap(),
-    )
-}
-
-/// An engine over the V3 fixture with the given cache and step limits.
+/// An engine over the V3 fixture with the given cache and step limits (prefix caching on).
 fn engine(block_size: usize, num_blocks: usize, max_num_batched_tokens: usize, max_num_seqs: usize) -> Engine {
-    let model = load_model(&fixture("deepseek-v3"), DType::F32, &LoadOptions::default());
-    let runner = ModelRunner::new(model, num_blocks, block_size).unwrap();
-    let config = EngineConfig {
+    v3_engine(EngineLimits {
+        block_size,
+        num_blocks,
         max_num_batched_tokens,
         max_num_seqs,
-        // The scheduler needs room for one whole sequence.
-        max_model_len: 256.min(block_size * num_blocks),
-        enable_prefix_caching: true,
-    };
-    Engine::start(runner, Some(tokenizer()), config).unwrap()
+        prefix_caching: true,
+    })
 }
 
 /// 64 requests: the 4 golden prompts, then mixed lengths up to 150 tokens (many span
@@ -153,7 +133,7 @@ fn seeded_sampling_does_not_depend_on_the_batch() {
 fn stop_strings_end_the_text_and_are_not_returned() {
     let e = engine(16, 256, 256, 8);
     let base = GenerationRequest {
-        prompt_token_ids: tokenizer().encode("The quick brown fox").unwrap(),
+        prompt_token_ids: moe_tests::fixture_tokenizer().encode("The quick brown fox").unwrap(),
         max_tokens: 24,
         ignore_eos: true,
         ..Default::default()

@@ -2,7 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
+use moe_engine::runner::ModelRunner;
+use moe_engine::{Engine, EngineConfig, TextTokenizer};
 use moe_models::deepseek::LoadOptions;
 use moe_models::{DeepseekModel, ModelConfig, ModelFiles, Weights};
 
@@ -106,4 +110,41 @@ pub fn rewrite_safetensors(dir: &Path, mut edit: impl FnMut(&str, OwnedTensor) -
         })
         .collect();
     safetensors::tensor::serialize_to_file(views, None, &path).expect("write model.safetensors");
+}
+
+/// The fixture tokenizer (byte-level BPE with a chat template).
+pub fn fixture_tokenizer() -> Arc<TextTokenizer> {
+    let d = fixture("deepseek-v3");
+    Arc::new(
+        TextTokenizer::load(
+            &d.join("tokenizer.json"),
+            Some(&d.join("tokenizer_config.json")),
+            Some(&d.join("generation_config.json")),
+        )
+        .unwrap(),
+    )
+}
+
+/// Cache and step limits of a test engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub prefix_caching: bool,
+}
+
+/// A batching engine over the f32 V3 fixture with its tokenizer. `max_model_len` is the
+/// fixture's 256 positions, or what the cache holds if less.
+pub fn v3_engine(limits: EngineLimits) -> Engine {
+    let model = load_model(&fixture("deepseek-v3"), DType::F32, &LoadOptions::default());
+    let runner = ModelRunner::new(model, limits.num_blocks, limits.block_size).unwrap();
+    let config = EngineConfig {
+        max_num_batched_tokens: limits.max_num_batched_tokens,
+        max_num_seqs: limits.max_num_seqs,
+        max_model_len: 256.min(limits.block_size * limits.num_blocks),
+        enable_prefix_caching: limits.prefix_caching,
+    };
+    Engine::start(runner, Some(fixture_tokenizer()), config).unwrap()
 }

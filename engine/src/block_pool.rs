@@ -2,10 +2,14 @@
 //! slot per block for prefix caching. It never touches tensors and knows nothing of requests.
 //!
 //! Blocks live in one flat `Vec`. Free blocks are threaded into a doubly linked list through
-//! their indices (no allocation per operation): `allocate` pops the head in O(1), a block whose
-//! reference count drops to zero is appended at the tail, and `take` unlinks a specific free
-//! block from the middle in O(1). So the head is always the block freed longest ago, which is
-//! the order an LRU prefix cache wants to evict in.
+//! their indices (no allocation per operation): `allocate` pops the head in O(1) and `take`
+//! unlinks a specific free block from the middle in O(1). A block whose reference count drops
+//! to zero goes to the *tail* if it still holds a content hash (a cached prefix someone may
+//! reuse) and to the *head* otherwise (nothing worth keeping). So allocation first uses blocks
+//! that hold nothing, then evicts cached blocks least recently freed first: an LRU cache.
+//!
+//! Three kinds of block, always summing to `num_blocks`: *used* (reference count > 0),
+//! *cached* (free, with a content hash) and plain free (free, no hash).
 
 use std::fmt;
 
@@ -69,6 +73,8 @@ pub struct BlockPool {
     free_head: u32,
     free_tail: u32,
     num_free: usize,
+    /// Free blocks that keep a content hash.
+    num_cached: usize,
 }
 
 impl BlockPool {
@@ -95,6 +101,7 @@ impl BlockPool {
             free_head: if n == 0 { NIL } else { 0 },
             free_tail: if n == 0 { NIL } else { n - 1 },
             num_free: num_blocks,
+            num_cached: 0,
         })
     }
 
@@ -103,9 +110,14 @@ impl BlockPool {
         self.blocks.len()
     }
 
-    /// Blocks with reference count 0.
+    /// Blocks with reference count 0 (cached ones included: they can be evicted).
     pub fn num_free(&self) -> usize {
         self.num_free
+    }
+
+    /// Free blocks that keep a content hash (a reusable prefix), evicted last.
+    pub fn num_cached(&self) -> usize {
+        self.num_cached
     }
 
     /// Blocks with reference count > 0.
@@ -113,9 +125,15 @@ impl BlockPool {
         self.blocks.len() - self.num_free
     }
 
-    /// Takes the free block that was freed longest ago (reference count becomes 1), or `None`
+    /// Takes the block at the head of the free list (reference count becomes 1), or `None`
     /// when none is free. Its content hash is cleared: the caller is about to overwrite it.
     pub fn allocate(&mut self) -> Option<BlockId> {
+        self.allocate_evicting().map(|(id, _)| id)
+    }
+
+    /// As [`allocate`](Self::allocate), also returning the content hash the block held, so a
+    /// prefix cache can forget the evicted entry.
+    pub fn allocate_evicting(&mut self) -> Option<(BlockId, Option<u64>)> {
         if self.free_head == NIL {
             return None;
         }
@@ -123,8 +141,8 @@ impl BlockPool {
         self.unlink(id);
         let entry = &mut self.blocks[id.index()];
         entry.ref_count = 1;
-        entry.content_hash = None;
-        Some(id)
+        let evicted = entry.content_hash.take();
+        Some((id, evicted))
     }
 
     /// Allocates `count` blocks, all or none (returns `None` and changes nothing when fewer
@@ -151,6 +169,16 @@ impl BlockPool {
         Ok(())
     }
 
+    /// References `id` whether it is free (revived as by [`take`](Self::take)) or already
+    /// allocated (shared as by [`incref`](Self::incref)).
+    pub fn acquire(&mut self, id: BlockId) -> Result<(), BlockPoolError> {
+        if self.entry(id)?.ref_count == 0 {
+            self.take(id)
+        } else {
+            self.incref(id)
+        }
+    }
+
     /// Adds a reference to an allocated block (a second request sharing it).
     pub fn incref(&mut self, id: BlockId) -> Result<(), BlockPoolError> {
         let entry = self.entry_mut(id)?;
@@ -164,8 +192,9 @@ impl BlockPool {
         Ok(())
     }
 
-    /// Drops a reference; at zero the block goes to the tail of the free list (keeping its
-    /// content hash until it is allocated again). Returns the new reference count.
+    /// Drops a reference. At zero the block joins the free list: at the tail when it keeps a
+    /// content hash (until it is allocated again), at the head when it has none. Returns the
+    /// new reference count.
     pub fn decref(&mut self, id: BlockId) -> Result<u32, BlockPoolError> {
         let entry = self.entry_mut(id)?;
         if entry.ref_count == 0 {
@@ -174,7 +203,12 @@ impl BlockPool {
         entry.ref_count -= 1;
         let remaining = entry.ref_count;
         if remaining == 0 {
-            self.push_free_tail(id);
+            if entry.content_hash.is_some() {
+                self.push_free_tail(id);
+                self.num_cached += 1;
+            } else {
+                self.push_free_head(id);
+            }
         }
         Ok(remaining)
     }
@@ -204,9 +238,15 @@ impl BlockPool {
         Ok(self.entry(id)?.content_hash)
     }
 
-    /// Forgets a block's content hash, returning what it was.
+    /// Forgets a block's content hash, returning what it was. A free block keeps its place in
+    /// the free list but is no longer counted as cached.
     pub fn clear_content_hash(&mut self, id: BlockId) -> Result<Option<u64>, BlockPoolError> {
-        Ok(self.entry_mut(id)?.content_hash.take())
+        let entry = self.entry_mut(id)?;
+        let old = entry.content_hash.take();
+        if old.is_some() && entry.ref_count == 0 {
+            self.num_cached -= 1;
+        }
+        Ok(old)
     }
 
     fn entry(&self, id: BlockId) -> Result<&BlockEntry, BlockPoolError> {
@@ -239,7 +279,26 @@ impl BlockPool {
         let entry = &mut self.blocks[id.index()];
         entry.prev_free = NIL;
         entry.next_free = NIL;
+        if entry.content_hash.is_some() {
+            self.num_cached -= 1;
+        }
         self.num_free -= 1;
+    }
+
+    /// Puts a block (whose count just reached 0) at the head of the free list.
+    fn push_free_head(&mut self, id: BlockId) {
+        let old_head = self.free_head;
+        {
+            let entry = &mut self.blocks[id.index()];
+            entry.prev_free = NIL;
+            entry.next_free = old_head;
+        }
+        match old_head {
+            NIL => self.free_tail = id.0,
+            head => self.blocks[head as usize].prev_free = id.0,
+        }
+        self.free_head = id.0;
+        self.num_free += 1;
     }
 
     /// Appends a block (whose count just reached 0) at the tail of the free list.
@@ -321,14 +380,43 @@ mod tests {
     }
 
     #[test]
-    fn freed_blocks_go_to_the_tail() {
-        let mut pool = BlockPool::new(4).unwrap();
-        let a = pool.allocate().unwrap();
-        let b = pool.allocate().unwrap();
-        assert_eq!(pool.decref(b), Ok(0));
-        assert_eq!(pool.decref(a), Ok(0));
-        assert_eq!(free_list(&pool), vec![2, 3, 1, 0]);
-        assert_eq!(pool.allocate().unwrap().index(), 2);
+    fn freed_blocks_without_hash_go_to_the_head_and_cached_ones_to_the_tail() {
+        let mut pool = BlockPool::new(5).unwrap();
+        let ids: Vec<_> = (0..4).map(|_| pool.allocate().unwrap()).collect();
+        pool.set_content_hash(ids[0], 10).unwrap();
+        pool.set_content_hash(ids[1], 11).unwrap();
+        assert_eq!(pool.decref(ids[1]), Ok(0));
+        assert_eq!(pool.decref(ids[2]), Ok(0));
+        assert_eq!(pool.decref(ids[0]), Ok(0));
+        assert_eq!(pool.decref(ids[3]), Ok(0));
+        // Plain blocks first (last freed first), then cached ones, least recently freed first.
+        assert_eq!(free_list(&pool), vec![3, 2, 4, 1, 0]);
+        assert_eq!(pool.num_free(), 5);
+        assert_eq!(pool.num_cached(), 2);
+        assert_eq!(pool.allocate_evicting(), Some((ids[3], None)));
+        assert_eq!(pool.allocate_evicting(), Some((ids[2], None)));
+        assert_eq!(pool.allocate_evicting(), Some((BlockId(4), None)));
+        // Now the LRU cached block is evicted, and its hash is handed back.
+        assert_eq!(pool.allocate_evicting(), Some((ids[1], Some(11))));
+        assert_eq!(pool.num_cached(), 1);
+        pool.take(ids[0]).unwrap();
+        assert_eq!(pool.num_cached(), 0);
+        assert_eq!(pool.content_hash(ids[0]), Ok(Some(10)));
+    }
+
+    #[test]
+    fn acquire_revives_a_free_block_or_shares_a_used_one() {
+        let mut pool = BlockPool::new(2).unwrap();
+        let id = pool.allocate().unwrap();
+        pool.set_content_hash(id, 5).unwrap();
+        pool.acquire(id).unwrap();
+        assert_eq!(pool.ref_count(id), Ok(2));
+        pool.decref_all(&[id, id]).unwrap();
+        assert_eq!(pool.num_cached(), 1);
+        pool.acquire(id).unwrap();
+        assert_eq!(pool.ref_count(id), Ok(1));
+        assert_eq!(pool.num_cached(), 0);
+        assert_eq!(free_list(&pool), vec![1]);
     }
 
     #[test]
@@ -349,7 +437,7 @@ mod tests {
         let id = pool.allocate().unwrap();
         pool.decref(id).unwrap();
         assert_eq!(pool.decref(id), Err(BlockPoolError::DoubleFree(id)));
-        assert_eq!(free_list(&pool), vec![1, 0]);
+        assert_eq!(free_list(&pool), vec![0, 1]);
     }
 
     #[test]

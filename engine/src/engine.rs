@@ -135,8 +135,8 @@ pub struct EngineStats {
     pub steps: u64,
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
-    /// Blocks no request holds that still keep a cached prefix (evictable, counted as free
-    /// in neither `blocks_used` nor here twice: free + cached + used = total).
+    /// Blocks no request holds that still keep a cached prefix (evicted when space is
+    /// needed). Plain free blocks are `blocks_total - blocks_used - blocks_cached`.
     pub blocks_cached: usize,
     /// Prompt tokens looked up in the prefix cache at admission.
     pub prefix_cache_queries: u64,
@@ -494,8 +494,11 @@ impl StepLoop {
                 running: self.scheduler.num_running(),
                 waiting: self.scheduler.num_waiting(),
                 blocks_total: self.scheduler.num_blocks(),
-                blocks_used: self.scheduler.num_blocks() - self.scheduler.num_free_blocks(),
+                blocks_used: self.scheduler.num_used_blocks(),
+                blocks_cached: self.scheduler.num_cached_blocks(),
                 preemptions: self.scheduler.num_preemptions(),
+                prefix_cache_queries: self.scheduler.prefix_cache_stats().queried_tokens,
+                prefix_cache_hits: self.scheduler.prefix_cache_stats().hit_tokens,
                 ..self.totals
             };
         }

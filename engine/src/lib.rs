@@ -7,6 +7,7 @@ pub mod block_pool;
 pub mod detokenizer;
 pub mod engine;
 pub mod error;
+pub mod prefix_cache;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;

@@ -14,10 +14,18 @@
 //!    order (FCFS) with chunks of their prompt from the remaining budget, while blocks and
 //!    `max_num_seqs` allow. A head that does not fit blocks everyone behind it, so a long
 //!    prompt is never starved by later short ones.
+//!
+//! With prefix caching on (see [`crate::prefix_cache`]), an admitted request first takes the
+//! cached blocks of the longest prefix of its tokens made of whole blocks (always leaving at
+//! least one token to compute, whose logits it samples from) and starts computing after them.
+//! After each step, blocks that became full are indexed so later requests can reuse them; a
+//! preempted request usually finds its own blocks still cached when it resumes.
 
 mod output;
 mod request;
 
+#[cfg(test)]
+mod prefix_tests;
 #[cfg(test)]
 mod simulation_tests;
 #[cfg(test)]
@@ -28,8 +36,9 @@ use std::collections::{HashMap, VecDeque};
 pub use output::{FinishedRequest, SampledToken, ScheduledRequest, SchedulerOutput};
 pub use request::{NewRequest, Request, RequestId, RequestStatus};
 
-use crate::block_pool::{BlockPool, BlockPoolError};
+use crate::block_pool::{BlockId, BlockPoolError};
 use crate::engine::FinishReason;
+use crate::prefix_cache::{BlockHash, KvBlocks, PrefixCacheStats};
 
 /// Limits of the scheduler; all must be positive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +129,7 @@ pub enum SchedulerError {
 #[derive(Debug)]
 pub struct Scheduler {
     config: SchedulerConfig,
-    pool: BlockPool,
+    blocks: KvBlocks,
     requests: HashMap<RequestId, Request>,
     /// Queue order: front is next to admit.
     waiting: VecDeque<RequestId>,
@@ -138,7 +147,7 @@ impl Scheduler {
         config.validate()?;
         Ok(Self {
             config,
-            pool: BlockPool::new(config.num_blocks)?,
+            blocks: KvBlocks::new(config.num_blocks, config.block_size, config.enable_prefix_caching)?,
             requests: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -190,7 +199,7 @@ impl Scheduler {
         'running: while index < self.running.len() && budget > 0 {
             let id = self.running[index];
             let mut num_tokens = self.requests[&id].num_uncomputed_tokens().min(budget);
-            while self.new_blocks_needed(id, num_tokens) > self.pool.num_free() {
+            while self.new_blocks_needed(id, num_tokens) > self.blocks.num_free() {
                 let newest = *self.running.last().expect("the request being scheduled is running");
                 if newest != id {
                     self.preempt(newest)?;
@@ -215,13 +224,24 @@ impl Scheduler {
         if out.preempted.is_empty() {
             while budget > 0 && self.running.len() < self.config.max_num_seqs {
                 let Some(&id) = self.waiting.front() else { break };
-                let num_tokens = self.requests[&id].num_uncomputed_tokens().min(budget);
-                if self.new_blocks_needed(id, num_tokens) > self.pool.num_free() {
+                let cached = self.cached_prefix(id);
+                let num_cached_tokens = cached.len() * self.config.block_size;
+                let request = &self.requests[&id];
+                let num_prompt_tokens = request.token_ids.len();
+                let num_tokens = (num_prompt_tokens - num_cached_tokens).min(budget);
+                let total_blocks = (num_cached_tokens + num_tokens).div_ceil(self.config.block_size);
+                let blocks_taken = total_blocks - cached.len() + self.blocks.count_free(&cached);
+                if blocks_taken > self.blocks.num_free() {
                     break;
                 }
                 self.waiting.pop_front();
                 self.running.push(id);
+                self.blocks.acquire(&cached)?;
+                self.blocks.record_lookup(num_prompt_tokens, num_cached_tokens);
                 let request = self.requests.get_mut(&id).expect("queued requests are live");
+                request.num_registered_blocks = cached.len();
+                request.block_table = cached;
+                request.num_computed_tokens = num_cached_tokens;
                 request.status = RequestStatus::Running;
                 if request.ever_scheduled {
                     out.resumed.push(id);
@@ -273,6 +293,8 @@ impl Scheduler {
             let request = self.requests.get_mut(&id).expect("in-flight requests are live");
             request.num_computed_tokens += request.num_scheduled_tokens;
             request.num_scheduled_tokens = 0;
+            self.register_full_blocks(id)?;
+            let request = self.requests.get_mut(&id).expect("in-flight requests are live");
             let Some(token) = tokens_by_id.get(&id) else { continue };
             request.token_ids.push(token.token_id);
             let reason = token.finish.or_else(|| {
@@ -344,12 +366,33 @@ impl Scheduler {
         !self.requests.is_empty()
     }
 
+    /// Blocks that can be allocated now (cached ones included: they are evicted on demand).
     pub fn num_free_blocks(&self) -> usize {
-        self.pool.num_free()
+        self.blocks.num_free()
+    }
+
+    /// Free blocks that keep a reusable prefix.
+    pub fn num_cached_blocks(&self) -> usize {
+        self.blocks.num_cached()
+    }
+
+    /// Blocks some request holds.
+    pub fn num_used_blocks(&self) -> usize {
+        self.blocks.num_used()
     }
 
     pub fn num_blocks(&self) -> usize {
-        self.pool.num_blocks()
+        self.blocks.num_blocks()
+    }
+
+    /// Prompt tokens looked up in the prefix cache and found there, since the start.
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.blocks.stats()
+    }
+
+    /// The blocks and prefix index, for invariant checks.
+    pub fn kv_blocks(&self) -> &KvBlocks {
+        &self.blocks
     }
 
     /// Preemptions since the scheduler was made.
@@ -367,8 +410,45 @@ impl Scheduler {
     /// Most tokens `id` could compute now with its own blocks plus every free block.
     fn tokens_that_fit(&self, id: RequestId) -> usize {
         let request = &self.requests[&id];
-        let slots = (request.block_table.len() + self.pool.num_free()) * self.config.block_size;
+        let slots = (request.block_table.len() + self.blocks.num_free()) * self.config.block_size;
         slots.saturating_sub(request.num_computed_tokens)
+    }
+
+    /// The cached blocks a waiting request can start from: the longest cached prefix of its
+    /// tokens made of whole blocks, short of its last token (which must be computed to give
+    /// the logits it samples from). Empty when prefix caching is off.
+    fn cached_prefix(&mut self, id: RequestId) -> Vec<BlockId> {
+        if !self.blocks.prefix_caching_enabled() {
+            return Vec::new();
+        }
+        let block_size = self.config.block_size;
+        let request = self.requests.get_mut(&id).expect("queued requests are live");
+        BlockHash::extend_chain(&mut request.block_hashes, &request.token_ids, block_size);
+        let max_blocks = (request.token_ids.len() - 1) / block_size;
+        self.blocks
+            .longest_cached_prefix(&request.block_hashes, &request.token_ids, max_blocks)
+    }
+
+    /// Offers the request's blocks that are now full and computed to the prefix cache.
+    fn register_full_blocks(&mut self, id: RequestId) -> Result<(), SchedulerError> {
+        if !self.blocks.prefix_caching_enabled() {
+            return Ok(());
+        }
+        let block_size = self.config.block_size;
+        let request = self.requests.get_mut(&id).expect("in-flight requests are live");
+        let num_full = request.num_computed_tokens / block_size;
+        if num_full <= request.num_registered_blocks {
+            return Ok(());
+        }
+        BlockHash::extend_chain(&mut request.block_hashes, &request.token_ids, block_size);
+        for i in request.num_registered_blocks..num_full {
+            let parent = i.checked_sub(1).map(|p| request.block_hashes[p]);
+            let tokens = &request.token_ids[i * block_size..(i + 1) * block_size];
+            self.blocks
+                .register(request.block_hashes[i], parent, tokens, request.block_table[i])?;
+        }
+        request.num_registered_blocks = num_full;
+        Ok(())
     }
 
     /// Allocates the blocks for `num_tokens` more tokens of a running request and records
@@ -376,7 +456,7 @@ impl Scheduler {
     fn schedule_tokens(&mut self, id: RequestId, num_tokens: usize) -> ScheduledRequest {
         let new_blocks = self.new_blocks_needed(id, num_tokens);
         let blocks = self
-            .pool
+            .blocks
             .allocate_many(new_blocks)
             .expect("caller checked the free blocks");
         let request = self.requests.get_mut(&id).expect("scheduled requests are live");
@@ -399,8 +479,9 @@ impl Scheduler {
     /// its computed tokens (it keeps its generated tokens, which are recomputed later).
     fn preempt(&mut self, id: RequestId) -> Result<(), SchedulerError> {
         let request = self.requests.get_mut(&id).expect("preempted requests are live");
-        self.pool.decref_all(&request.block_table)?;
+        self.blocks.release(&request.block_table)?;
         request.block_table.clear();
+        request.num_registered_blocks = 0;
         request.num_computed_tokens = 0;
         request.status = RequestStatus::Waiting;
         request.num_preemptions += 1;
@@ -417,7 +498,7 @@ impl Scheduler {
             RequestStatus::Waiting => self.waiting.retain(|&x| x != id),
             RequestStatus::Running => self.running.retain(|&x| x != id),
         }
-        self.pool.decref_all(&request.block_table)?;
+        self.blocks.release(&request.block_table)?;
         Ok(request)
     }
 }

@@ -4,6 +4,7 @@
 use std::fmt;
 
 use crate::block_pool::BlockId;
+use crate::prefix_cache::BlockHash;
 
 /// Caller-chosen request id, unique among the requests the scheduler currently holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,6 +51,11 @@ pub struct Request {
     /// Tokens scheduled in the step now in flight (0 when none).
     pub(super) num_scheduled_tokens: usize,
     pub(super) block_table: Vec<BlockId>,
+    /// Chain hashes of the full blocks of `token_ids` computed so far (grows with the tokens;
+    /// valid forever since tokens are only appended).
+    pub(super) block_hashes: Vec<BlockHash>,
+    /// Leading blocks of `block_table` already offered to the prefix cache.
+    pub(super) num_registered_blocks: usize,
     /// Has it ever been scheduled (decides `first_scheduled` vs `resumed` in the plan).
     pub(super) ever_scheduled: bool,
     pub(super) num_preemptions: usize,
@@ -67,6 +73,8 @@ impl Request {
             num_computed_tokens: 0,
             num_scheduled_tokens: 0,
             block_table: Vec::new(),
+            block_hashes: Vec::new(),
+            num_registered_blocks: 0,
             ever_scheduled: false,
             num_preemptions: 0,
         }

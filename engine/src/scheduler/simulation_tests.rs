@@ -1,6 +1,8 @@
 //! Seeded randomized simulation of the scheduler: thousands of requests with random lengths,
 //! arrivals and aborts on a small KV pool, a fake model and a shadow KV cache. Checks the
-//! scheduler's invariants every step and that preemption never changes any request's output.
+//! scheduler's invariants every step and that preemption never changes any request's output;
+//! run once without and once with prefix caching (prompts then share random prefixes, and the
+//! shadow cache proves every reused block holds exactly the prefix the request needs).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -54,9 +56,20 @@ struct SimRequest {
     abort: Option<(usize, bool)>,
     /// Prompt followed by what an uninterrupted run generates.
     expected_tokens: Vec<u32>,
+    /// `fingerprints[p]` identifies `expected_tokens[..=p]`: what the KV at position `p` is a
+    /// function of. The shadow cache stores it.
+    fingerprints: Vec<u64>,
 }
 
-fn make_requests(rng: &mut ChaCha8Rng) -> Vec<SimRequest> {
+/// Prompts of up to 300 tokens; with `shared_prefixes`, most start with one of a few common
+/// prefixes (of 0 to 200 tokens, many ending mid-block) followed by their own tokens.
+fn make_requests(rng: &mut ChaCha8Rng, shared_prefixes: bool) -> Vec<SimRequest> {
+    let prefixes: Vec<Vec<u32>> = (0..6)
+        .map(|_| {
+            let len = rng.random_range(0..200);
+            (0..len).map(|_| rng.random_range(0..VOCAB as u32)).collect()
+        })
+        .collect();
     let mut arrival_step = 0;
     (0..NUM_REQUESTS as u64)
         .map(|n| {
@@ -64,7 +77,14 @@ fn make_requests(rng: &mut ChaCha8Rng) -> Vec<SimRequest> {
             let id = RequestId(n);
             let prompt_len = rng.random_range(1..300);
             let max_tokens = rng.random_range(1..50);
-            let prompt: Vec<u32> = (0..prompt_len).map(|_| rng.random_range(0..VOCAB as u32)).collect();
+            let mut prompt: Vec<u32> = Vec::with_capacity(prompt_len);
+            if shared_prefixes && rng.random_bool(0.8) {
+                let prefix = &prefixes[rng.random_range(0..prefixes.len())];
+                prompt.extend(prefix.iter().take(prompt_len));
+            }
+            while prompt.len() < prompt_len {
+                prompt.push(rng.random_range(0..VOCAB as u32));
+            }
             let stop_token_ids = if n % 2 == 1 { vec![STOP_TOKEN] } else { vec![] };
             let mut expected_tokens = prompt.clone();
             for _ in 0..max_tokens {
@@ -77,6 +97,14 @@ fn make_requests(rng: &mut ChaCha8Rng) -> Vec<SimRequest> {
             let abort = rng
                 .random_bool(0.05)
                 .then(|| (arrival_step + rng.random_range(0..100), rng.random_bool(0.5)));
+            let mut fingerprint = 0u64;
+            let fingerprints = expected_tokens
+                .iter()
+                .map(|&t| {
+                    fingerprint = splitmix64(fingerprint ^ u64::from(t));
+                    fingerprint
+                })
+                .collect();
             SimRequest {
                 arrival_step,
                 new: NewRequest {
@@ -87,6 +115,7 @@ fn make_requests(rng: &mut ChaCha8Rng) -> Vec<SimRequest> {
                 },
                 abort,
                 expected_tokens,
+                fingerprints,
             }
         })
         .collect()
@@ -103,14 +132,16 @@ struct Stats {
     max_head_wait: usize,
     max_running: usize,
     max_latency: usize,
+    prefix_cache: PrefixCacheStats,
 }
 
 /// The fake model's step over a plan: checks each entry against the shadow KV cache, writes
-/// its tokens there and samples where asked.
+/// its tokens there (only ever into blocks the request holds alone) and samples where asked.
 fn run_model(
+    scheduler: &Scheduler,
     plan: &SchedulerOutput,
     requests: &[SimRequest],
-    kv: &mut [Option<(RequestId, usize)>],
+    kv: &mut [Option<(usize, u64)>],
 ) -> Vec<SampledToken> {
     let block_size = CONFIG.block_size;
     let mut sampled = Vec::new();
@@ -123,7 +154,8 @@ fn run_model(
             "lazy allocation for {}",
             entry.id
         );
-        let expected = &requests[entry.id.0 as usize].expected_tokens;
+        let request = &requests[entry.id.0 as usize];
+        let expected = &request.expected_tokens;
         assert_eq!(
             entry.token_ids,
             expected[entry.start_position..end],
@@ -132,14 +164,21 @@ fn run_model(
         );
         let slot = |p: usize| entry.block_table[p / block_size].index() * block_size + p % block_size;
         for position in entry.start_position..end {
-            kv[slot(position)] = Some((entry.id, position));
+            let block = entry.block_table[position / block_size];
+            assert_eq!(
+                scheduler.kv_blocks().pool().ref_count(block),
+                Ok(1),
+                "{} writes position {position} into shared block {block}",
+                entry.id
+            );
+            kv[slot(position)] = Some((position, request.fingerprints[position]));
         }
         if entry.needs_sample {
             // Attention reads the whole context: all of it must be this request's, in place.
             for position in 0..end {
                 assert_eq!(
                     kv[slot(position)],
-                    Some((entry.id, position)),
+                    Some((position, request.fingerprints[position])),
                     "cache of {} at {position}",
                     entry.id
                 );
@@ -166,12 +205,14 @@ fn abort_if_live(scheduler: &mut Scheduler, id: RequestId, done: &mut [bool], li
     *aborted += 1;
 }
 
-/// Invariants that hold between steps and right after `schedule`.
+/// Invariants that hold between steps and right after `schedule`: queue and table shapes,
+/// every block's reference count equals the tables holding it, and free + cached + used =
+/// total.
 fn check_pool_and_tables(scheduler: &Scheduler, num_live: usize) {
     let block_size = CONFIG.block_size;
     assert_eq!(scheduler.num_running() + scheduler.num_waiting(), num_live);
     assert!(scheduler.num_running() <= CONFIG.max_num_seqs);
-    let mut held = 0;
+    let mut holders: HashMap<BlockId, u32> = HashMap::new();
     for id in scheduler.waiting_ids() {
         let request = scheduler.request(id).unwrap();
         assert_eq!(request.status(), RequestStatus::Waiting);
@@ -192,21 +233,50 @@ fn check_pool_and_tables(scheduler: &Scheduler, num_live: usize) {
         );
         assert!(covered <= request.token_ids().len());
         assert!(request.token_ids().len() <= CONFIG.max_model_len);
-        held += request.block_table().len();
+        for &block in request.block_table() {
+            *holders.entry(block).or_default() += 1;
+        }
     }
+    let pool = scheduler.kv_blocks().pool();
+    for (&block, &count) in &holders {
+        assert_eq!(pool.ref_count(block), Ok(count), "references to block {block}");
+    }
+    assert_eq!(scheduler.num_used_blocks(), holders.len(), "used blocks");
     assert_eq!(
-        scheduler.num_free_blocks() + held,
+        scheduler.num_free_blocks() + scheduler.num_used_blocks(),
         CONFIG.num_blocks,
-        "free + held blocks"
+        "free (cached included) + used blocks"
     );
+    assert!(scheduler.num_cached_blocks() <= scheduler.num_free_blocks());
+    assert!(scheduler.kv_blocks().num_indexed() <= CONFIG.num_blocks);
 }
 
 #[test]
 fn thousands_of_random_requests_keep_every_invariant_and_output() {
+    let stats = simulate(CONFIG, false);
+    assert_eq!(stats.prefix_cache, PrefixCacheStats::default());
+}
+
+#[test]
+fn prefix_caching_under_random_load_reuses_blocks_and_changes_no_output() {
+    let config = SchedulerConfig {
+        enable_prefix_caching: true,
+        ..CONFIG
+    };
+    let stats = simulate(config, true);
+    let cache = stats.prefix_cache;
+    assert!(
+        cache.hit_tokens * 10 > cache.queried_tokens,
+        "shared prefixes should hit often: {cache:?}"
+    );
+}
+
+/// Runs the whole simulation, checking everything on the way; returns its statistics.
+fn simulate(config: SchedulerConfig, shared_prefixes: bool) -> Stats {
     let started = Instant::now();
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_cafe);
-    let requests = make_requests(&mut rng);
-    let mut scheduler = Scheduler::new(CONFIG).unwrap();
+    let requests = make_requests(&mut rng, shared_prefixes);
+    let mut scheduler = Scheduler::new(config).unwrap();
     let mut kv = vec![None; CONFIG.num_blocks * CONFIG.block_size];
     let mut stats = Stats::default();
 
@@ -274,7 +344,7 @@ fn thousands_of_random_requests_keep_every_invariant_and_output() {
         stats.max_running = stats.max_running.max(scheduler.num_running());
         check_pool_and_tables(&scheduler, live);
 
-        let sampled = run_model(&plan, &requests, &mut kv);
+        let sampled = run_model(&scheduler, &plan, &requests, &mut kv);
         for &(id, _) in aborts.iter().filter(|(_, in_flight)| *in_flight) {
             abort_if_live(&mut scheduler, id, &mut done, &mut live, &mut stats.aborted);
         }
@@ -292,6 +362,7 @@ fn thousands_of_random_requests_keep_every_invariant_and_output() {
 
     check_pool_and_tables(&scheduler, 0);
     assert_eq!(scheduler.num_free_blocks(), CONFIG.num_blocks);
+    stats.prefix_cache = scheduler.prefix_cache_stats();
     assert!(!scheduler.has_unfinished_requests());
     assert_eq!(stats.finished + stats.aborted, NUM_REQUESTS);
     assert_eq!(stats.preempted as u64, scheduler.num_preemptions());
@@ -332,4 +403,6 @@ fn thousands_of_random_requests_keep_every_invariant_and_output() {
         stats.max_latency,
         started.elapsed()
     );
+    eprintln!("prefix cache: {:?}", stats.prefix_cache);
+    stats
 }

@@ -3,7 +3,7 @@
 use super::*;
 use crate::block_pool::BlockId;
 
-fn config(max_num_batched_tokens: usize, block_size: usize, num_blocks: usize) -> SchedulerConfig {
+pub(super) fn config(max_num_batched_tokens: usize, block_size: usize, num_blocks: usize) -> SchedulerConfig {
     SchedulerConfig {
         max_num_batched_tokens,
         max_num_seqs: 16,
@@ -14,7 +14,7 @@ fn config(max_num_batched_tokens: usize, block_size: usize, num_blocks: usize) -
     }
 }
 
-fn request(id: u64, prompt_len: usize, max_tokens: usize) -> NewRequest {
+pub(super) fn request(id: u64, prompt_len: usize, max_tokens: usize) -> NewRequest {
     NewRequest {
         id: RequestId(id),
         prompt_token_ids: (0..prompt_len as u32).map(|i| 1000 * id as u32 + i).collect(),
@@ -24,12 +24,12 @@ fn request(id: u64, prompt_len: usize, max_tokens: usize) -> NewRequest {
 }
 
 /// The fake model: the token sampled after `position` tokens of request `id`.
-fn fake_token(id: RequestId, position: usize) -> u32 {
+pub(super) fn fake_token(id: RequestId, position: usize) -> u32 {
     (id.0 * 100 + position as u64) as u32
 }
 
 /// Runs one scheduled step with the fake model.
-fn step(scheduler: &mut Scheduler) -> (SchedulerOutput, Vec<FinishedRequest>) {
+pub(super) fn step(scheduler: &mut Scheduler) -> (SchedulerOutput, Vec<FinishedRequest>) {
     let plan = scheduler.schedule().unwrap();
     let sampled: Vec<SampledToken> = plan
         .scheduled
@@ -46,14 +46,14 @@ fn step(scheduler: &mut Scheduler) -> (SchedulerOutput, Vec<FinishedRequest>) {
 }
 
 /// `(id, start_position, num_tokens)` of each scheduled entry.
-fn shares(plan: &SchedulerOutput) -> Vec<(u64, usize, usize)> {
+pub(super) fn shares(plan: &SchedulerOutput) -> Vec<(u64, usize, usize)> {
     plan.scheduled
         .iter()
         .map(|s| (s.id.0, s.start_position, s.num_tokens))
         .collect()
 }
 
-fn ids(list: &[RequestId]) -> Vec<u64> {
+pub(super) fn ids(list: &[RequestId]) -> Vec<u64> {
     list.iter().map(|id| id.0).collect()
 }
 
