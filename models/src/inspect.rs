@@ -79,3 +79,46 @@ pub fn model_sizes(cfg: &ModelConfig) -> ModelSizes {
         mha_values_per_token_per_layer: (heads * (qk + v)) as usize,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every real config in `models/configs` parses, and its sizes agree with the model
+    /// cards' published totals (within 3%) and activated parameters (within 12%: the cards
+    /// round them, e.g. "A3B", and differ on whether the embedding counts).
+    #[test]
+    fn real_configs_parse_and_match_the_published_sizes() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        // (name, total billions, activated billions) from the model cards.
+        let cards = [
+            ("deepseek-v2-lite", 15.7, 2.4),
+            ("deepseek-v2", 236.0, 21.0),
+            ("deepseek-v3", 671.0, 37.0),
+            ("kimi-k2", 1040.0, 32.0),
+            ("moonlight-16b-a3b", 16.0, 3.0),
+        ];
+        let mut found = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect::<Vec<_>>();
+        found.sort();
+        let mut listed: Vec<String> = cards.iter().map(|c| c.0.to_string()).collect();
+        listed.sort();
+        assert_eq!(found, listed, "every config has a model-card check");
+        for (name, total, active) in cards {
+            let cfg = ModelConfig::from_file(&dir.join(name).join("config.json")).unwrap();
+            let sizes = model_sizes(&cfg);
+            let billions = |n: u64| n as f64 / 1e9;
+            let total_err = (billions(sizes.total_params) - total).abs() / total;
+            assert!(total_err < 0.03, "{name}: {} total", billions(sizes.total_params));
+            let active_err = (billions(sizes.active_params_per_token) - active).abs() / active;
+            assert!(
+                active_err < 0.12,
+                "{name}: {} active",
+                billions(sizes.active_params_per_token)
+            );
+            assert_eq!(sizes.latent_values_per_token_per_layer, 576, "{name}");
+        }
+    }
+}

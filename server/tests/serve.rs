@@ -270,3 +270,29 @@ async fn models_health_and_metrics() {
         )
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_cache_counters_in_metrics_and_the_off_switch() {
+    // 40 prompt tokens in blocks of 16: a repeat reuses 32 of them.
+    let prompt: Vec<u32> = (0..40).map(|i| 5 + i * 7 % 300).collect();
+    let body = json!({"model": NAME, "prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": true});
+    for (flags, hits) in [(&[][..], 32.0), (&["--no-prefix-caching"][..], 0.0)] {
+        let server = Server::start(flags);
+        let first = server.ok("/v1/completions", &body).await;
+        let second = server.ok("/v1/completions", &body).await;
+        assert_eq!(first["choices"][0]["text"], second["choices"][0]["text"], "{flags:?}");
+        assert_eq!(second["usage"]["prompt_tokens"], 40);
+        let m = server.metrics().await;
+        let queries = if hits > 0.0 { 80.0 } else { 0.0 };
+        assert_eq!(m["moe_prefix_cache_queries_total"], queries, "{flags:?}: {m:?}");
+        assert_eq!(m["moe_prefix_cache_hits_total"], hits, "{flags:?}: {m:?}");
+        assert_eq!(m["moe_kv_cache_blocks_used"], 0.0);
+        // The first request's 2 full prompt blocks stay cached (the repeat computed only the
+        // rest of its prompt, in a block of its own).
+        let cached = m["moe_kv_cache_blocks_cached"];
+        assert!(
+            if hits > 0.0 { cached >= 2.0 } else { cached == 0.0 },
+            "{flags:?}: {m:?}"
+        );
+    }
+}

@@ -1,9 +1,11 @@
 //! `moe inspect`: what a checkpoint is, from its config (and router choice), without weights.
 
+use anyhow::Context;
 use clap::Args;
 use moe_models::config::{ScoringFunc, TopkMethod};
 use moe_models::inspect::model_sizes;
 use moe_models::layers::moe::router::build_router;
+use moe_models::ModelConfig;
 
 use super::ModelArgs;
 
@@ -27,7 +29,16 @@ fn human(n: u64) -> String {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let (files, cfg) = args.model.resolve()?;
+    // A local directory needs only its config.json (weights may be absent).
+    let local_config = std::path::Path::new(&args.model.model).join("config.json");
+    let (model_dir, cfg) = if local_config.is_file() {
+        let cfg =
+            ModelConfig::from_file(&local_config).with_context(|| format!("reading {}", local_config.display()))?;
+        (std::path::PathBuf::from(&args.model.model), cfg)
+    } else {
+        let (files, cfg) = args.model.resolve()?;
+        (files.dir, cfg)
+    };
     let dtype = args.model.dtype()?;
     let sizes = model_sizes(&cfg);
     let router = match &cfg.moe {
@@ -38,7 +49,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let mha_bytes = sizes.mha_values_per_token_per_layer * cfg.num_hidden_layers * dtype.size_in_bytes();
     if args.json {
         let v = serde_json::json!({
-            "model": files.dir,
+            "model": model_dir,
             "architecture": cfg.architecture.hf_name(),
             "dtype": args.model.dtype,
             "saved_dtype": cfg.saved_dtype,
@@ -55,13 +66,14 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             "sizes": sizes,
             "kv_bytes_per_token": kv_bytes,
             "mha_kv_bytes_per_token": mha_bytes,
+            "kv_tokens_per_gib": (1u64 << 30) / kv_bytes.max(1) as u64,
             "rope": { "theta": cfg.rope.theta, "yarn_factor": cfg.rope.yarn.as_ref().map(|y| y.factor) },
             "max_position_embeddings": cfg.max_position_embeddings,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("model:         {}", files.dir.display());
+    println!("model:         {}", model_dir.display());
     println!("architecture:  {}", cfg.architecture.hf_name());
     println!(
         "dtype:         {} (saved as {})",
@@ -126,6 +138,11 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         args.model.dtype,
         mha_bytes,
         mha_bytes as f64 / kv_bytes as f64
+    );
+    println!(
+        "               {} tokens of history per GiB of cache ({} with plain MHA)",
+        (1u64 << 30) / kv_bytes.max(1) as u64,
+        (1u64 << 30) / mha_bytes.max(1) as u64
     );
     Ok(())
 }
