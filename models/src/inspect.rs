@@ -100,7 +100,9 @@ mod tests {
         ];
         let mut found = std::fs::read_dir(&dir)
             .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .map(|e| e.unwrap())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().into_string().unwrap())
             .collect::<Vec<_>>();
         found.sort();
         let mut listed: Vec<String> = cards.iter().map(|c| c.0.to_string()).collect();
