@@ -1,11 +1,8 @@
 //! The `moe` binary: parses the command line and dispatches to a subcommand. Errors are
 //! printed as one readable chain on stderr with a non-zero exit code, never a panic trace.
 
-mod chat_template;
-mod cli;
-mod serve;
-
 use clap::Parser;
+use moe_server::cli;
 
 fn main() {
     let args = cli::Cli::parse();
