@@ -57,6 +57,18 @@ impl ApiError {
         }
     }
 
+    /// The client did not send its request body in time.
+    pub fn timeout(limit: std::time::Duration) -> Self {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("the request body did not arrive within {} s", limit.as_secs()),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+            retry_after_secs: None,
+        }
+    }
+
     pub fn overloaded(waiting: usize) -> Self {
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,

@@ -6,8 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -32,14 +31,23 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(limit)
-        } else {
-            ApiError::bad_request(format!("cannot read the request body: {e}"), None)
+/// Reads the whole request body within the body deadline and size limit: 408 for a client
+/// too slow to send it (a slow-loris), 413 for one too large, 400 for a broken one.
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.max_body_bytes;
+    match tokio::time::timeout(state.body_read_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::timeout(state.body_read_timeout)),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let too_large =
+                std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            Err(if too_large {
+                ApiError::too_large(limit)
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"), None)
+            })
         }
-    })
+    }
 }
 
 impl AppState {
@@ -237,15 +245,15 @@ fn sse_response(
         .into_response()
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
     match completions_inner(state, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn completions_inner(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = body_or_error(body, state.max_body_bytes)?;
+async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
+    let body = read_body(&state, body).await?;
     let req: CompletionRequest = parse_body(&body)?;
     state.check_model(&req.model)?;
     let prompt = match req.prompt {
@@ -310,15 +318,15 @@ async fn completions_inner(state: Arc<AppState>, body: Result<Bytes, BytesReject
     ))
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
     match chat_inner(state, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat_inner(state: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = body_or_error(body, state.max_body_bytes)?;
+async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
+    let body = read_body(&state, body).await?;
     let req: ChatRequest = parse_body(&body)?;
     state.check_model(&req.model)?;
     let template = state.chat_template.as_ref().ok_or_else(|| {

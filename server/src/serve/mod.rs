@@ -3,11 +3,13 @@
 
 mod error;
 mod handlers;
+mod listener;
 mod metrics;
 mod protocol;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -22,6 +24,7 @@ use moe_engine::{Engine, TextTokenizer};
 use super::cli::{EngineArgs, ModelArgs};
 use crate::chat_template::ChatTemplate;
 use error::ApiError;
+use listener::{ConnectionLimits, Drain};
 use metrics::Metrics;
 
 #[derive(Debug, Args)]
@@ -47,6 +50,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub api_key: Option<String>,
 
+    /// Serve /metrics without the API key (for a Prometheus scraper on a trusted network).
+    #[arg(long)]
+    pub public_metrics: bool,
+
     /// Waiting requests at most; beyond it new requests get 503 with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
@@ -54,6 +61,23 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 8 << 20)]
     pub max_body_bytes: usize,
+
+    /// Largest request head (request line and headers) accepted, in bytes; larger get 431.
+    #[arg(long, default_value_t = 64 << 10)]
+    pub max_header_bytes: usize,
+
+    /// Seconds a client has to send its request head; slower connections are closed.
+    #[arg(long, default_value_t = 10)]
+    pub header_read_timeout: u64,
+
+    /// Seconds a client has to send its whole request body; slower ones get 408.
+    #[arg(long, default_value_t = 30)]
+    pub body_read_timeout: u64,
+
+    /// Seconds requests in flight may take to finish after SIGTERM/SIGINT before the server
+    /// exits anyway.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout: u64,
 
     /// Fraction of GPU memory for weights and KV cache (used by the CUDA build; ignored on
     /// the CPU, where --kv-cache-memory sizes the cache).
@@ -71,6 +95,7 @@ pub struct AppState {
     pub vocab_size: usize,
     pub max_waiting: usize,
     pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
     pub started: u64,
     pub metrics: Metrics,
 }
@@ -117,15 +142,22 @@ async fn method_not_allowed() -> Response {
     .into_response()
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    let protected = Router::new()
+pub fn router(state: Arc<AppState>, public_metrics: bool) -> Router {
+    let mut protected = Router::new()
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
-        .route("/v1/models", get(handlers::models))
-        .route("/metrics", get(handlers::metrics))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+        .route("/v1/models", get(handlers::models));
+    let metrics = Router::new().route("/metrics", get(handlers::metrics));
+    let open = if public_metrics {
+        metrics
+    } else {
+        protected = protected.merge(metrics);
+        Router::new()
+    };
+    let protected = protected.route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(protected)
+        .merge(open)
         .route("/health", get(handlers::health))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -181,6 +213,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         vocab_size,
         max_waiting: args.max_waiting,
         max_body_bytes: args.max_body_bytes,
+        body_read_timeout: Duration::from_secs(args.body_read_timeout),
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -199,10 +232,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // One machine-readable line so scripts and tests can find the port (with --port 0).
         println!("moe serve: listening on http://{local}");
         tracing::info!("serving {} on http://{local}", state.model_name);
-        axum::serve(listener, router(state.clone()))
-            .with_graceful_shutdown(shutdown_signal())
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(args.header_read_timeout),
+            max_header_bytes: args.max_header_bytes,
+            max_headers: 100,
+            drain_timeout: Duration::from_secs(args.drain_timeout),
+        };
+        let app = router(state.clone(), args.public_metrics);
+        match listener::serve(listener, app, limits, shutdown_signal())
             .await
-            .context("the HTTP server failed")?;
+            .context("the HTTP server failed")?
+        {
+            Drain::Complete => tracing::info!("all requests finished; exiting"),
+            Drain::TimedOut => tracing::warn!(
+                "--drain-timeout {} s ran out with requests in flight; exiting anyway",
+                args.drain_timeout
+            ),
+        }
         anyhow::Ok(())
     })?;
     Ok(())
