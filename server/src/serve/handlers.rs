@@ -39,8 +39,7 @@ async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
         Err(_) => Err(ApiError::timeout(state.body_read_timeout)),
         Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(e)) => {
-            let too_large =
-                std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             Err(if too_large {
                 ApiError::too_large(limit)
             } else {
@@ -256,6 +255,15 @@ async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response,
     let body = read_body(&state, body).await?;
     let req: CompletionRequest = parse_body(&body)?;
     state.check_model(&req.model)?;
+    let is_empty_text = match &req.prompt {
+        PromptInput::Text(t) => t.is_empty(),
+        PromptInput::Texts(v) => v.len() == 1 && v[0].is_empty(),
+        _ => false,
+    };
+    if is_empty_text {
+        // Only a BOS token would remain: refuse rather than generate from nothing.
+        return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+    }
     let prompt = match req.prompt {
         PromptInput::Text(t) => state.encode(&t)?,
         PromptInput::Ids(ids) => ids,
@@ -345,6 +353,12 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
     if req.top_logprobs.is_some() && !req.logprobs {
         return Err(ApiError::bad_request(
             "top_logprobs needs logprobs: true",
+            Some("top_logprobs"),
+        ));
+    }
+    if let Some(t) = req.top_logprobs.filter(|&t| t > 20) {
+        return Err(ApiError::bad_request(
+            format!("top_logprobs must be at most 20, got {t}"),
             Some("top_logprobs"),
         ));
     }

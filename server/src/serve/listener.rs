@@ -21,7 +21,8 @@ use tower::ServiceExt;
 pub struct ConnectionLimits {
     /// A client must send its whole request head (request line and headers) within this.
     pub header_read_timeout: Duration,
-    /// Bytes of request head buffered at most; larger heads are refused with 431.
+    /// Bytes of request head: hyper buffers up to twice this (a backstop that answers a bare
+    /// 431); the router refuses heads above it with an OpenAI-style 431.
     pub max_header_bytes: usize,
     /// Header lines per request at most; more are refused with 431.
     pub max_headers: usize,
@@ -51,11 +52,12 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         // hyper needs at least 8 KiB of buffer.
-        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_buf_size(limits.max_header_bytes.saturating_mul(2).max(8192))
         .max_headers(limits.max_headers);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(
-        u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
-    );
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -71,7 +73,9 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let service = app.clone().map_request(|request: Request<Incoming>| request.map(axum::body::Body::new));
+        let service = app
+            .clone()
+            .map_request(|request: Request<Incoming>| request.map(axum::body::Body::new));
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
             .into_owned();

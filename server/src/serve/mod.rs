@@ -95,6 +95,7 @@ pub struct AppState {
     pub vocab_size: usize,
     pub max_waiting: usize,
     pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
     pub body_read_timeout: Duration,
     pub started: u64,
     pub metrics: Metrics,
@@ -122,6 +123,32 @@ async fn require_key(State(state): State<Arc<AppState>>, request: Request, next:
         if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
             return ApiError::unauthorized().into_response();
         }
+    }
+    next.run(request).await
+}
+
+/// Refuses a request head larger than `--max-header-bytes` with a JSON 431 (hyper itself cuts
+/// off heads far beyond it, without a body).
+async fn limit_headers(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let head_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + request.uri().to_string().len();
+    if head_bytes > state.max_header_bytes {
+        return ApiError {
+            status: axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            code: Some("headers_too_large"),
+            ..ApiError::bad_request(
+                format!(
+                    "request headers are {head_bytes} bytes, more than the {} allowed",
+                    state.max_header_bytes
+                ),
+                None,
+            )
+        }
+        .into_response();
     }
     next.run(request).await
 }
@@ -162,6 +189,7 @@ pub fn router(state: Arc<AppState>, public_metrics: bool) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), limit_headers))
         .with_state(state)
 }
 
@@ -213,6 +241,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         vocab_size,
         max_waiting: args.max_waiting,
         max_body_bytes: args.max_body_bytes,
+        max_header_bytes: args.max_header_bytes,
         body_read_timeout: Duration::from_secs(args.body_read_timeout),
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
