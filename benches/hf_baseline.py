@@ -403,38 +403,58 @@ def run_batch(gen: Generator, prompts: list[list[int]], records: list[Record]):
     return new
 
 
-def run_prompts(gen: Generator, prompts: list[list[int]], c: int) -> tuple[list[Record], float]:
+class Window:
+    """The timed part of a run: wall clock and the energy counter, read together."""
+
+    def __init__(self, gen: Generator, energy: Energy):
+        self.gen, self.energy = gen, energy
+
+    def __enter__(self):
+        self.gen.sync()
+        self.e0 = self.energy.read_mj()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.gen.sync()
+        self.duration = time.perf_counter() - self.start
+        self.e1 = self.energy.read_mj()
+
+
+def run_prompts(gen: Generator, energy: Energy, prompts: list[list[int]], c: int):
     gen.run(prompts[:c], max_new=min(2, gen.output_len))  # warm-up
     records = [Record(len(p)) for p in prompts]
-    gen.sync()
-    start = time.perf_counter()
-    for i in range(0, len(prompts), c):
-        run_batch(gen, prompts[i:i + c], records[i:i + c])
-    return records, time.perf_counter() - start
+    with Window(gen, energy) as w:
+        for i in range(0, len(prompts), c):
+            run_batch(gen, prompts[i:i + c], records[i:i + c])
+    return records, w
 
 
-def run_agent(gen: Generator, prefix, new, c: int) -> tuple[list[Record], float]:
-    sessions, turns = len(new), len(new[0])
+def run_agent(gen: Generator, energy: Energy, prefix, new, c: int):
+    sessions = len(new)
     gen.run([prefix + new[s][0] for s in range(min(c, sessions))],
             max_new=min(2, gen.output_len))  # warm-up
     records: list[Record] = []
-    gen.sync()
-    start = time.perf_counter()
-    for g in range(0, sessions, c):
-        group = list(range(g, min(g + c, sessions)))
-        history = {s: list(prefix) for s in group}  # everything before this turn's new ids
-        alive = list(group)
-        for t in range(turns):
-            prompts = [history[s] + new[s][t] for s in alive]
-            recs = [Record(len(p)) for p in prompts]
-            records += recs
-            replies = run_batch(gen, prompts, recs)
-            if replies is None:  # the failed sessions' later turns fail too
-                records += [Record(0) for _ in alive for _ in range(t + 1, turns)]
-                break
-            for s, prompt, reply in zip(alive, prompts, replies):
-                history[s] = prompt + reply
-    return records, time.perf_counter() - start
+    with Window(gen, energy) as w:
+        for g in range(0, sessions, c):
+            run_group(gen, prefix, new, list(range(g, min(g + c, sessions))), records)
+    return records, w
+
+
+def run_group(gen: Generator, prefix, new, group: list[int], records: list[Record]) -> None:
+    """Advance these sessions through all their turns, one turn per batch."""
+    turns = len(new[0])
+    history = {s: list(prefix) for s in group}  # everything before this turn's new ids
+    for t in range(turns):
+        prompts = [history[s] + new[s][t] for s in group]
+        recs = [Record(len(p)) for p in prompts]
+        records += recs
+        replies = run_batch(gen, prompts, recs)
+        if replies is None:  # the batch failed: these sessions' later turns fail too
+            records += [Record(0) for _ in group for _ in range(t + 1, turns)]
+            return
+        for s, prompt, reply in zip(group, prompts, replies):
+            history[s] = prompt + reply
 
 
 # --------------------------------------------------------------------------------------
@@ -540,13 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for c in a.concurrency:
         print(f"{TOOL}: concurrency {c} ...", file=sys.stderr)
-        e0 = energy.read_mj()
         if a.workload == "agent":
-            records, duration = run_agent(gen, prompts[0], prompts[1], c)
+            records, w = run_agent(gen, energy, prompts[0], prompts[1], c)
         else:
-            records, duration = run_prompts(gen, prompts, c)
-        e1 = energy.read_mj()
-        runs.append(run_json(c, records, duration, a.output_len, (e0, e1)))
+            records, w = run_prompts(gen, energy, prompts, c)
+        runs.append(run_json(c, records, w.duration, a.output_len, (w.e0, w.e1)))
 
     report = {
         "schema": SCHEMA,
