@@ -10,6 +10,7 @@ pub mod forward;
 pub mod inspect;
 pub mod layers;
 pub mod loader;
+pub mod synthetic;
 
 pub use config::{Architecture, ModelConfig};
 pub use deepseek::DeepseekModel;

@@ -183,14 +183,24 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Memory-mapped safetensors, fetched by name with shape checks and dtype conversion.
+/// A model's weights fetched by name with shape checks and dtype conversion: from
+/// memory-mapped safetensors, or made up on the device for synthetic models.
 pub struct Weights {
-    tensors: MmapedSafetensors,
-    /// Tensor name -> (shape, dtype name), from the headers.
-    index: HashMap<String, (Vec<usize>, String)>,
-    dir: PathBuf,
+    source: WeightSource,
     device: Device,
     dtype: DType,
+}
+
+enum WeightSource {
+    Checkpoint {
+        tensors: MmapedSafetensors,
+        /// Tensor name -> (shape, dtype name), from the headers.
+        index: HashMap<String, (Vec<usize>, String)>,
+        dir: PathBuf,
+    },
+    /// Every tensor asked for is generated: normal with std `1/sqrt(fan_in)` for matrices,
+    /// ones for norm scales, zeros for biases (what a freshly initialised model holds).
+    Random,
 }
 
 impl Weights {
@@ -211,12 +221,26 @@ impl Weights {
             index.insert(name, (view.shape().to_vec(), format!("{:?}", view.dtype())));
         }
         Ok(Weights {
-            tensors,
-            index,
-            dir: files.dir.clone(),
+            source: WeightSource::Checkpoint {
+                tensors,
+                index,
+                dir: files.dir.clone(),
+            },
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// Weights generated on `device` as they are asked for (synthetic models: real shapes,
+    /// no files). `seed` seeds the device generator where it can be seeded (CUDA); the CPU
+    /// generator cannot be, so CPU synthetic weights differ from run to run.
+    pub fn random(dtype: DType, device: &Device, seed: u64) -> Self {
+        let _ = device.set_seed(seed);
+        Weights {
+            source: WeightSource::Random,
+            device: device.clone(),
+            dtype,
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -228,18 +252,29 @@ impl Weights {
         self.dtype
     }
 
+    /// Whether the checkpoint has `name`. Random weights have exactly what the model asks
+    /// for, plus a (zero) routing correction bias, as a freshly made V3 has.
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        match &self.source {
+            WeightSource::Checkpoint { index, .. } => index.contains_key(name),
+            WeightSource::Random => name.ends_with("e_score_correction_bias"),
+        }
     }
 
     /// Shape of a tensor as stored, if present.
     pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
-        self.index.get(name).map(|(s, _)| s.as_slice())
+        match &self.source {
+            WeightSource::Checkpoint { index, .. } => index.get(name).map(|(s, _)| s.as_slice()),
+            WeightSource::Random => None,
+        }
     }
 
     /// Names of all tensors in the checkpoint (sorted), for diagnostics and inspection.
     pub fn names(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        let WeightSource::Checkpoint { index, .. } = &self.source else {
+            return Vec::new();
+        };
+        let mut v: Vec<&str> = index.keys().map(String::as_str).collect();
         v.sort_unstable();
         v
     }
@@ -251,9 +286,13 @@ impl Weights {
 
     /// Loads `name`, checks it has `shape`, converts to `dtype`.
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let (found, stored) = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
+        let (tensors, index, dir) = match &self.source {
+            WeightSource::Checkpoint { tensors, index, dir } => (tensors, index, dir),
+            WeightSource::Random => return self.random_tensor(name, shape, dtype),
+        };
+        let (found, stored) = index.get(name).ok_or_else(|| ModelError::MissingTensor {
             name: name.to_string(),
-            dir: self.dir.clone(),
+            dir: dir.clone(),
         })?;
         if found.as_slice() != shape {
             return Err(ModelError::TensorShape {
@@ -269,14 +308,24 @@ impl Weights {
                 reason: "weights must be f32, f16 or bf16".into(),
             });
         }
-        let t = self
-            .tensors
-            .load(name, &self.device)
-            .map_err(|e| ModelError::Checkpoint {
-                path: self.dir.clone(),
-                message: format!("tensor `{name}`: {e}"),
-            })?;
+        let t = tensors.load(name, &self.device).map_err(|e| ModelError::Checkpoint {
+            path: dir.clone(),
+            message: format!("tensor `{name}`: {e}"),
+        })?;
         Ok(t.to_dtype(dtype)?)
+    }
+
+    fn random_tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, dtype, &self.device)?
+        } else if name.ends_with("bias") || shape.len() < 2 {
+            Tensor::zeros(shape, dtype, &self.device)?
+        } else {
+            let fan_in = *shape.last().expect("matrices have a last dimension");
+            let std = 1.0 / (fan_in as f32).sqrt();
+            Tensor::randn(0f32, std, shape, &self.device)?.to_dtype(dtype)?
+        };
+        Ok(t)
     }
 }
 

@@ -94,12 +94,12 @@ enum StopField {
     Many(Vec<String>),
 }
 
-fn encode(tokenizer: Option<&TextTokenizer>, text: &str, model_dir: &std::path::Path) -> anyhow::Result<Vec<u32>> {
+fn encode(tokenizer: Option<&TextTokenizer>, text: &str, model: &str) -> anyhow::Result<Vec<u32>> {
     match tokenizer {
         Some(t) => Ok(t.encode(text)?),
         None => anyhow::bail!(
             "a text prompt needs a tokenizer, but {} has no tokenizer.json; pass token ids instead",
-            model_dir.display()
+            model
         ),
     }
 }
@@ -122,7 +122,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ignore_eos: args.ignore_eos,
         ..Default::default()
     };
-    let dir = loaded.files.dir.clone();
+    let model_name = loaded.name.clone();
     let mut requests = Vec::new();
     if let Some(path) = &args.prompts_file {
         let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -134,7 +134,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             let where_ = || format!("{} line {}", path.display(), n + 1);
             let p: PromptLine = serde_json::from_str(&line).with_context(where_)?;
             let prompt = match (p.prompt, p.prompt_ids) {
-                (Some(text), None) => encode(tokenizer.as_deref(), &text, &dir).with_context(where_)?,
+                (Some(text), None) => encode(tokenizer.as_deref(), &text, &model_name).with_context(where_)?,
                 (None, Some(ids)) => ids,
                 _ => anyhow::bail!("{}: give exactly one of \"prompt\" and \"prompt_ids\"", where_()),
             };
@@ -162,7 +162,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     } else {
         let prompt = match (&args.prompt, &args.prompt_ids) {
-            (Some(text), _) => encode(tokenizer.as_deref(), text, &dir)?,
+            (Some(text), _) => encode(tokenizer.as_deref(), text, &model_name)?,
             (None, Some(ids)) => parse_ids(ids)?,
             (None, None) => anyhow::bail!("pass --prompt, --prompt-ids or --prompts-file"),
         };

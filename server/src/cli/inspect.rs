@@ -31,7 +31,10 @@ fn human(n: u64) -> String {
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     // A local directory needs only its config.json (weights may be absent).
     let local_config = std::path::Path::new(&args.model.model).join("config.json");
-    let (model_dir, cfg) = if local_config.is_file() {
+    let (model_dir, cfg) = if let Some(name) = moe_models::synthetic::synthetic_name(&args.model.model) {
+        let cfg = moe_models::synthetic::synthetic_config(name, args.model.num_layers)?;
+        (std::path::PathBuf::from(&args.model.model), cfg)
+    } else if local_config.is_file() {
         let cfg =
             ModelConfig::from_file(&local_config).with_context(|| format!("reading {}", local_config.display()))?;
         (std::path::PathBuf::from(&args.model.model), cfg)

@@ -8,14 +8,21 @@ use candle_core::{DType, Device};
 use clap::Args;
 use moe_engine::TextTokenizer;
 use moe_models::deepseek::LoadOptions;
+use moe_models::synthetic::{synthetic_config, synthetic_name};
 use moe_models::{parse_dtype, DeepseekModel, ModelConfig, ModelFiles, RouterSpec, Weights};
 
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A local model directory, or a Hugging Face repo id (org/name[@revision]); repo files
-    /// come from the Hugging Face cache when present, else they are downloaded.
+    /// A local model directory, a Hugging Face repo id (org/name[@revision]; repo files come
+    /// from the Hugging Face cache when present, else they are downloaded), or
+    /// synthetic:NAME for a released model's real shapes with random weights made on the
+    /// device (NAME: deepseek-v2-lite, deepseek-v2, deepseek-v3, kimi-k2, moonlight-16b-a3b).
     #[arg(long)]
     pub model: String,
+
+    /// Keep only the first N layers of a synthetic model (quick runs at real widths).
+    #[arg(long)]
+    pub num_layers: Option<usize>,
 
     /// Compute dtype: f32, bf16 or f16 (weights on disk may be any of these).
     #[arg(long, default_value = "f32")]
@@ -33,7 +40,10 @@ pub struct ModelArgs {
 }
 
 pub struct LoadedModel {
-    pub files: ModelFiles,
+    /// The checkpoint's files (`None` for a synthetic model).
+    pub files: Option<ModelFiles>,
+    /// What `--model` named, for messages.
+    pub name: String,
     pub model: DeepseekModel,
     pub tokenizer: Option<TextTokenizer>,
 }
@@ -72,8 +82,21 @@ impl ModelArgs {
 
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let (dtype, device, router) = (self.dtype()?, self.device()?, self.router()?);
-        let (files, config) = self.resolve()?;
-        let weights = Weights::open(&files, dtype, &device)?;
+        let (files, config, weights) = match synthetic_name(&self.model) {
+            Some(name) => {
+                let config =
+                    synthetic_config(name, self.num_layers).with_context(|| format!("--model {}", self.model))?;
+                (None, config, Weights::random(dtype, &device, 0))
+            }
+            None => {
+                if self.num_layers.is_some() {
+                    anyhow::bail!("--num-layers applies to synthetic:NAME models only");
+                }
+                let (files, config) = self.resolve()?;
+                let weights = Weights::open(&files, dtype, &device)?;
+                (Some(files), config, weights)
+            }
+        };
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(config.num_hidden_layers as u64);
             if let Ok(style) =
@@ -87,20 +110,21 @@ impl ModelArgs {
             .clone()
             .map(|b| std::sync::Arc::new(move |done: usize, _total: usize| b.set_position(done as u64)) as _);
         let model = DeepseekModel::load(&config, &weights, &LoadOptions { router, progress })
-            .with_context(|| format!("loading {}", files.dir.display()))?;
+            .with_context(|| format!("loading {}", self.model))?;
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        let tokenizer = match &files.tokenizer {
-            Some(t) => Some(TextTokenizer::load(
+        let tokenizer = match files.as_ref().and_then(|f| f.tokenizer.as_ref().map(|t| (f, t))) {
+            Some((f, t)) => Some(TextTokenizer::load(
                 t,
-                files.tokenizer_config.as_deref(),
-                files.generation_config.as_deref(),
+                f.tokenizer_config.as_deref(),
+                f.generation_config.as_deref(),
             )?),
             None => None,
         };
         Ok(LoadedModel {
             files,
+            name: self.model.clone(),
             model,
             tokenizer,
         })

@@ -217,11 +217,14 @@ async fn shutdown_signal() {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let loaded = args.model.load()?;
-    let chat_template = ChatTemplate::from_model_dir(&loaded.files.dir).context("reading the chat template")?;
+    let chat_template = match &loaded.files {
+        Some(files) => ChatTemplate::from_model_dir(&files.dir).context("reading the chat template")?,
+        None => None,
+    };
     if chat_template.is_none() {
         tracing::warn!(
             "{} has no chat template: /v1/chat/completions will answer 400",
-            loaded.files.dir.display()
+            loaded.name
         );
     }
     let tokenizer = loaded.tokenizer.map(Arc::new);
