@@ -1,6 +1,7 @@
 //! The `moe` binary: parses the command line and dispatches to a subcommand. Errors are
 //! printed as one readable chain on stderr with a non-zero exit code, never a panic trace.
 
+mod bench;
 mod chat_template;
 mod cli;
 mod serve;
