@@ -15,6 +15,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use clap::Args;
 use moe_engine::{Engine, TextTokenizer};
@@ -199,6 +200,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // One machine-readable line so scripts and tests can find the port (with --port 0).
         println!("moe serve: listening on http://{local}");
         tracing::info!("serving {} on http://{local}", state.model_name);
+        // Stream each token as soon as it is written: without TCP_NODELAY, Nagle's algorithm
+        // holds small SSE events back until the client's (delayed, ~40 ms) ACK arrives.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("cannot set TCP_NODELAY: {e}");
+            }
+        });
         axum::serve(listener, router(state.clone()))
             .with_graceful_shutdown(shutdown_signal())
             .await
