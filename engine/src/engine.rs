@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use moe_models::RoutingTrace;
+
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
@@ -18,7 +20,6 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::scheduler::{NewRequest, RequestId, SampledToken, Scheduler, SchedulerConfig};
 use crate::stop::StopStrings;
 use crate::tokenizer::TextTokenizer;
-use moe_models::RoutingTrace;
 
 /// Why a request stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -187,24 +187,22 @@ impl Backend for HttpBackend {
         self.complete(prompt, max_tokens)
     }
 
-    fn counters(&self) -> impl Future<Output = Counters> + Send {
-        async move {
-            let Some(m) = self.scrape().await else {
-                return Counters::default();
-            };
-            let get = |name: &str| m.get(name).copied();
-            Counters {
-                kv_blocks_used: get("moe_kv_cache_blocks_used"),
-                kv_blocks_total: get("moe_kv_cache_blocks_total"),
-                preemptions: get("moe_preemptions_total").map(|v| v as u64),
-                prefix_cache_queries: get("moe_prefix_cache_queries_total").map(|v| v as u64),
-                prefix_cache_hits: get("moe_prefix_cache_hits_total").map(|v| v as u64),
-            }
+    async fn counters(&self) -> Counters {
+        let Some(m) = self.scrape().await else {
+            return Counters::default();
+        };
+        let get = |name: &str| m.get(name).copied();
+        Counters {
+            kv_blocks_used: get("moe_kv_cache_blocks_used"),
+            kv_blocks_total: get("moe_kv_cache_blocks_total"),
+            preemptions: get("moe_preemptions_total").map(|v| v as u64),
+            prefix_cache_queries: get("moe_prefix_cache_queries_total").map(|v| v as u64),
+            prefix_cache_hits: get("moe_prefix_cache_hits_total").map(|v| v as u64),
         }
     }
 
     fn sample_every(&self) -> Duration {
-        Duration::from_millis(100)
+        Duration::from_millis(25)
     }
 }
 

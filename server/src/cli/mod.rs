@@ -38,7 +38,7 @@ pub enum Command {
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(crate::serve::ServeArgs),
     /// Benchmark throughput, latency and energy: the engine in process, or `bench serve --url`.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -59,7 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Serve(a) => crate::serve::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => bench::run(*a),
     }
 }
 
