@@ -16,7 +16,7 @@ use crate::bench::http::HttpBackend;
 use crate::bench::in_process::InProcessBackend;
 use crate::bench::load::LoadPolicy;
 use crate::bench::report::{now_rfc3339, write_table, BenchReport, DeviceInfo, ModelInfo, WorkloadInfo, SCHEMA};
-use crate::bench::workload::{Workload, WorkloadKind, WorkloadSpec};
+use crate::bench::workload::{Workload, WorkloadKind, WorkloadSpec, LOWEST_TOKEN_ID};
 use crate::bench::{plot, run_suite, RunHooks};
 
 #[derive(Debug, Args)]
@@ -302,6 +302,7 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
         }
     };
     let backend = Arc::new(InProcessBackend { engine: engine.clone() });
+    let started_at = now_rfc3339();
     let runs = runtime()?.block_on(async {
         if !options.no_warmup {
             warm_up(&*backend, &workload).await?;
@@ -325,7 +326,7 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
     let report = BenchReport {
         schema: SCHEMA,
         tool: "moe bench",
-        started_at: now_rfc3339(),
+        started_at,
         device,
         model: ModelInfo {
             name: model_args.model.clone(),
@@ -344,9 +345,10 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
     emit(&report, &options, workload.sessions.len())
 }
 
-/// One short request so the first run does not pay for cold caches and lazy setup.
+/// One short request so the first run does not pay for cold caches and lazy setup. Its
+/// prompt is not a prefix of the workload's, so it seeds no prefix-cache hits.
 async fn warm_up<B: crate::bench::load::Backend>(backend: &B, workload: &Workload) -> anyhow::Result<()> {
-    let prompt = workload.sessions[0].first_prompt.clone();
+    let prompt = vec![LOWEST_TOKEN_ID; 8];
     backend
         .send(prompt, workload.spec.output_len.min(4))
         .await
