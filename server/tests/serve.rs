@@ -187,6 +187,7 @@ async fn every_generated_token_gets_its_own_chunk() {
     // The fixture's tokenizer splits multi-byte characters over several tokens, so some
     // tokens have empty text; each still gets a chunk, and `return_token_ids` names it.
     let server = Server::start(&[]);
+    let mut empty_text_tokens = 0;
     for prompt in golden(&model_dir()).0 {
         let body = json!({"model": NAME, "prompt": prompt, "temperature": 0, "max_tokens": 24, "ignore_eos": true,
                           "return_token_ids": true});
@@ -208,6 +209,7 @@ async fn every_generated_token_gets_its_own_chunk() {
         assert_eq!(closing["choices"][0]["finish_reason"], "length");
         assert_eq!(closing["choices"][0]["token_ids"], json!([]));
         assert_eq!(token_chunks.len(), 24, "one chunk per token");
+        empty_text_tokens += token_chunks.iter().filter(|c| c["choices"][0]["text"] == "").count();
         let streamed: Vec<u64> = token_chunks
             .iter()
             .map(|c| {
@@ -218,6 +220,7 @@ async fn every_generated_token_gets_its_own_chunk() {
             .collect();
         assert_eq!(streamed, want);
     }
+    assert!(empty_text_tokens > 0, "the case this test is about never came up");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
