@@ -10,8 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use moe_models::RoutingTrace;
+
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::error::{EngineError, Result};
+use crate::expert_load::ExpertLoad;
 use crate::runner::ModelRunner;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::scheduler::{NewRequest, RequestId, SampledToken, Scheduler, SchedulerConfig};
@@ -175,6 +178,9 @@ pub struct Engine {
     eos_ids: Vec<u32>,
     /// Streams carry text (the engine was given a tokenizer).
     has_tokenizer: bool,
+    /// Expert-load counters, `Some` once [`Engine::enable_expert_load_stats`] was called.
+    expert_load: Arc<Mutex<Option<ExpertLoad>>>,
+    num_routed_experts: usize,
 }
 
 impl Engine {
@@ -201,6 +207,9 @@ impl Engine {
             );
         }
         let has_tokenizer = tokenizer.is_some();
+        let num_routed_experts = model_config.moe.as_ref().map_or(0, |m| m.n_routed_experts);
+        let expert_load = Arc::new(Mutex::new(None));
+        let loop_expert_load = expert_load.clone();
         let stats = Arc::new(Mutex::new(EngineStats {
             blocks_total: runner.num_blocks(),
             ..Default::default()
@@ -220,6 +229,7 @@ impl Engine {
                     stats: loop_stats,
                     pending: loop_pending,
                     totals: EngineStats::default(),
+                    expert_load: loop_expert_load,
                 };
                 l.run(inbox)
             })
@@ -234,7 +244,22 @@ impl Engine {
             vocab_size,
             eos_ids,
             has_tokenizer,
+            expert_load,
+            num_routed_experts,
         })
+    }
+
+    /// Starts (or restarts from zero) counting the tokens each MoE layer routes to each
+    /// expert. Off by default: tracing costs a copy of every step's expert ids.
+    pub fn enable_expert_load_stats(&self) {
+        if let Ok(mut l) = self.expert_load.lock() {
+            *l = Some(ExpertLoad::new(self.num_routed_experts));
+        }
+    }
+
+    /// The expert-load counts since [`Engine::enable_expert_load_stats`]; `None` when off.
+    pub fn expert_load(&self) -> Option<ExpertLoad> {
+        self.expert_load.lock().ok().and_then(|l| l.clone())
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -336,6 +361,7 @@ struct StepLoop {
     stats: Arc<Mutex<EngineStats>>,
     pending: Arc<AtomicUsize>,
     totals: EngineStats,
+    expert_load: Arc<Mutex<Option<ExpertLoad>>>,
 }
 
 impl StepLoop {
@@ -397,7 +423,16 @@ impl StepLoop {
             return Ok(());
         }
         self.totals.steps += 1;
-        let logits = self.runner.execute(&plan, None)?;
+        let counting = self.expert_load.lock().is_ok_and(|l| l.is_some());
+        let trace = counting.then(RoutingTrace::default);
+        let logits = self.runner.execute(&plan, trace.as_ref())?;
+        if let (Some(trace), Ok(mut load)) = (trace, self.expert_load.lock()) {
+            if let Some(load) = load.as_mut() {
+                for (layer, ids) in trace.take() {
+                    load.record(layer, &ids);
+                }
+            }
+        }
         let mut sampled = Vec::with_capacity(logits.len());
         let mut disconnected = Vec::new();
         for (id, row) in logits {

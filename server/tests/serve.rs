@@ -183,6 +183,47 @@ async fn streamed_and_whole_responses_agree() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_generated_token_gets_its_own_chunk() {
+    // The fixture's tokenizer splits multi-byte characters over several tokens, so some
+    // tokens have empty text; each still gets a chunk, and `return_token_ids` names it.
+    let server = Server::start(&[]);
+    let mut empty_text_tokens = 0;
+    for prompt in golden(&model_dir()).0 {
+        let body = json!({"model": NAME, "prompt": prompt, "temperature": 0, "max_tokens": 24, "ignore_eos": true,
+                          "return_token_ids": true});
+        let whole = server.ok("/v1/completions", &body).await;
+        let want: Vec<u64> = whole["choices"][0]["token_ids"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no token_ids: {whole}"))
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(want.len(), 24);
+        let mut sbody = body.clone();
+        sbody["stream"] = json!(true);
+        sbody["stream_options"] = json!({"include_usage": true});
+        let chunks = stream_chunks(&server, "/v1/completions", &sbody).await;
+        let (usage_chunk, choice_chunks) = chunks.split_last().unwrap();
+        assert_eq!(usage_chunk["usage"]["completion_tokens"], 24);
+        let (closing, token_chunks) = choice_chunks.split_last().unwrap();
+        assert_eq!(closing["choices"][0]["finish_reason"], "length");
+        assert_eq!(closing["choices"][0]["token_ids"], json!([]));
+        assert_eq!(token_chunks.len(), 24, "one chunk per token");
+        empty_text_tokens += token_chunks.iter().filter(|c| c["choices"][0]["text"] == "").count();
+        let streamed: Vec<u64> = token_chunks
+            .iter()
+            .map(|c| {
+                let ids = c["choices"][0]["token_ids"].as_array().unwrap();
+                assert_eq!(ids.len(), 1, "{c}");
+                ids[0].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(streamed, want);
+    }
+    assert!(empty_text_tokens > 0, "the case this test is about never came up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn n_choices_with_a_seed_are_reproducible() {
     let server = Server::start(&[]);
     let body = json!({"model": NAME, "prompt": [5, 6, 7], "n": 2, "seed": 7, "temperature": 1.0,

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use super::engine_args::EngineArgs;
 use super::{parse_ids, ModelArgs};
+use crate::bench::report::ExpertLoadReport;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -70,6 +71,11 @@ pub struct GenerateArgs {
     /// Print one JSON object per request: {"token_ids", "text", "finish_reason"}.
     #[arg(long)]
     pub json: bool,
+
+    /// After the run, write the tokens each MoE layer routed to each expert as JSON:
+    /// {"layers": [{"layer", "tokens_per_expert", "imbalance"}], "mean_imbalance", "max_imbalance"}.
+    #[arg(long)]
+    pub routing_stats: Option<PathBuf>,
 }
 
 /// One line of `--prompts-file`.
@@ -174,6 +180,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
     let (runner, config) = args.engine.build(loaded.model)?;
     let engine = Engine::start(runner, tokenizer.clone(), config)?;
+    if args.routing_stats.is_some() {
+        engine.enable_expert_load_stats();
+    }
     let mut streams = Vec::with_capacity(requests.len());
     for (n, r) in requests.into_iter().enumerate() {
         let s = engine.submit(r).with_context(|| format!("request {}", n + 1))?;
@@ -196,6 +205,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 out.token_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
             );
         }
+    }
+    if let Some(path) = &args.routing_stats {
+        let load = engine.expert_load().unwrap_or_default();
+        let text = serde_json::to_string_pretty(&ExpertLoadReport::of(&load))?;
+        std::fs::write(path, text + "\n").with_context(|| format!("--routing-stats: writing {}", path.display()))?;
     }
     engine.shutdown();
     Ok(())

@@ -1,5 +1,6 @@
 //! Command-line interface: subcommands and the options they share.
 
+mod bench;
 mod engine_args;
 mod generate;
 mod inspect;
@@ -36,6 +37,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(crate::serve::ServeArgs),
+    /// Benchmark throughput, latency and energy: the engine in process, or `bench serve --url`.
+    Bench(Box<bench::BenchArgs>),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -56,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Serve(a) => crate::serve::run(a),
+        Command::Bench(a) => bench::run(*a),
     }
 }
 

@@ -191,8 +191,10 @@ fn sse_event(v: &Value) -> Result<Event, Infallible> {
 }
 
 /// Streams choices as server-sent events, one chunk per choice object: first `opening`, then
-/// one per piece of output (`choice_of` builds it; pieces carrying neither text, a finish
-/// reason nor wanted logprobs are skipped), then a usage chunk when asked for, then `[DONE]`.
+/// one per piece of output (`choice_of` builds it), then a usage chunk when asked for, then
+/// `[DONE]`. Every generated token gets its own chunk even when its text is empty (a partial
+/// UTF-8 character, a special token), so clients can count tokens by chunks; the closing
+/// piece (finish reason, no token) gets one more.
 /// Each chunk is `envelope` (id, object, created, model) plus its `choices`.
 fn sse_response(
     state: &Arc<AppState>,
@@ -200,7 +202,6 @@ fn sse_response(
     envelope: Value,
     opening: Vec<Value>,
     include_usage: bool,
-    want_logprobs: bool,
     choice_of: impl Fn(usize, &RequestOutput, &AppState) -> Value + Send + 'static,
 ) -> Response {
     let mut rx = pump(state, streams);
@@ -221,7 +222,7 @@ fn sse_response(
         while let Some((i, piece)) = rx.recv().await {
             prompt_tokens = piece.usage.prompt_tokens;
             completion_tokens += piece.token_ids.len();
-            if piece.text.is_empty() && piece.finish_reason.is_none() && !want_logprobs {
+            if piece.token_ids.is_empty() && piece.text.is_empty() && piece.finish_reason.is_none() {
                 continue;
             }
             if tx
@@ -295,15 +296,22 @@ async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response,
     let id = format!("cmpl-{}", streams[0].id.0);
     let created = now_secs();
     let want_logprobs = req.logprobs.is_some();
+    let want_token_ids = req.return_token_ids;
     if !req.sampling.stream {
         let choices = collect(&state, streams).await?;
         let tok = state.tokenizer.as_deref();
         let body = json!({
             "id": id, "object": "text_completion", "created": created, "model": state.model_name,
-            "choices": choices.iter().enumerate().map(|(i, c)| json!({
-                "index": i, "text": c.text, "finish_reason": c.finish_reason,
-                "logprobs": if want_logprobs { completion_logprobs(&c.logprobs, tok) } else { Value::Null },
-            })).collect::<Vec<_>>(),
+            "choices": choices.iter().enumerate().map(|(i, c)| {
+                let mut choice = json!({
+                    "index": i, "text": c.text, "finish_reason": c.finish_reason,
+                    "logprobs": if want_logprobs { completion_logprobs(&c.logprobs, tok) } else { Value::Null },
+                });
+                if want_token_ids {
+                    choice["token_ids"] = json!(c.token_ids);
+                }
+                choice
+            }).collect::<Vec<_>>(),
             "usage": total_usage(&choices),
         });
         return Ok(Json(body).into_response());
@@ -315,13 +323,16 @@ async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response,
         envelope,
         vec![],
         req.sampling.include_usage(),
-        want_logprobs,
         move |i, piece, st| {
-            json!({
+            let mut choice = json!({
                 "index": i, "text": piece.text,
                 "finish_reason": piece.finish_reason.map(|r| r.as_str()),
                 "logprobs": if want_logprobs { completion_logprobs(&piece.logprobs, st.tokenizer.as_deref()) } else { Value::Null },
-            })
+            });
+            if want_token_ids {
+                choice["token_ids"] = json!(piece.token_ids);
+            }
+            choice
         },
     ))
 }
@@ -398,7 +409,6 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
         envelope,
         opening,
         req.sampling.include_usage(),
-        want_logprobs,
         move |i, piece, st| {
             let delta = if piece.finish_reason.is_some() && piece.text.is_empty() {
                 json!({})

@@ -73,6 +73,11 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Stream each token as soon as it is written: without TCP_NODELAY, Nagle's algorithm
+        // holds small SSE events back until the client's (delayed, ~40 ms) ACK arrives.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
         let service = app
             .clone()
             .map_request(|request: Request<Incoming>| request.map(axum::body::Body::new));

@@ -60,6 +60,9 @@ pub struct CompletionRequest {
     pub prompt: PromptInput,
     /// Number of top alternatives to return per token (0..=20).
     pub logprobs: Option<u32>,
+    /// Add each choice's generated `token_ids` (vLLM's extension of the same name).
+    #[serde(default)]
+    pub return_token_ids: bool,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }

@@ -1,0 +1,333 @@
+//! Benchmark reports: the `moe-bench/1` JSON schema (shared with `benches/hf_baseline.py`),
+//! turning a run's raw records into its figures, and the one-row-per-run table on stdout.
+
+use std::io::Write;
+
+use moe_engine::ExpertLoad;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::energy::EnergyFigures;
+use super::load::{LoadPolicy, RunOutcome};
+use super::stats::Summary;
+use super::workload::{WorkloadKind, WorkloadSpec};
+
+pub const SCHEMA: &str = "moe-bench/1";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub schema: &'static str,
+    pub tool: &'static str,
+    pub started_at: String,
+    pub device: DeviceInfo,
+    pub model: ModelInfo,
+    pub workload: WorkloadInfo,
+    pub engine: Option<Value>,
+    /// `moe bench serve` only: the URL and what `/v1/models` answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<Value>,
+    pub runs: Vec<RunReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceInfo {
+    /// "cpu" or "cuda".
+    pub kind: &'static str,
+    pub name: String,
+    pub gpu_index: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub path: Option<String>,
+    pub dtype: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadInfo {
+    pub kind: WorkloadKind,
+    pub input_len: Option<usize>,
+    pub output_len: usize,
+    pub num_prompts: Option<usize>,
+    pub range_ratio: Option<f64>,
+    pub sessions: Option<usize>,
+    pub turns: Option<usize>,
+    pub agent_prefix_len: Option<usize>,
+    pub turn_input_len: Option<usize>,
+    pub seed: u64,
+}
+
+impl WorkloadInfo {
+    pub fn of(s: &WorkloadSpec) -> WorkloadInfo {
+        let agent = s.kind == WorkloadKind::Agent;
+        WorkloadInfo {
+            kind: s.kind,
+            input_len: (!agent).then_some(s.input_len),
+            output_len: s.output_len,
+            num_prompts: (!agent).then_some(s.num_prompts),
+            range_ratio: (s.kind == WorkloadKind::Random).then_some(s.range_ratio),
+            sessions: agent.then_some(s.sessions),
+            turns: agent.then_some(s.turns),
+            agent_prefix_len: agent.then_some(s.agent_prefix_len),
+            turn_input_len: agent.then_some(s.turn_input_len),
+            seed: s.seed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadInfo {
+    pub mode: &'static str,
+    pub concurrency: Option<usize>,
+    pub request_rate: Option<f64>,
+}
+
+impl LoadInfo {
+    pub fn of(load: LoadPolicy) -> LoadInfo {
+        LoadInfo {
+            mode: load.mode(),
+            concurrency: match load {
+                LoadPolicy::Concurrency(n) => Some(n),
+                _ => None,
+            },
+            request_rate: match load {
+                LoadPolicy::Rate(r) => Some(r),
+                _ => None,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PrefixCacheFigures {
+    pub queried_tokens: u64,
+    pub hit_tokens: u64,
+    pub hit_rate: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerLoad {
+    pub layer: usize,
+    pub tokens_per_expert: Vec<u64>,
+    pub imbalance: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertLoadReport {
+    pub layers: Vec<LayerLoad>,
+    pub mean_imbalance: f64,
+    pub max_imbalance: f64,
+}
+
+impl ExpertLoadReport {
+    pub fn of(load: &ExpertLoad) -> ExpertLoadReport {
+        let layers: Vec<LayerLoad> = load
+            .layers
+            .iter()
+            .map(|(&layer, counts)| LayerLoad {
+                layer,
+                tokens_per_expert: counts.clone(),
+                imbalance: ExpertLoad::imbalance(counts),
+            })
+            .collect();
+        let n = layers.len().max(1) as f64;
+        ExpertLoadReport {
+            mean_imbalance: layers.iter().map(|l| l.imbalance).sum::<f64>() / n,
+            max_imbalance: layers.iter().map(|l| l.imbalance).fold(0.0, f64::max),
+            layers,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub load: LoadInfo,
+    pub num_requests: usize,
+    pub completed: usize,
+    pub failed: usize,
+    pub duration_s: f64,
+    pub requests_per_s: f64,
+    pub input_tokens: usize,
+    pub output_tokens: usize,
+    pub expected_output_tokens: usize,
+    /// The server's own count (`usage.completion_tokens` summed); null when any completed
+    /// request came without usage (in-process runs: the engine's count).
+    pub usage_output_tokens: Option<usize>,
+    /// Completed requests whose streamed token count differed from the server's usage.
+    pub token_count_mismatches: usize,
+    /// Turns whose reply was unknown and replaced by seeded stand-in tokens in the history.
+    pub stand_in_replies: usize,
+    pub input_tokens_per_s: f64,
+    pub output_tokens_per_s: f64,
+    pub total_tokens_per_s: f64,
+    pub ttft_ms: Summary,
+    pub tpot_ms: Summary,
+    pub itl_ms: Summary,
+    pub e2e_ms: Summary,
+    pub peak_kv_cache_usage: Option<f64>,
+    pub preemptions: Option<u64>,
+    pub prefix_cache: Option<PrefixCacheFigures>,
+    pub energy: Option<EnergyFigures>,
+    pub expert_load: Option<ExpertLoadReport>,
+    /// The first few distinct error messages of failed requests.
+    pub errors: Vec<String>,
+}
+
+fn delta(before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    Some(after?.saturating_sub(before?))
+}
+
+impl RunReport {
+    /// The figures of one run. `energy_mj` is the NVML counter before and after, if read.
+    pub fn of(
+        load: LoadPolicy,
+        outcome: &RunOutcome,
+        expected_output_tokens: usize,
+        energy_mj: Option<(u64, u64)>,
+        expert_load: Option<&ExpertLoad>,
+    ) -> RunReport {
+        let mut ttft = Vec::new();
+        let mut tpot = Vec::new();
+        let mut itl = Vec::new();
+        let mut e2e = Vec::new();
+        let (mut input_tokens, mut output_tokens, mut completed) = (0, 0, 0);
+        let (mut usage_total, mut usage_known, mut mismatches) = (0, true, 0);
+        let mut errors: Vec<String> = Vec::new();
+        for r in &outcome.records {
+            let c = match &r.result {
+                Ok(c) => c,
+                Err(e) => {
+                    if errors.len() < 5 && !errors.contains(e) {
+                        errors.push(e.clone());
+                    }
+                    continue;
+                }
+            };
+            completed += 1;
+            input_tokens += r.input_tokens;
+            let out = c.output_tokens();
+            output_tokens += out;
+            match c.usage_output_tokens {
+                Some(u) => {
+                    usage_total += u;
+                    mismatches += usize::from(u != out);
+                }
+                None => usage_known = false,
+            }
+            e2e.push(c.e2e_s * 1e3);
+            if let Some(&(first, _)) = c.pieces.first() {
+                ttft.push(first * 1e3);
+                if out > 1 {
+                    tpot.push((c.e2e_s - first) * 1e3 / (out - 1) as f64);
+                }
+            }
+            itl.extend(c.pieces.windows(2).map(|w| (w[1].0 - w[0].0) * 1e3));
+        }
+        let secs = outcome.duration_s.max(f64::MIN_POSITIVE);
+        let prefix_cache = match (
+            delta(outcome.before.prefix_cache_queries, outcome.after.prefix_cache_queries),
+            delta(outcome.before.prefix_cache_hits, outcome.after.prefix_cache_hits),
+        ) {
+            (Some(q), Some(h)) => Some(PrefixCacheFigures {
+                queried_tokens: q,
+                hit_tokens: h,
+                hit_rate: if q == 0 { 0.0 } else { h as f64 / q as f64 },
+            }),
+            _ => None,
+        };
+        RunReport {
+            load: LoadInfo::of(load),
+            num_requests: outcome.records.len(),
+            completed,
+            failed: outcome.records.len() - completed,
+            duration_s: outcome.duration_s,
+            requests_per_s: completed as f64 / secs,
+            input_tokens,
+            output_tokens,
+            expected_output_tokens,
+            usage_output_tokens: (usage_known && completed > 0).then_some(usage_total),
+            token_count_mismatches: mismatches,
+            stand_in_replies: outcome.stand_in_replies,
+            input_tokens_per_s: input_tokens as f64 / secs,
+            output_tokens_per_s: output_tokens as f64 / secs,
+            total_tokens_per_s: (input_tokens + output_tokens) as f64 / secs,
+            ttft_ms: Summary::of(&ttft),
+            tpot_ms: Summary::of(&tpot),
+            itl_ms: Summary::of(&itl),
+            e2e_ms: Summary::of(&e2e),
+            peak_kv_cache_usage: outcome.peak_kv_usage,
+            preemptions: delta(outcome.before.preemptions, outcome.after.preemptions),
+            prefix_cache,
+            energy: energy_mj.and_then(|(a, b)| EnergyFigures::between(a, b, outcome.duration_s, output_tokens)),
+            expert_load: expert_load.map(ExpertLoadReport::of),
+            errors,
+        }
+    }
+
+    /// A short label of the load, e.g. `c=8`, `rate=2`, `all`.
+    pub fn load_label(&self) -> String {
+        match (self.load.concurrency, self.load.request_rate) {
+            (Some(c), _) => format!("c={c}"),
+            (_, Some(r)) => format!("rate={r}"),
+            _ => "all".into(),
+        }
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+/// Writes one row per run: load, requests, throughput, latency percentiles, KV, cache, energy.
+pub fn write_table(out: &mut impl Write, runs: &[RunReport]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<9} {:>8} {:>7} {:>7} {:>9} {:>9} {:>15} {:>9} {:>9} {:>15} {:>6} {:>6} {:>6} {:>7} {:>11}",
+        "load",
+        "ok/fail",
+        "secs",
+        "req/s",
+        "in tok/s",
+        "out tok/s",
+        "TTFT p50/p99 ms",
+        "TPOT p50",
+        "ITL p50",
+        "e2e p50/p99 ms",
+        "KV pk",
+        "hit %",
+        "preem",
+        "tok/J",
+        "imbal m/max"
+    )?;
+    for r in runs {
+        writeln!(
+            out,
+            "{:<9} {:>8} {:>7.2} {:>7.2} {:>9.1} {:>9.1} {:>15} {:>9.2} {:>9.2} {:>15} {:>6} {:>6} {:>6} {:>7} {:>11}",
+            r.load_label(),
+            format!("{}/{}", r.completed, r.failed),
+            r.duration_s,
+            r.requests_per_s,
+            r.input_tokens_per_s,
+            r.output_tokens_per_s,
+            format!("{:.1}/{:.1}", r.ttft_ms.p50, r.ttft_ms.p99),
+            r.tpot_ms.p50,
+            r.itl_ms.p50,
+            format!("{:.1}/{:.1}", r.e2e_ms.p50, r.e2e_ms.p99),
+            opt(r.peak_kv_cache_usage.map(|u| u * 100.0), 1),
+            opt(r.prefix_cache.map(|p| p.hit_rate * 100.0), 1),
+            r.preemptions.map_or("-".into(), |p| p.to_string()),
+            opt(r.energy.map(|e| e.output_tokens_per_joule), 2),
+            r.expert_load.as_ref().map_or("-".into(), |e| format!(
+                "{:.2}/{:.2}",
+                e.mean_imbalance, e.max_imbalance
+            )),
+        )?;
+    }
+    Ok(())
+}
+
+/// The current time as RFC 3339 UTC, seconds precision.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
