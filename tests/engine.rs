@@ -5,7 +5,7 @@
 
 use moe_engine::engine::{Engine, GenerationRequest, RequestOutput};
 use moe_engine::{FinishReason, SamplingParams};
-use moe_tests::{fixture, golden, v3_engine, EngineLimits};
+use moe_tests::{fixture, golden, v3_engine, EngineLimits, TestRng};
 
 /// An engine over the V3 fixture with the given cache and step limits (prefix caching on).
 fn engine(block_size: usize, num_blocks: usize, max_num_batched_tokens: usize, max_num_seqs: usize) -> Engine {
@@ -23,13 +23,8 @@ fn engine(block_size: usize, num_blocks: usize, max_num_batched_tokens: usize, m
 fn requests() -> Vec<GenerationRequest> {
     let g = golden(&fixture("deepseek-v3"));
     let mut prompts = g.prompts.clone();
-    let mut state = 12345u64;
-    let mut next = |m: u64| {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) % m
-    };
+    let mut rng = TestRng::new(12345);
+    let mut next = |m: u64| rng.below(m);
     while prompts.len() < 64 {
         let len = 1 + next(150) as usize;
         prompts.push((0..len).map(|_| 2 + next(318) as u32).collect());

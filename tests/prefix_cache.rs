@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use moe_engine::engine::{Engine, EngineStats, GenerationRequest, RequestOutput};
-use moe_tests::{v3_engine, EngineLimits};
+use moe_tests::{v3_engine, EngineLimits, TestRng};
 
 const LIMITS: EngineLimits = EngineLimits {
     block_size: 4,
@@ -30,13 +30,8 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
 /// mid-block; 64: block-aligned; 5: shorter than a 16-token block) followed by their own
 /// tokens, some repeat an earlier prompt exactly, the rest share nothing.
 fn agent_like_requests() -> Vec<GenerationRequest> {
-    let mut state = 777u64;
-    let mut next = |m: u64| {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) % m
-    };
+    let mut rng = TestRng::new(777);
+    let mut next = |m: u64| rng.below(m);
     let systems: Vec<Vec<u32>> = [37usize, 64, 5]
         .iter()
         .map(|&len| (0..len).map(|_| 2 + next(318) as u32).collect())

@@ -148,3 +148,21 @@ pub fn v3_engine(limits: EngineLimits) -> Engine {
     };
     Engine::start(runner, Some(fixture_tokenizer()), config).unwrap()
 }
+
+/// A small seeded generator for test data (a 64-bit LCG; the high bits are used).
+pub struct TestRng(u64);
+
+impl TestRng {
+    pub fn new(seed: u64) -> Self {
+        TestRng(seed)
+    }
+
+    /// Uniform in `0..m`.
+    pub fn below(&mut self, m: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % m
+    }
+}

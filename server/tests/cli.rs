@@ -3,17 +3,16 @@
 //! served from an offline hub cache, and clean failures (message naming the culprit,
 //! non-zero exit, no panic) for broken configs and checkpoints.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
+use common::run_moe;
 use moe_tests::{copy_fixture, fixture, rewrite_safetensors};
 
 fn moe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run moe")
+    run_moe(args)
 }
 
 fn stdout(o: &Output) -> String {

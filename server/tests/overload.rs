@@ -14,20 +14,18 @@ use serde_json::{json, Value};
 const DISTINCT: usize = 60;
 const CLIENTS: usize = 300;
 
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+/// A number in `0..m` that depends only on `key` (so clients and requests are reproducible).
+fn pick(key: u64, m: u64) -> u64 {
+    moe_tests::TestRng::new(key.wrapping_mul(0x9e37_79b9_7f4a_7c15)).below(m)
 }
 
 /// Distinct greedy streaming requests of 5-124 prompt tokens and 8-57 output tokens.
 fn request_bodies() -> Vec<Value> {
     (0..DISTINCT as u64)
         .map(|i| {
-            let len = 5 + splitmix(i) % 120;
-            let prompt: Vec<u64> = (0..len).map(|p| 2 + splitmix(i * 1000 + p) % 318).collect();
-            let max_tokens = 8 + splitmix(i + 77) % 50;
+            let len = 5 + pick(i, 120);
+            let prompt: Vec<u64> = (0..len).map(|p| 2 + pick(i * 1000 + p, 318)).collect();
+            let max_tokens = 8 + pick(i + 77_000, 50);
             json!({
                 "model": NAME, "prompt": prompt, "max_tokens": max_tokens,
                 "temperature": 0, "ignore_eos": true, "stream": true,
@@ -92,8 +90,8 @@ async fn hundreds_of_streams_with_disconnects_on_a_tiny_cache() {
     let mut tasks = Vec::new();
     for client in 0..CLIENTS {
         let (server, bodies) = (server.clone(), bodies.clone());
-        let hangs_up = splitmix(client as u64 ^ 0xdead) % 3 == 0;
-        let after_chunks = 1 + (splitmix(client as u64) % 5) as usize;
+        let hangs_up = pick(client as u64 + 1_000_000, 3) == 0;
+        let after_chunks = 1 + pick(client as u64 + 2_000_000, 5) as usize;
         tasks.push(tokio::spawn(async move {
             let body = &bodies[client % DISTINCT];
             if hangs_up {

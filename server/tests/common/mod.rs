@@ -14,6 +14,15 @@ use serde_json::{json, Value};
 
 pub const NAME: &str = "tiny";
 
+/// Runs the `moe` binary with `args` (offline) and returns its output.
+pub fn run_moe(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run moe")
+}
+
 pub fn model_dir() -> PathBuf {
     fixture("deepseek-v3")
 }
