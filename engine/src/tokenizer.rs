@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde_json::Value;
-use tokenizers::Tokenizer;
+use tokenizers::{DecoderWrapper, Tokenizer};
 
 use crate::error::{EngineError, Result};
 
@@ -107,6 +107,35 @@ impl TextTokenizer {
         self.inner.decode(&[id], false).ok()
     }
 
+    /// The raw bytes one token stands for, where the tokenizer is byte-level (each vocabulary
+    /// entry spells bytes in the GPT-2 byte alphabet); `None` for special/added tokens and
+    /// other tokenizers. A token may hold part of a UTF-8 character.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        if !matches!(self.inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
+            return None;
+        }
+        // Added tokens are stored as plain text, not in the byte alphabet.
+        if self.inner.get_added_vocabulary().simple_id_to_token(id).is_some() {
+            return None;
+        }
+        self.inner.id_to_token(id)?.chars().map(byte_of_char).collect()
+    }
+
+    /// How a token reads in logprobs: its text when its bytes are whole UTF-8, else
+    /// `bytes:\xNN...` (OpenAI and vLLM's spelling for a token that splits a character).
+    pub fn token_display(&self, id: u32) -> Option<String> {
+        match self.token_bytes(id) {
+            Some(bytes) => Some(match String::from_utf8(bytes) {
+                Ok(text) => text,
+                Err(e) => e.as_bytes().iter().fold(String::from("bytes:"), |mut out, b| {
+                    out.push_str(&format!("\\x{b:02x}"));
+                    out
+                }),
+            }),
+            None => self.token_piece(id),
+        }
+    }
+
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids
     }
@@ -117,5 +146,56 @@ impl TextTokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+/// The byte a character of the GPT-2 byte-level alphabet stands for: printable Latin-1
+/// characters stand for themselves, and the 68 other byte values were moved, in order, to
+/// U+0100 and up.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let code = c as u32;
+    if code < 0x100 {
+        return printable(code).then_some(code as u8);
+    }
+    let shifted = (code - 0x100) as usize;
+    (0u32..0x100).filter(|&b| !printable(b)).nth(shifted).map(|b| b as u8)
+}
+
+#[cfg(test)]
+mod byte_level_tests {
+    use super::{byte_of_char, TextTokenizer};
+
+    #[test]
+    fn token_bytes_spell_the_text_and_split_characters_read_as_bytes() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/deepseek-v3");
+        let t = TextTokenizer::load(&dir.join("tokenizer.json"), None, None).unwrap();
+        let text = "Héllo wörld, 你好 🙂";
+        let ids = t.encode(text).unwrap();
+        let ids: Vec<u32> = ids.into_iter().filter(|&id| t.token_bytes(id).is_some()).collect();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| t.token_bytes(id).unwrap()).collect();
+        assert_eq!(bytes, text.as_bytes());
+        let shown: Vec<String> = ids.iter().map(|&id| t.token_display(id).unwrap()).collect();
+        let split = shown
+            .iter()
+            .find(|s| s.starts_with("bytes:"))
+            .expect("a token splits a character");
+        assert!(split.len() > "bytes:".len() && split.contains("\\x"), "{split}");
+        assert!(shown.iter().any(|s| s.contains("llo") || s.contains('l')), "{shown:?}");
+    }
+
+    #[test]
+    fn the_byte_alphabet_covers_every_byte_once() {
+        let mut seen = [false; 256];
+        for code in 0x21u32..0x200 {
+            if let Some(b) = char::from_u32(code).and_then(byte_of_char) {
+                assert!(!seen[b as usize], "byte {b} twice");
+                seen[b as usize] = true;
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+        assert_eq!(byte_of_char('A'), Some(b'A'));
+        assert_eq!(byte_of_char('\u{120}'), Some(b' ')); // the "Ġ" of GPT-2 vocabularies
+        assert_eq!(byte_of_char('\u{10a}'), Some(b'\n')); // "Ċ"
     }
 }

@@ -213,8 +213,15 @@ impl SamplingFields {
 /// Token text for logprobs output.
 fn token_text(tokenizer: Option<&TextTokenizer>, id: u32) -> String {
     tokenizer
-        .and_then(|t| t.token_piece(id))
+        .and_then(|t| t.token_display(id))
         .unwrap_or_else(|| format!("token_id:{id}"))
+}
+
+/// The bytes of a token for chat logprobs (the token's text bytes when not byte-level).
+fn token_bytes(tokenizer: Option<&TextTokenizer>, id: u32) -> Vec<u8> {
+    tokenizer
+        .and_then(|t| t.token_bytes(id))
+        .unwrap_or_else(|| token_text(tokenizer, id).into_bytes())
 }
 
 /// The legacy completions `logprobs` object for a list of tokens.
@@ -230,10 +237,8 @@ pub fn completion_logprobs(lps: &[TokenLogprobs], tokenizer: Option<&TextTokeniz
 
 /// The chat `logprobs` object (`{"content": [...]}`) for a list of tokens.
 pub fn chat_logprobs(lps: &[TokenLogprobs], tokenizer: Option<&TextTokenizer>) -> Value {
-    let entry = |t: u32, p: f32| {
-        let text = token_text(tokenizer, t);
-        json!({ "token": text, "logprob": p, "bytes": text.as_bytes() })
-    };
+    let entry =
+        |t: u32, p: f32| json!({ "token": token_text(tokenizer, t), "logprob": p, "bytes": token_bytes(tokenizer, t) });
     json!({
         "content": lps.iter().map(|l| {
             let mut e = entry(l.token, l.logprob);
