@@ -188,8 +188,8 @@ fn aborting_and_dropping_streams_free_blocks() {
         ignore_eos: true,
         ..Default::default()
     };
-    let a = e.submit(long.clone()).unwrap();
-    let b = e.submit(long.clone()).unwrap();
+    let mut a = e.submit(long.clone()).unwrap();
+    let mut b = e.submit(long.clone()).unwrap();
     // Wait until both produce output, then abort one and drop the other.
     assert!(a.next().is_some());
     assert!(b.next().is_some());

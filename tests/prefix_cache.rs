@@ -192,10 +192,10 @@ fn aborting_a_request_that_shares_blocks_leaves_the_other_one_intact() {
     );
 
     let engine = v3_engine(LIMITS);
-    let a_stream = engine.submit(greedy(a_prompt, 150)).unwrap();
+    let mut a_stream = engine.submit(greedy(a_prompt, 150)).unwrap();
     assert!(a_stream.next().is_some(), "A is running and its prefix is cached");
     let before = engine.stats();
-    let b_stream = engine.submit(b).unwrap();
+    let mut b_stream = engine.submit(b).unwrap();
     let b_first = b_stream.next().expect("B started");
     engine.abort(a_stream.id);
     let mut b_tokens = b_first.token_ids;

@@ -6,9 +6,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use moe_models::RoutingTrace;
 
@@ -96,20 +98,28 @@ pub struct RequestOutput {
     pub usage: Usage,
 }
 
-/// A submitted request's output stream.
+/// A submitted request's output stream, readable from plain threads ([`next`](Self::next))
+/// and from async tasks ([`recv`](Self::recv)) alike; dropping it aborts the request.
 pub struct RequestStream {
     pub id: RequestId,
-    receiver: Receiver<RequestOutput>,
+    receiver: UnboundedReceiver<RequestOutput>,
 }
 
 impl RequestStream {
-    /// The next piece; `None` once the request finished or was aborted.
-    pub fn next(&self) -> Option<RequestOutput> {
-        self.receiver.recv().ok()
+    /// The next piece, blocking the thread; `None` once the request finished or was
+    /// aborted. Not for async tasks (it would block the runtime; it panics inside one):
+    /// use [`recv`](Self::recv) there.
+    pub fn next(&mut self) -> Option<RequestOutput> {
+        self.receiver.blocking_recv()
+    }
+
+    /// The next piece, awaited; `None` once the request finished or was aborted.
+    pub async fn recv(&mut self) -> Option<RequestOutput> {
+        self.receiver.recv().await
     }
 
     /// Collects the whole output: all tokens, all text, the finish reason and usage.
-    pub fn collect(self) -> Option<RequestOutput> {
+    pub fn collect(mut self) -> Option<RequestOutput> {
         let mut all: Option<RequestOutput> = None;
         while let Some(piece) = self.next() {
             match &mut all {
@@ -155,7 +165,7 @@ enum Command {
 
 /// Per-request state the loop keeps beside the scheduler's.
 struct Live {
-    sender: Sender<RequestOutput>,
+    sender: UnboundedSender<RequestOutput>,
     sampler: Sampler,
     detokenizer: Option<IncrementalDetokenizer>,
     stops: StopStrings,
@@ -298,7 +308,9 @@ impl Engine {
             stop_token_ids.extend(self.eos_ids.iter().copied());
         }
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let (sender, receiver) = mpsc::channel();
+        // Unbounded: the engine thread must never wait on a slow client. A client that stops
+        // reading is still bounded by its max_tokens.
+        let (sender, receiver) = unbounded_channel();
         let live = Live {
             sender,
             sampler,

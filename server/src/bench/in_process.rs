@@ -25,12 +25,12 @@ impl Backend for InProcessBackend {
                 ignore_eos: true,
                 ..Default::default()
             };
-            let stream = engine.submit(request).map_err(|e| e.to_string())?;
-            tokio::task::spawn_blocking(move || {
+            let mut stream = engine.submit(request).map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
                 let mut done = Completion::default();
                 let mut ids = Vec::new();
                 let mut finished = false;
-                while let Some(piece) = stream.next() {
+                while let Some(piece) = stream.recv().await {
                     if !piece.token_ids.is_empty() {
                         done.pieces.push((start.elapsed().as_secs_f64(), piece.token_ids.len()));
                         ids.extend_from_slice(&piece.token_ids);

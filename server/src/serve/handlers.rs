@@ -113,13 +113,13 @@ type Piece = (usize, RequestOutput);
 /// receiving side is gone (the client disconnected), aborts the request at once.
 fn pump(state: &Arc<AppState>, streams: Vec<RequestStream>) -> mpsc::Receiver<Piece> {
     let (tx, rx) = mpsc::channel(256);
-    for (index, stream) in streams.into_iter().enumerate() {
+    for (index, mut stream) in streams.into_iter().enumerate() {
         let tx = tx.clone();
         let state = state.clone();
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
             let start = Instant::now();
             let mut last: Option<Instant> = None;
-            while let Some(piece) = stream.next() {
+            while let Some(piece) = stream.recv().await {
                 let now = Instant::now();
                 if !piece.token_ids.is_empty() {
                     match last {
@@ -140,7 +140,7 @@ fn pump(state: &Arc<AppState>, streams: Vec<RequestStream>) -> mpsc::Receiver<Pi
                         "request finished"
                     );
                 }
-                if tx.blocking_send((index, piece)).is_err() {
+                if tx.send((index, piece)).await.is_err() {
                     state.engine.abort(stream.id);
                     tracing::info!(request = stream.id.0, "client went away; request aborted");
                     return;
