@@ -4,14 +4,18 @@
 //! GB/s counts the latent rows read once (S * context * 576 * 2 bytes) plus q and the output;
 //! H100 SXM copies at about 3.0 TB/s.
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use candle_core::{DType, Device, Result, Tensor};
-use moe_kernels::cuda::{paged_mla_decode, MlaDecodeParams};
+use moe_kernels::cuda::{decode_split_plan, paged_mla_decode, MlaDecodeParams};
 
 fn main() -> Result<()> {
     let dev = Device::new_cuda(0)?;
     let Device::Cuda(cuda) = &dev else { unreachable!() };
     let stream = cuda.cuda_stream();
+    let sms = stream
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(candle_core::Error::wrap)? as usize;
     let (d, dv, block_size) = (576usize, 512usize, 64usize);
     println!("seqs heads context splits(auto)  us/iter  GB/s");
     for &(s, heads, ctx) in &[
@@ -52,7 +56,7 @@ fn main() -> Result<()> {
         let bytes = (s * ctx * d * 2 + s * heads * (d + dv) * 2) as f64;
         println!(
             "{s:4} {heads:5} {ctx:7} {:>12} {:8.1} {:6.0}",
-            "-",
+            decode_split_plan(s, heads, ctx, sms, None).0,
             ms * 1e3,
             bytes / (ms * 1e-3) / 1e9
         );
