@@ -1,0 +1,196 @@
+//! Paged MLA decode (absorbed, one query token per sequence) with split-KV and a
+//! log-sum-exp merge. Kernel: `kernels/cuda/paged_mla_decode.cu`.
+
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::{bail, DType, Result, Tensor};
+
+use super::{cfg, check, cuda_device, dev_ptr, launch_err, load, ptx, suffix};
+
+/// Heads per CTA, KV tokens per shared-memory tile and threads per CTA (`HPC`, `TILE`,
+/// `THREADS` in the kernel).
+const HEADS_PER_CTA: usize = 16;
+const TILE: usize = 32;
+const THREADS: u32 = 256;
+/// Largest value dim the kernel's per-thread accumulators hold (`2 * TPH * MAX_VK`).
+const MAX_VALUE_DIM: usize = 512;
+/// Fewest KV tokens worth a split of their own, and the most splits.
+const MIN_TOKENS_PER_SPLIT: usize = 256;
+const MAX_SPLITS: usize = 64;
+
+/// Arguments of [`paged_mla_decode`] besides the tensors.
+#[derive(Debug, Clone)]
+pub struct MlaDecodeParams {
+    /// Value dim (`kv_lora_rank`, 512 for DeepSeek-V2/V3); values are the first `value_dim`
+    /// columns of each cache row. Must be a multiple of 32, at most 512.
+    pub value_dim: usize,
+    /// Softmax scale (including YaRN's mscale²).
+    pub scale: f64,
+    /// Largest `context_lens` entry (the scheduler knows it; sizes the split plan). Larger
+    /// contexts would be cut short, so it must not be an underestimate.
+    pub max_context_len: usize,
+    /// Forces the number of KV splits (tests, benchmarks); `None` picks one so that about two
+    /// CTAs per SM are busy (see [`decode_split_plan`]).
+    pub num_splits: Option<usize>,
+}
+
+/// `(num_splits, tokens_per_split)` for `num_seqs` sequences of `num_heads` heads and
+/// contexts up to `max_context_len` on a GPU with `sm_count` SMs: enough splits that
+/// `seqs * head_groups * splits` is about `2 * sm_count`, none shorter than 256 tokens, at
+/// most 64; `tokens_per_split` is a multiple of the 32-token tile.
+pub fn decode_split_plan(
+    num_seqs: usize,
+    num_heads: usize,
+    max_context_len: usize,
+    sm_count: usize,
+    forced: Option<usize>,
+) -> (usize, usize) {
+    let ctas = (num_seqs * num_heads.div_ceil(HEADS_PER_CTA)).max(1);
+    let by_length = max_context_len.div_ceil(MIN_TOKENS_PER_SPLIT).max(1);
+    let wanted = forced.unwrap_or_else(|| (2 * sm_count).div_ceil(ctas).min(by_length).min(MAX_SPLITS));
+    let wanted = wanted.max(1);
+    let tokens_per_split = max_context_len.div_ceil(wanted).max(1).next_multiple_of(TILE);
+    let splits = max_context_len.div_ceil(tokens_per_split).max(1);
+    (if forced.is_some() { wanted } else { splits }, tokens_per_split)
+}
+
+/// Attention of one absorbed query token per sequence over its paged latent cache.
+///
+/// * `q`: `[S, H, D]` bf16 or f32 (`D` = `kv_lora_rank + rope_dim`, 576 for DeepSeek), last dim
+///   contiguous (token and head strides free).
+/// * `cache`: `[num_blocks, block_size, D]`, same dtype as `q`, contiguous, 16-byte aligned.
+/// * `block_tables`: `[S, max_blocks]` u32, contiguous; row `s` lists the blocks of sequence `s`
+///   in order (as [`crate::PagedSeq::block_table`]).
+/// * `context_lens`: `[S]` u32 (cached tokens including this step's, each `<=
+///   p.max_context_len`; 0 gives a zero output row).
+///
+/// Returns `[S, H, value_dim]` in `q`'s dtype; agrees with [`crate::paged_mla_attention`] for
+/// `query_len = 1` up to bf16 rounding of the output.
+pub fn paged_mla_decode(
+    q: &Tensor,
+    cache: &Tensor,
+    block_tables: &Tensor,
+    context_lens: &Tensor,
+    p: &MlaDecodeParams,
+) -> Result<Tensor> {
+    let dev = cuda_device(q)?;
+    let (s, h, d) = q.dims3()?;
+    let (_num_blocks, block_size, cd) = cache.dims3()?;
+    let (bs, max_blocks) = block_tables.dims2()?;
+    let dtype = q.dtype();
+    let dv = p.value_dim;
+    if cd != d || bs != s || context_lens.dims1()? != s {
+        bail!(
+            "paged_mla_decode: q {:?}, cache {:?}, block_tables {:?}, context_lens {:?}",
+            q.shape(),
+            cache.shape(),
+            block_tables.shape(),
+            context_lens.shape()
+        );
+    }
+    if dv == 0 || dv > MAX_VALUE_DIM || dv % 32 != 0 || dv > d || d % 2 != 0 {
+        bail!("paged_mla_decode: value dim {dv} (multiple of 32, <= {MAX_VALUE_DIM}, <= {d}) unsupported");
+    }
+    if (d * dtype.size_in_bytes()) % 16 != 0 {
+        bail!("paged_mla_decode: cache rows of {d} {dtype:?} are not a multiple of 16 bytes");
+    }
+    if p.max_context_len > max_blocks * block_size {
+        bail!(
+            "paged_mla_decode: max context {} beyond {max_blocks} blocks of {block_size}",
+            p.max_context_len
+        );
+    }
+    if q.dtype() != cache.dtype() || q.stride()[2] != 1 {
+        bail!("paged_mla_decode: q must match the cache dtype and have a contiguous last dim");
+    }
+    check(cache, "cache", dtype, &dev)?;
+    check(block_tables, "block_tables", DType::U32, &dev)?;
+    check(context_lens, "context_lens", DType::U32, &dev)?;
+    if s > 65535 {
+        bail!("paged_mla_decode: {s} sequences in one launch (at most 65535)");
+    }
+    let out = Tensor::zeros((s, h, dv), dtype, q.device())?;
+    if s == 0 || h == 0 {
+        return Ok(out);
+    }
+    let stream = dev.cuda_stream();
+    let sm_count = stream
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(launch_err)? as usize;
+    let (splits, tokens_per_split) = decode_split_plan(s, h, p.max_context_len, sm_count, p.num_splits);
+    let head_groups = h.div_ceil(HEADS_PER_CTA);
+    // Workspace (unused with one split): partial outputs and per-head (max, sum).
+    let ws_n = if splits > 1 { s * splits * h } else { 1 };
+    let ws_acc = Tensor::zeros(ws_n * dv, DType::F32, q.device())?;
+    let ws_ml = Tensor::zeros(ws_n * 2, DType::F32, q.device())?;
+
+    // Dynamic shared memory, laid out as in the kernel.
+    let elem = dtype.size_in_bytes();
+    let dp = d + 16 / elem;
+    let head = TILE * 8 + (HEADS_PER_CTA * (d + 1) + HEADS_PER_CTA * TILE) * 4;
+    let smem = head.next_multiple_of(16) + TILE * dp * elem;
+    let sfx = suffix(dtype)?;
+    let func = load(
+        &dev,
+        "paged_mla_decode",
+        ptx::PAGED_MLA_DECODE,
+        &format!("paged_mla_decode_{sfx}"),
+    )?;
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(launch_err)?;
+
+    let (p_q, p_cache) = (dev_ptr(q, &stream)?, dev_ptr(cache, &stream)?);
+    if p_cache % 16 != 0 {
+        bail!("paged_mla_decode: cache is not 16-byte aligned");
+    }
+    let (p_bt, p_cl) = (dev_ptr(block_tables, &stream)?, dev_ptr(context_lens, &stream)?);
+    let (p_out, p_wa, p_wm) = (
+        dev_ptr(&out, &stream)?,
+        dev_ptr(&ws_acc, &stream)?,
+        dev_ptr(&ws_ml, &stream)?,
+    );
+    let (q_seq, q_head, bt_stride) = (q.stride()[0] as i64, q.stride()[1] as i64, max_blocks as i64);
+    let (h_i, d_i, dv_i, bsz_i, tps_i) = (
+        h as i32,
+        d as i32,
+        dv as i32,
+        block_size as i32,
+        tokens_per_split as i32,
+    );
+    let scale_log2 = (p.scale * std::f64::consts::LOG2_E) as f32;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&p_q)
+        .arg(&q_seq)
+        .arg(&q_head)
+        .arg(&p_cache)
+        .arg(&p_bt)
+        .arg(&bt_stride);
+    b.arg(&p_cl)
+        .arg(&p_out)
+        .arg(&p_wa)
+        .arg(&p_wm)
+        .arg(&h_i)
+        .arg(&d_i)
+        .arg(&dv_i);
+    b.arg(&bsz_i).arg(&tps_i).arg(&scale_log2);
+    let grid = (head_groups as u32, splits as u32, s as u32);
+    unsafe { b.launch(cfg(grid, THREADS, smem as u32)) }.map_err(launch_err)?;
+
+    if splits > 1 {
+        let merge = load(
+            &dev,
+            "paged_mla_decode",
+            ptx::PAGED_MLA_DECODE,
+            &format!("paged_mla_decode_merge_{sfx}"),
+        )?;
+        let splits_i = splits as i32;
+        let mut b = stream.launch_builder(&merge);
+        b.arg(&p_wa).arg(&p_wm).arg(&p_out).arg(&h_i).arg(&dv_i).arg(&splits_i);
+        unsafe { b.launch(cfg((h as u32, s as u32, 1), 128, 0)) }.map_err(launch_err)?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,101 @@
+//! CUDA kernels (feature `cuda`): PTX compiled by `build.rs` from `kernels/cuda/*.cu`,
+//! embedded here, loaded through candle's CUDA device (cudarc) and launched on candle's stream.
+//!
+//! Every function takes candle `Tensor`s on one CUDA device and checks dtypes, shapes and
+//! contiguity at this boundary. Kernels compute in f32 and round once on store; bf16 and f32
+//! variants exist for each. Tensors documented as "updated in place" are written through
+//! their storage (like [`crate::write_latent_cache`]); the caller must not rely on any other
+//! tensor sharing that storage staying unchanged.
+//!
+//! Nothing here has run on a GPU yet: `tests/cuda_kernels.rs` compares each kernel with its
+//! reference and `benches/cuda_mla_decode.rs` times the decode kernel.
+
+mod decode;
+mod ops;
+
+pub use decode::{decode_split_plan, paged_mla_decode, MlaDecodeParams};
+pub use ops::{latent_cache_write, rmsnorm_residual, rope_inplace};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, DevicePtr, LaunchConfig};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{bail, DType, Device, Result, Storage, Tensor};
+use half::{bf16, f16};
+
+/// Embedded PTX modules, one per `.cu` file.
+pub(crate) mod ptx {
+    pub const LATENT_CACHE_WRITE: &str = include_str!(concat!(env!("OUT_DIR"), "/latent_cache_write.ptx"));
+    pub const RMSNORM_RESIDUAL: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm_residual.ptx"));
+    pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
+    pub const PAGED_MLA_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_mla_decode.ptx"));
+}
+
+/// The CUDA device `t` lives on.
+pub(crate) fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        d => bail!("moe-kernels cuda: tensor on {d:?}, expected a CUDA device"),
+    }
+}
+
+/// Loads `func` from the embedded module `module` (cached per device by candle).
+pub(crate) fn load(dev: &CudaDevice, module: &str, ptx: &str, func: &str) -> Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(func, &format!("moe_kernels_{module}"), ptx)?
+        .into_cuda_function())
+}
+
+/// Device address of the first element of `t` (its layout offset included). `t` must stay
+/// alive until the kernel using the address has been launched (candle's stream orders the
+/// rest).
+pub(crate) fn dev_ptr(t: &Tensor, stream: &CudaStream) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        bail!("moe-kernels cuda: tensor not on a CUDA device")
+    };
+    let base = match cs.dtype() {
+        DType::BF16 => cs.as_cuda_slice::<bf16>()?.device_ptr(stream).0,
+        DType::F16 => cs.as_cuda_slice::<f16>()?.device_ptr(stream).0,
+        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(stream).0,
+        DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(stream).0,
+        DType::I64 => cs.as_cuda_slice::<i64>()?.device_ptr(stream).0,
+        DType::U8 => cs.as_cuda_slice::<u8>()?.device_ptr(stream).0,
+        dt => bail!("moe-kernels cuda: unsupported dtype {dt:?}"),
+    };
+    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+}
+
+/// Checks that `t` is contiguous, has dtype `dtype` and lives on `dev`.
+pub(crate) fn check(t: &Tensor, name: &str, dtype: DType, dev: &CudaDevice) -> Result<()> {
+    if t.dtype() != dtype {
+        bail!("moe-kernels cuda: {name} is {:?}, expected {dtype:?}", t.dtype());
+    }
+    if !t.is_contiguous() {
+        bail!("moe-kernels cuda: {name} must be contiguous");
+    }
+    match t.device() {
+        Device::Cuda(d) if d.id() == dev.id() => Ok(()),
+        _ => bail!("moe-kernels cuda: {name} is not on the same CUDA device"),
+    }
+}
+
+/// Kernel-name suffix of a float dtype.
+pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::BF16 => Ok("bf16"),
+        DType::F32 => Ok("f32"),
+        dt => bail!("moe-kernels cuda: kernels exist for bf16 and f32, not {dt:?}"),
+    }
+}
+
+pub(crate) fn launch_err(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("moe-kernels cuda launch: {e}"))
+}
+
+pub(crate) fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}

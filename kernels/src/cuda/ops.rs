@@ -1,0 +1,210 @@
+//! Element-wise hot-path kernels: latent cache write, fused residual add + RMSNorm, RoPE.
+
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::{bail, DType, Result, Tensor};
+
+use super::{cfg, check, cuda_device, dev_ptr, launch_err, load, ptx, suffix};
+
+/// Writes `[c_kv[t] ++ k_pe[t]]` into cache row `slots[t]`, in place (the CUDA counterpart of
+/// [`crate::write_latent_cache`] without the concatenation).
+///
+/// * `cache`: `[num_blocks, block_size, kv_lora + rope]` bf16 or f32, contiguous, updated in place.
+/// * `c_kv`: `[T, kv_lora]`, `k_pe`: `[T, rope]`, the cache dtype; rows may be strided (views of a
+///   wider projection output) but each row must be contiguous.
+/// * `slots`: `[T]` i64 (negative = padding, skipped) or u32 (`u32::MAX` = padding, skipped).
+///   Slots beyond the cache are skipped by the kernel; duplicates are a caller error.
+pub fn latent_cache_write(cache: &Tensor, c_kv: &Tensor, k_pe: &Tensor, slots: &Tensor) -> Result<()> {
+    let dev = cuda_device(cache)?;
+    let (num_blocks, block_size, dim) = cache.dims3()?;
+    let (t, kv_lora) = c_kv.dims2()?;
+    let (t2, rope) = k_pe.dims2()?;
+    if t2 != t || slots.dims1()? != t || kv_lora + rope != dim {
+        bail!(
+            "latent_cache_write: c_kv {:?}, k_pe {:?}, slots {:?}, cache {:?}",
+            c_kv.shape(),
+            k_pe.shape(),
+            slots.shape(),
+            cache.shape()
+        );
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let dtype = cache.dtype();
+    check(cache, "cache", dtype, &dev)?;
+    for (x, name) in [(c_kv, "c_kv"), (k_pe, "k_pe")] {
+        if x.dtype() != dtype || x.stride()[1] != 1 {
+            bail!("latent_cache_write: {name} must be {dtype:?} with contiguous rows");
+        }
+    }
+    let slot_kind = match slots.dtype() {
+        DType::I64 => "i64",
+        DType::U32 => "u32",
+        dt => bail!("latent_cache_write: slots must be i64 or u32, not {dt:?}"),
+    };
+    check(slots, "slots", slots.dtype(), &dev)?;
+    let func = load(
+        &dev,
+        "latent_cache_write",
+        ptx::LATENT_CACHE_WRITE,
+        &format!("latent_cache_write_{}_{slot_kind}", suffix(dtype)?),
+    )?;
+    let stream = dev.cuda_stream();
+    let (p_ckv, p_kpe) = (dev_ptr(c_kv, &stream)?, dev_ptr(k_pe, &stream)?);
+    let (p_slots, p_cache) = (dev_ptr(slots, &stream)?, dev_ptr(cache, &stream)?);
+    let (s_ckv, s_kpe) = (c_kv.stride()[0] as i64, k_pe.stride()[0] as i64);
+    let (kv_lora_i, rope_i) = (kv_lora as i32, rope as i32);
+    let num_slots = (num_blocks * block_size) as i64;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&p_ckv)
+        .arg(&s_ckv)
+        .arg(&p_kpe)
+        .arg(&s_kpe)
+        .arg(&p_slots)
+        .arg(&p_cache);
+    b.arg(&kv_lora_i).arg(&rope_i).arg(&num_slots);
+    unsafe { b.launch(cfg((t as u32, 1, 1), 128, 0)) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// Fused residual add + RMSNorm: `x += residual` in place (the new residual stream, rounded to
+/// the dtype), then returns `y = dtype(x / sqrt(mean(x²) + eps)) * weight` (the rounding order
+/// of [`crate::reference::rmsnorm_residual`]). With `residual = None` it is a plain RMSNorm and
+/// `x` is not written.
+///
+/// * `x`: `[rows, dim]` bf16 or f32, contiguous; `residual`: same; `weight`: `[dim]`, same dtype.
+/// * Returns `[rows, dim]`.
+pub fn rmsnorm_residual(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dev = cuda_device(x)?;
+    let (rows, dim) = x.dims2()?;
+    let dtype = x.dtype();
+    check(x, "x", dtype, &dev)?;
+    check(weight, "weight", dtype, &dev)?;
+    if weight.dims1()? != dim {
+        bail!("rmsnorm_residual: weight {:?} for rows of {dim}", weight.shape());
+    }
+    if let Some(r) = residual {
+        check(r, "residual", dtype, &dev)?;
+        if r.dims() != x.dims() {
+            bail!("rmsnorm_residual: residual {:?} vs x {:?}", r.shape(), x.shape());
+        }
+    }
+    let out = Tensor::zeros((rows, dim), dtype, x.device())?;
+    if rows == 0 {
+        return Ok(out);
+    }
+    let func = load(
+        &dev,
+        "rmsnorm_residual",
+        ptx::RMSNORM_RESIDUAL,
+        &format!("rmsnorm_residual_{}", suffix(dtype)?),
+    )?;
+    let stream = dev.cuda_stream();
+    let p_x = dev_ptr(x, &stream)?;
+    let p_r = match residual {
+        Some(r) => dev_ptr(r, &stream)?,
+        None => 0u64,
+    };
+    let (p_w, p_out) = (dev_ptr(weight, &stream)?, dev_ptr(&out, &stream)?);
+    let (dim_i, eps_f) = (dim as i32, eps as f32);
+    let threads = if dim >= 4096 {
+        512
+    } else if dim >= 1024 {
+        256
+    } else {
+        128
+    };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&p_x).arg(&p_r).arg(&p_w).arg(&p_out).arg(&dim_i).arg(&eps_f);
+    unsafe { b.launch(cfg((rows as u32, 1, 1), threads, 0)) }.map_err(launch_err)?;
+    Ok(out)
+}
+
+/// Rotates `q_pe` and `k_pe` in place by `positions` with precomputed tables.
+///
+/// * `q_pe`: `[T, H, rot]` (any token / head strides, last dim contiguous) or `None`.
+/// * `k_pe`: `[T, rot]` (any token stride, last dim contiguous) or `None`.
+/// * `positions`: `[T]` u32; `cos`, `sin`: `[max_pos, rot/2]` f32, contiguous, YaRN frequencies
+///   and attention factor already applied (as `moe-models`' `Rope::cos_sin` computes per token).
+///   Tokens with `position >= max_pos` are left unrotated.
+/// * `interleaved`: pairs `(x[2i], x[2i+1])` (DeepSeek) or `(x[i], x[i + rot/2])`.
+pub fn rope_inplace(
+    q_pe: Option<&Tensor>,
+    k_pe: Option<&Tensor>,
+    positions: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> Result<()> {
+    let first = q_pe
+        .or(k_pe)
+        .ok_or_else(|| candle_core::Error::Msg("rope_inplace: no q_pe or k_pe".into()))?;
+    let dev = cuda_device(first)?;
+    let dtype = first.dtype();
+    let t = positions.dims1()?;
+    let (max_pos, half) = cos.dims2()?;
+    let rot = 2 * half;
+    check(positions, "positions", DType::U32, &dev)?;
+    check(cos, "cos", DType::F32, &dev)?;
+    check(sin, "sin", DType::F32, &dev)?;
+    if sin.dims() != cos.dims() {
+        bail!("rope_inplace: cos {:?} vs sin {:?}", cos.shape(), sin.shape());
+    }
+    let (mut heads, mut q_tok, mut q_head) = (0usize, 0i64, 0i64);
+    if let Some(q) = q_pe {
+        let (tq, h, r) = q.dims3()?;
+        if tq != t || r != rot || q.dtype() != dtype || q.stride()[2] != 1 {
+            bail!(
+                "rope_inplace: q_pe {:?} ({:?}) for {t} positions, rot {rot}",
+                q.shape(),
+                q.dtype()
+            );
+        }
+        heads = h;
+        q_tok = q.stride()[0] as i64;
+        q_head = q.stride()[1] as i64;
+    }
+    let mut k_tok = 0i64;
+    if let Some(k) = k_pe {
+        let (tk, r) = k.dims2()?;
+        if tk != t || r != rot || k.dtype() != dtype || k.stride()[1] != 1 {
+            bail!(
+                "rope_inplace: k_pe {:?} ({:?}) for {t} positions, rot {rot}",
+                k.shape(),
+                k.dtype()
+            );
+        }
+        k_tok = k.stride()[0] as i64;
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let func = load(&dev, "rope", ptx::ROPE, &format!("rope_{}", suffix(dtype)?))?;
+    let stream = dev.cuda_stream();
+    let p_q = match q_pe {
+        Some(q) => dev_ptr(q, &stream)?,
+        None => 0u64,
+    };
+    let p_k = match k_pe {
+        Some(k) => dev_ptr(k, &stream)?,
+        None => 0u64,
+    };
+    let (p_pos, p_cos, p_sin) = (
+        dev_ptr(positions, &stream)?,
+        dev_ptr(cos, &stream)?,
+        dev_ptr(sin, &stream)?,
+    );
+    let (heads_i, rot_i, inter_i, max_pos_i) = (heads as i32, rot as i32, interleaved as i32, max_pos as i64);
+    let pairs = (heads + k_pe.is_some() as usize) * half;
+    let threads = pairs.next_multiple_of(32).clamp(32, 512) as u32;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&p_q).arg(&q_tok).arg(&q_head).arg(&heads_i).arg(&p_k).arg(&k_tok);
+    b.arg(&p_pos)
+        .arg(&p_cos)
+        .arg(&p_sin)
+        .arg(&rot_i)
+        .arg(&inter_i)
+        .arg(&max_pos_i);
+    unsafe { b.launch(cfg((t as u32, 1, 1), threads, 0)) }.map_err(launch_err)?;
+    Ok(())
+}
