@@ -88,6 +88,67 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     })
 }
 
+impl CompletionRequest {
+    /// Validates the request into an engine request: the prompt (text goes through `encode`,
+    /// ids are checked against `vocab_size`), then the sampling fields. Only single prompts
+    /// are served; the model name and `n` are checked by the caller.
+    pub fn to_engine_request(
+        &self,
+        encode: impl FnOnce(&str) -> Result<Vec<u32>, ApiError>,
+        vocab_size: usize,
+        max_model_len: usize,
+    ) -> Result<GenerationRequest, ApiError> {
+        let prompt = match &self.prompt {
+            PromptInput::Text(t) => encode(t)?,
+            PromptInput::Ids(ids) => ids.clone(),
+            PromptInput::Texts(v) if v.len() == 1 => encode(&v[0])?,
+            PromptInput::IdLists(v) if v.len() == 1 => v[0].clone(),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "send one prompt per request (batch prompts are not supported)",
+                    Some("prompt"),
+                ))
+            }
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(ApiError::bad_request(
+                format!("token id {bad} is outside the vocabulary of {vocab_size}"),
+                Some("prompt"),
+            ));
+        }
+        let mut request =
+            self.sampling
+                .to_request(self.sampling.max_tokens, self.logprobs, prompt.len(), max_model_len)?;
+        request.prompt_token_ids = prompt;
+        Ok(request)
+    }
+}
+
+impl ChatRequest {
+    /// Validates the request into an engine request for `prompt`, the token ids of the
+    /// rendered chat template. The model name and `n` are checked by the caller.
+    pub fn to_engine_request(&self, prompt: Vec<u32>, max_model_len: usize) -> Result<GenerationRequest, ApiError> {
+        if self.top_logprobs.is_some() && !self.logprobs {
+            return Err(ApiError::bad_request(
+                "top_logprobs needs logprobs: true",
+                Some("top_logprobs"),
+            ));
+        }
+        let top = if self.logprobs {
+            Some(self.top_logprobs.unwrap_or(0))
+        } else {
+            None
+        };
+        let max_tokens = self.max_completion_tokens.or(self.sampling.max_tokens);
+        let mut request = self.sampling.to_request(max_tokens, top, prompt.len(), max_model_len)?;
+        request.prompt_token_ids = prompt;
+        Ok(request)
+    }
+}
+
 impl SamplingFields {
     pub fn n(&self) -> Result<u32, ApiError> {
         match self.n.unwrap_or(1) {
