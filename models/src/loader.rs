@@ -342,7 +342,10 @@ pub fn check_header_from(mut reader: impl std::io::Read, file_len: u64, path: &P
                 offsets.0, offsets.1
             )));
         }
-        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+        let dtype = info
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| bad(format!("tensor `{name}` has no dtype name")))?;
         let elem_bytes: u64 = match dtype {
             "F64" | "I64" | "U64" => 8,
             "F32" | "I32" | "U32" => 4,
