@@ -20,6 +20,9 @@
 //! on a fuel budget ([`RENDER_FUEL`] instructions) so a template that loops
 //! forever fails with an error instead of hanging a server thread, and
 //! minijinja bounds recursion, `range` and string/list repetition itself.
+//! Memory is not bounded: a template that doubles a string in a loop
+//! (`{% set ns.s = ns.s ~ ns.s %}` forty times) exhausts it in few
+//! instructions, so only serve templates you would run as code.
 //!
 //! The rendered text normally begins with the BOS token already (as the
 //! template writes it), so callers should tokenize it without adding special
