@@ -304,3 +304,66 @@ pub fn chat_logprobs(lps: &[TokenLogprobs], tokenizer: Option<&TextTokenizer>) -
 pub fn usage(prompt: usize, completion: usize) -> Value {
     json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(text: &str) -> Result<Vec<u32>, ApiError> {
+        Ok(text.bytes().map(u32::from).collect())
+    }
+
+    fn completion(body: &str) -> CompletionRequest {
+        parse_body(body.as_bytes()).unwrap()
+    }
+
+    fn chat(body: &str) -> ChatRequest {
+        parse_body(body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn completion_prompts_become_engine_requests_or_name_the_field() {
+        let r = completion(r#"{"model":"m","prompt":"ab","max_tokens":3}"#)
+            .to_engine_request(encode, 256, 16)
+            .unwrap();
+        assert_eq!((r.prompt_token_ids, r.max_tokens), (vec![97, 98], 3));
+        let r = completion(r#"{"model":"m","prompt":[[5,6,7]]}"#)
+            .to_engine_request(encode, 256, 16)
+            .unwrap();
+        assert_eq!((r.prompt_token_ids, r.max_tokens), (vec![5, 6, 7], 13));
+        for (body, needle) in [
+            (r#"{"model":"m","prompt":["a","b"]}"#, "one prompt"),
+            (r#"{"model":"m","prompt":[[]]}"#, "empty"),
+            (r#"{"model":"m","prompt":[1,300]}"#, "token id 300"),
+            (
+                r#"{"model":"m","prompt":"abc","max_tokens":14}"#,
+                "maximum context length is 16",
+            ),
+            (
+                r#"{"model":"m","prompt":"a","max_tokens":-9223372036854775808}"#,
+                "at least 1",
+            ),
+            (
+                r#"{"model":"m","prompt":"a","max_tokens":9223372036854775807}"#,
+                "maximum context",
+            ),
+        ] {
+            let e = completion(body).to_engine_request(encode, 256, 16).unwrap_err();
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn chat_requests_check_logprobs_and_take_max_completion_tokens_first() {
+        let r = chat(
+            r#"{"model":"m","messages":[],"max_completion_tokens":2,"max_tokens":5,"logprobs":true,"top_logprobs":3}"#,
+        )
+        .to_engine_request(vec![1, 2], 16)
+        .unwrap();
+        assert_eq!((r.max_tokens, r.sampling.logprobs), (2, Some(3)));
+        let e = chat(r#"{"model":"m","messages":[],"top_logprobs":3}"#)
+            .to_engine_request(vec![1], 16)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+    }
+}
