@@ -333,6 +333,9 @@ impl ModelConfig {
         let max_position_embeddings = f
             .opt_usize("max_position_embeddings", usize::MAX)?
             .unwrap_or(d.max_position_embeddings);
+        if max_position_embeddings == 0 {
+            return Err(f.unsupported("max_position_embeddings", &Value::from(0), "must be positive"));
+        }
         let qk_rope_head_dim = f.positive("qk_rope_head_dim", MAX_DIM)?;
         if qk_rope_head_dim % 2 != 0 {
             return Err(f.unsupported(

@@ -21,32 +21,41 @@ pub struct ModelSizes {
     pub mha_values_per_token_per_layer: usize,
 }
 
+/// Sizes of the model `cfg` describes. Counts saturate at `u64::MAX` (and `usize::MAX`):
+/// a config may claim sizes no machine holds, which must read as huge, never wrap around.
 pub fn model_sizes(cfg: &ModelConfig) -> ModelSizes {
-    let h = cfg.hidden_size as u64;
-    let heads = cfg.num_attention_heads as u64;
-    let qk = cfg.qk_head_dim() as u64;
-    let r = cfg.kv_lora_rank as u64;
-    let rope = cfg.qk_rope_head_dim as u64;
-    let v = cfg.v_head_dim as u64;
+    let n = |x: usize| x as u64;
+    let h = n(cfg.hidden_size);
+    let heads = n(cfg.num_attention_heads);
+    let qk = n(cfg.qk_nope_head_dim).saturating_add(n(cfg.qk_rope_head_dim));
+    let r = n(cfg.kv_lora_rank);
+    let rope = n(cfg.qk_rope_head_dim);
+    let v = n(cfg.v_head_dim);
     let q = match cfg.q_lora_rank {
-        None => h * heads * qk,
-        Some(ql) => h * ql as u64 + ql as u64 + ql as u64 * heads * qk,
+        None => product(&[h, heads, qk]),
+        Some(ql) => sum(&[product(&[h, n(ql)]), n(ql), product(&[n(ql), heads, qk])]),
     };
-    let attn = q + h * (r + rope) + r + r * heads * (cfg.qk_nope_head_dim as u64 + v) + heads * v * h;
-    let norms = 2 * h;
-    let dense_mlp = 3 * h * cfg.intermediate_size as u64;
+    let attn = sum(&[
+        q,
+        product(&[h, r.saturating_add(rope)]),
+        r,
+        product(&[r, heads, n(cfg.qk_nope_head_dim).saturating_add(v)]),
+        product(&[heads, v, h]),
+    ]);
+    let norms = product(&[2, h]);
+    let dense_mlp = product(&[3, h, n(cfg.intermediate_size)]);
     let mut total = 0u64;
     let mut inactive = 0u64;
     let mut routed = 0u64;
     let (mut dense_layers, mut moe_layers) = (0, 0);
     for layer in 0..cfg.num_hidden_layers {
-        total += attn + norms;
+        total = sum(&[total, attn, norms]);
         match (&cfg.moe, cfg.is_moe_layer(layer)) {
             (Some(m), true) => {
                 moe_layers += 1;
-                let e = m.n_routed_experts as u64;
-                let expert = 3 * h * m.moe_intermediate_size as u64;
-                let shared = 3 * h * (m.moe_intermediate_size * m.n_shared_experts) as u64;
+                let e = n(m.n_routed_experts);
+                let expert = product(&[3, h, n(m.moe_intermediate_size)]);
+                let shared = product(&[3, h, n(m.moe_intermediate_size), n(m.n_shared_experts)]);
                 // The gate, plus noaux_tc's `e_score_correction_bias` (a buffer in transformers,
                 // but stored in the checkpoint like a parameter).
                 let bias = if m.topk_method == crate::config::TopkMethod::NoauxTc {
@@ -54,30 +63,41 @@ pub fn model_sizes(cfg: &ModelConfig) -> ModelSizes {
                 } else {
                     0
                 };
-                total += e * h + bias + e * expert + shared;
-                routed += e * expert;
-                inactive += (e - m.num_experts_per_tok as u64) * expert;
+                total = sum(&[total, product(&[e, h]), bias, product(&[e, expert]), shared]);
+                routed = sum(&[routed, product(&[e, expert])]);
+                let idle = e.saturating_sub(n(m.num_experts_per_tok));
+                inactive = sum(&[inactive, product(&[idle, expert])]);
             }
             _ => {
                 dense_layers += 1;
-                total += dense_mlp;
+                total = sum(&[total, dense_mlp]);
             }
         }
     }
-    let embedding = cfg.vocab_size as u64 * h;
+    let embedding = product(&[n(cfg.vocab_size), h]);
     let lm_head = if cfg.tie_word_embeddings { 0 } else { embedding };
-    total += embedding + lm_head + h;
+    total = sum(&[total, embedding, lm_head, h]);
     ModelSizes {
         total_params: total,
-        active_params_per_token: total - inactive,
+        active_params_per_token: total.saturating_sub(inactive),
         embedding_params: embedding,
         attention_params_per_layer: attn,
         routed_expert_params: routed,
         dense_layers,
         moe_layers,
-        latent_values_per_token_per_layer: cfg.latent_cache_dim(),
-        mha_values_per_token_per_layer: (heads * (qk + v)) as usize,
+        latent_values_per_token_per_layer: cfg.kv_lora_rank.saturating_add(cfg.qk_rope_head_dim),
+        mha_values_per_token_per_layer: usize::try_from(product(&[heads, qk.saturating_add(v)])).unwrap_or(usize::MAX),
     }
+}
+
+/// Product of counts, saturating at `u64::MAX`.
+fn product(factors: &[u64]) -> u64 {
+    factors.iter().fold(1, |acc, &x| acc.saturating_mul(x))
+}
+
+/// Sum of counts, saturating at `u64::MAX`.
+fn sum(terms: &[u64]) -> u64 {
+    terms.iter().fold(0, |acc, &x| acc.saturating_add(x))
 }
 
 #[cfg(test)]
@@ -122,5 +142,29 @@ mod tests {
             );
             assert_eq!(sizes.latent_values_per_token_per_layer, 576, "{name}");
         }
+    }
+
+    /// Regression: a config with every size at the limits `ModelConfig` allows (65536 layers of
+    /// 65536 experts of hidden size 2^22) overflowed u64 here and panicked `moe inspect`.
+    #[test]
+    fn sizes_at_the_config_limits_saturate_instead_of_overflowing() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/deepseek-v3/config.json");
+        let mut cfg = ModelConfig::from_file(&path).unwrap();
+        cfg.hidden_size = 1 << 22;
+        cfg.num_hidden_layers = 1 << 16;
+        let moe = cfg.moe.as_mut().unwrap();
+        moe.n_routed_experts = 1 << 16;
+        moe.moe_intermediate_size = 1 << 22;
+        let sizes = model_sizes(&cfg);
+        assert_eq!(sizes.total_params, u64::MAX);
+        assert!(sizes.active_params_per_token <= sizes.total_params);
+        assert_eq!(sizes.dense_layers + sizes.moe_layers, 1 << 16);
+        // Fields at usize::MAX (only constructible in code) saturate too.
+        cfg.kv_lora_rank = usize::MAX;
+        cfg.num_attention_heads = usize::MAX;
+        cfg.num_hidden_layers = 2;
+        let sizes = model_sizes(&cfg);
+        assert_eq!(sizes.latent_values_per_token_per_layer, usize::MAX);
+        assert_eq!(sizes.mha_values_per_token_per_layer, usize::MAX);
     }
 }

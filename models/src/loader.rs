@@ -330,25 +330,36 @@ impl Weights {
 }
 
 /// Upper bound on a safetensors JSON header; real ones are well under a few MB.
-const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
+pub const MAX_HEADER_BYTES: u64 = 100 * 1024 * 1024;
 
 /// Validates a safetensors file's header against its size before mapping it: a truncated
 /// file or a header that points past the end gets a message naming the file and tensor.
 pub fn check_header(path: &Path) -> Result<()> {
-    use std::io::Read;
     let bad = |message: String| ModelError::Checkpoint {
         path: path.to_path_buf(),
         message,
     };
-    let mut file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
     let file_len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+    check_header_from(std::io::BufReader::new(file), file_len, path)
+}
+
+/// The checks of [`check_header`] on any reader positioned at the start of a safetensors
+/// checkpoint of `file_len` bytes (a file, or bytes in memory: `&[u8]` is a reader). Reads
+/// only the length prefix and the header, never more than [`MAX_HEADER_BYTES`]; `path` only
+/// names the checkpoint in messages.
+pub fn check_header_from(mut reader: impl std::io::Read, file_len: u64, path: &Path) -> Result<()> {
+    let bad = |message: String| ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
     if file_len < 8 {
         return Err(bad(format!(
             "truncated: {file_len} bytes, too short for a safetensors header"
         )));
     }
     let mut len_bytes = [0u8; 8];
-    file.read_exact(&mut len_bytes).map_err(|e| bad(e.to_string()))?;
+    reader.read_exact(&mut len_bytes).map_err(|e| bad(e.to_string()))?;
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_BYTES || header_len > file_len - 8 {
         return Err(bad(format!(
@@ -357,7 +368,7 @@ pub fn check_header(path: &Path) -> Result<()> {
         )));
     }
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    reader.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
     let json: serde_json::Value =
         serde_json::from_slice(&header).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
     let map = json
@@ -380,7 +391,10 @@ pub fn check_header(path: &Path) -> Result<()> {
                 offsets.0, offsets.1
             )));
         }
-        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+        let dtype = info
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| bad(format!("tensor `{name}` has no dtype name")))?;
         let elem_bytes: u64 = match dtype {
             "F64" | "I64" | "U64" => 8,
             "F32" | "I32" | "U32" => 4,

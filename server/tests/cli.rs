@@ -440,3 +440,108 @@ fn prompts_file_runs_requests_together_and_prints_them_in_order() {
     ]);
     assert_clean_failure(&o, &["line 1", "temprature"]);
 }
+
+/// Asserts the documented failure of a hostile checkpoint: exit status 1 and exactly one line
+/// on stderr, mentioning every `needle` (the file or field at fault).
+fn assert_one_line_failure(o: &Output, needles: &[&str]) {
+    assert_clean_failure(o, needles);
+    assert_eq!(o.status.code(), Some(1), "stderr: {}", stderr(o));
+    let err = stderr(o);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
+}
+
+#[test]
+fn absurd_config_sizes_fail_in_one_line_naming_the_field() {
+    let cases = [
+        ("n_routed_experts", serde_json::json!(1_000_000_000_000u64)),
+        ("hidden_size", serde_json::json!(1u64 << 40)),
+        ("num_hidden_layers", serde_json::json!(1_000_000_000u64)),
+        ("vocab_size", serde_json::json!(0)),
+        ("max_position_embeddings", serde_json::json!(0)),
+    ];
+    for (key, value) in cases {
+        let tmp = copy_fixture("deepseek-v3");
+        edit_config(tmp.path(), |c| {
+            c.insert(key.into(), value.clone());
+        });
+        let d = tmp.path().to_str().unwrap();
+        assert_one_line_failure(&moe(&["inspect", "--model", d]), &[key, "config.json"]);
+        assert_one_line_failure(
+            &moe(&["generate", "--model", d, "--prompt-ids", "1,2", "--max-tokens", "2"]),
+            &[key],
+        );
+    }
+}
+
+#[test]
+fn hostile_safetensors_fail_in_one_line_naming_the_file() {
+    // (description, bytes of model.safetensors, what the message must say)
+    let raw = |header: &str, data_len: usize| {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend(std::iter::repeat_n(0u8, data_len));
+        b
+    };
+    let mut huge_prefix = u64::MAX.to_le_bytes().to_vec();
+    huge_prefix.extend_from_slice(b"{}");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty file", vec![], "truncated"),
+        (
+            "u64::MAX header length",
+            huge_prefix,
+            "header claims 18446744073709551615 bytes",
+        ),
+        (
+            "offsets past the end",
+            raw(
+                r#"{"model.norm.weight":{"dtype":"F32","shape":[64],"data_offsets":[0,256]}}"#,
+                100,
+            ),
+            "model.norm.weight",
+        ),
+        (
+            "element count overflows",
+            raw(
+                r#"{"model.norm.weight":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,256]}}"#,
+                256,
+            ),
+            "overflows",
+        ),
+        (
+            "shape disagrees with its bytes",
+            raw(
+                r#"{"model.norm.weight":{"dtype":"F32","shape":[65],"data_offsets":[0,256]}}"#,
+                256,
+            ),
+            "needs 260 bytes",
+        ),
+        (
+            "unknown dtype",
+            raw(
+                r#"{"model.norm.weight":{"dtype":"F4","shape":[64],"data_offsets":[0,32]}}"#,
+                32,
+            ),
+            "F4",
+        ),
+    ];
+    for (what, bytes, needle) in cases {
+        let tmp = copy_fixture("deepseek-v2-lite");
+        std::fs::write(tmp.path().join("model.safetensors"), &bytes).unwrap();
+        let d = tmp.path().to_str().unwrap();
+        eprintln!("case: {what}");
+        let o = moe(&["generate", "--model", d, "--prompt-ids", "1,2", "--max-tokens", "2"]);
+        assert_one_line_failure(&o, &["model.safetensors", needle]);
+    }
+    // A weight stored as integers loads no further than the tensor that has them.
+    let tmp = copy_fixture("deepseek-v2-lite");
+    rewrite_safetensors(tmp.path(), |n, t| {
+        if n == "model.norm.weight" {
+            Some((safetensors::Dtype::I32, vec![64], vec![0u8; 256]))
+        } else {
+            Some(t)
+        }
+    });
+    let d = tmp.path().to_str().unwrap();
+    let o = moe(&["generate", "--model", d, "--prompt-ids", "1,2", "--max-tokens", "2"]);
+    assert_one_line_failure(&o, &["model.norm.weight", "I32"]);
+}

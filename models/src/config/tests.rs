@@ -321,6 +321,16 @@ fn absurd_sizes_are_rejected_before_allocating() {
 }
 
 #[test]
+fn a_zero_max_position_embeddings_is_rejected_naming_the_field() {
+    // It would otherwise surface later as a complaint about --max-model-len.
+    let msg = reject_unsupported(
+        &with(v3(), "max_position_embeddings", json!(0)),
+        "max_position_embeddings",
+    );
+    assert!(msg.contains("positive"), "{msg}");
+}
+
+#[test]
 fn unsupported_model_features_are_rejected() {
     let q = json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]});
     let msg = reject_unsupported(&with(v3(), "quantization_config", q), "quantization_config");

@@ -16,6 +16,14 @@
 //! undefined values are as lenient as Jinja2's default `Undefined`. No loader
 //! is installed, so `{% include %}` / `{% import %}` cannot read files.
 //!
+//! A template comes with the checkpoint, which may be hostile: rendering runs
+//! on a fuel budget ([`RENDER_FUEL`] instructions) so a template that loops
+//! forever fails with an error instead of hanging a server thread, and
+//! minijinja bounds recursion, `range` and string/list repetition itself.
+//! Memory is not bounded: a template that doubles a string in a loop
+//! (`{% set ns.s = ns.s ~ ns.s %}` forty times) exhausts it in few
+//! instructions, so only serve templates you would run as code.
+//!
 //! The rendered text normally begins with the BOS token already (as the
 //! template writes it), so callers should tokenize it without adding special
 //! tokens again — the same as `apply_chat_template(..., tokenize=True)`.
@@ -30,6 +38,11 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 /// Name under which the template is stored in its environment.
 const TEMPLATE_NAME: &str = "chat_template";
+
+/// Template instructions one render may execute. The real DeepSeek-V3 template spends
+/// roughly a hundred per message, so this allows conversations far beyond any request
+/// body we accept, while a runaway template stops within about a second.
+pub const RENDER_FUEL: u64 = 50_000_000;
 
 /// Roles `render` accepts.
 const VALID_ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer"];
@@ -257,6 +270,7 @@ impl ChatTemplate {
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);

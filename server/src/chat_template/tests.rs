@@ -351,3 +351,43 @@ fn chat_template_from_model_dir_sources() {
         Err(ChatTemplateError::Missing(_))
     ));
 }
+
+#[test]
+fn chat_template_runaway_loops_run_out_of_fuel() {
+    // 10^10 iterations: without a fuel budget this would spin for hours.
+    let t = ChatTemplate::new(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        None,
+        None,
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    match t.render(&[msg("user", "a")], false) {
+        Err(ChatTemplateError::Render(m)) => assert!(m.contains("fuel"), "{m}"),
+        other => panic!("expected an out-of-fuel Render error, got {other:?}"),
+    }
+    // Generous bound for a debug build on a loaded 2-core machine.
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(60),
+        "{:?}",
+        start.elapsed()
+    );
+    // Unbounded recursion is cut off by minijinja's recursion limit, not a stack overflow.
+    let t = ChatTemplate::new("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", None, None).unwrap();
+    assert!(matches!(
+        t.render(&[msg("user", "a")], false),
+        Err(ChatTemplateError::Render(_))
+    ));
+}
+
+#[test]
+fn chat_template_fuel_covers_long_real_conversations() {
+    // 20k messages (far more than fit in a default 8 MiB body with real content) through the
+    // real DeepSeek-V3 template stay well inside the budget.
+    let t = real_deepseek_v3();
+    let msgs: Vec<ChatMessage> = (0..20_000)
+        .map(|i| msg(if i % 2 == 0 { "user" } else { "assistant" }, "hello there"))
+        .collect();
+    let out = t.render(&msgs, true).unwrap();
+    assert_eq!(out.matches("hello there").count(), 20_000);
+}

@@ -19,9 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
-use super::protocol::{
-    chat_logprobs, completion_logprobs, parse_body, usage, ChatRequest, CompletionRequest, PromptInput,
-};
+use super::protocol::{chat_logprobs, completion_logprobs, parse_body, usage, ChatRequest, CompletionRequest};
 use super::AppState;
 
 fn now_secs() -> u64 {
@@ -256,41 +254,8 @@ async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response,
     let body = read_body(&state, body).await?;
     let req: CompletionRequest = parse_body(&body)?;
     state.check_model(&req.model)?;
-    let is_empty_text = match &req.prompt {
-        PromptInput::Text(t) => t.is_empty(),
-        PromptInput::Texts(v) => v.len() == 1 && v[0].is_empty(),
-        _ => false,
-    };
-    if is_empty_text {
-        // Only a BOS token would remain: refuse rather than generate from nothing.
-        return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
-    }
-    let prompt = match req.prompt {
-        PromptInput::Text(t) => state.encode(&t)?,
-        PromptInput::Ids(ids) => ids,
-        PromptInput::Texts(v) if v.len() == 1 => state.encode(&v[0])?,
-        PromptInput::IdLists(v) if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
-        _ => {
-            return Err(ApiError::bad_request(
-                "send one prompt per request (batch prompts are not supported)",
-                Some("prompt"),
-            ))
-        }
-    };
-    if prompt.is_empty() {
-        return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
-    }
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= state.vocab_size) {
-        return Err(ApiError::bad_request(
-            format!("token id {bad} is outside the vocabulary of {}", state.vocab_size),
-            Some("prompt"),
-        ));
-    }
+    let request = req.to_engine_request(|text| state.encode(text), state.vocab_size, state.max_model_len)?;
     let n = req.sampling.n()?;
-    let mut request =
-        req.sampling
-            .to_request(req.sampling.max_tokens, req.logprobs, prompt.len(), state.max_model_len)?;
-    request.prompt_token_ids = prompt;
     state.check_capacity(n)?;
     let streams = state.submit(&request, n)?;
     let id = format!("cmpl-{}", streams[0].id.0);
@@ -356,28 +321,7 @@ async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiErr
         .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
     let prompt = state.encode(&rendered)?;
     let n = req.sampling.n()?;
-    let top = if req.logprobs {
-        Some(req.top_logprobs.unwrap_or(0))
-    } else {
-        None
-    };
-    if req.top_logprobs.is_some() && !req.logprobs {
-        return Err(ApiError::bad_request(
-            "top_logprobs needs logprobs: true",
-            Some("top_logprobs"),
-        ));
-    }
-    if let Some(t) = req.top_logprobs.filter(|&t| t > 20) {
-        return Err(ApiError::bad_request(
-            format!("top_logprobs must be at most 20, got {t}"),
-            Some("top_logprobs"),
-        ));
-    }
-    let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let mut request = req
-        .sampling
-        .to_request(max_tokens, top, prompt.len(), state.max_model_len)?;
-    request.prompt_token_ids = prompt;
+    let request = req.to_engine_request(prompt, state.max_model_len)?;
     state.check_capacity(n)?;
     let streams = state.submit(&request, n)?;
     let id = format!("chatcmpl-{}", streams[0].id.0);

@@ -1,11 +1,11 @@
 //! `moe serve`: the OpenAI-compatible HTTP server (tokio + axum). The engine keeps its own
 //! thread; handlers talk to it through its submit/abort API and per-request channels.
 
-mod error;
+pub mod error;
 mod handlers;
 mod listener;
 mod metrics;
-mod protocol;
+pub mod protocol;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

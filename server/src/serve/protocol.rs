@@ -91,6 +91,82 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     })
 }
 
+impl CompletionRequest {
+    /// Validates the request into an engine request: the prompt (text goes through `encode`,
+    /// ids are checked against `vocab_size`), then the sampling fields. Only single prompts
+    /// are served; the model name and `n` are checked by the caller.
+    pub fn to_engine_request(
+        &self,
+        encode: impl FnOnce(&str) -> Result<Vec<u32>, ApiError>,
+        vocab_size: usize,
+        max_model_len: usize,
+    ) -> Result<GenerationRequest, ApiError> {
+        let is_empty_text = match &self.prompt {
+            PromptInput::Text(t) => t.is_empty(),
+            PromptInput::Texts(v) => v.len() == 1 && v[0].is_empty(),
+            _ => false,
+        };
+        if is_empty_text {
+            // Only a BOS token would remain: refuse rather than generate from nothing.
+            return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+        }
+        let prompt = match &self.prompt {
+            PromptInput::Text(t) => encode(t)?,
+            PromptInput::Ids(ids) => ids.clone(),
+            PromptInput::Texts(v) if v.len() == 1 => encode(&v[0])?,
+            PromptInput::IdLists(v) if v.len() == 1 => v[0].clone(),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "send one prompt per request (batch prompts are not supported)",
+                    Some("prompt"),
+                ))
+            }
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(ApiError::bad_request(
+                format!("token id {bad} is outside the vocabulary of {vocab_size}"),
+                Some("prompt"),
+            ));
+        }
+        let mut request =
+            self.sampling
+                .to_request(self.sampling.max_tokens, self.logprobs, prompt.len(), max_model_len)?;
+        request.prompt_token_ids = prompt;
+        Ok(request)
+    }
+}
+
+impl ChatRequest {
+    /// Validates the request into an engine request for `prompt`, the token ids of the
+    /// rendered chat template. The model name and `n` are checked by the caller.
+    pub fn to_engine_request(&self, prompt: Vec<u32>, max_model_len: usize) -> Result<GenerationRequest, ApiError> {
+        if self.top_logprobs.is_some() && !self.logprobs {
+            return Err(ApiError::bad_request(
+                "top_logprobs needs logprobs: true",
+                Some("top_logprobs"),
+            ));
+        }
+        if let Some(t) = self.top_logprobs.filter(|&t| t > 20) {
+            return Err(ApiError::bad_request(
+                format!("top_logprobs must be at most 20, got {t}"),
+                Some("top_logprobs"),
+            ));
+        }
+        let top = if self.logprobs {
+            Some(self.top_logprobs.unwrap_or(0))
+        } else {
+            None
+        };
+        let max_tokens = self.max_completion_tokens.or(self.sampling.max_tokens);
+        let mut request = self.sampling.to_request(max_tokens, top, prompt.len(), max_model_len)?;
+        request.prompt_token_ids = prompt;
+        Ok(request)
+    }
+}
+
 impl SamplingFields {
     pub fn n(&self) -> Result<u32, ApiError> {
         match self.n.unwrap_or(1) {
@@ -250,4 +326,67 @@ pub fn chat_logprobs(lps: &[TokenLogprobs], tokenizer: Option<&TextTokenizer>) -
 
 pub fn usage(prompt: usize, completion: usize) -> Value {
     json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(text: &str) -> Result<Vec<u32>, ApiError> {
+        Ok(text.bytes().map(u32::from).collect())
+    }
+
+    fn completion(body: &str) -> CompletionRequest {
+        parse_body(body.as_bytes()).unwrap()
+    }
+
+    fn chat(body: &str) -> ChatRequest {
+        parse_body(body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn completion_prompts_become_engine_requests_or_name_the_field() {
+        let r = completion(r#"{"model":"m","prompt":"ab","max_tokens":3}"#)
+            .to_engine_request(encode, 256, 16)
+            .unwrap();
+        assert_eq!((r.prompt_token_ids, r.max_tokens), (vec![97, 98], 3));
+        let r = completion(r#"{"model":"m","prompt":[[5,6,7]]}"#)
+            .to_engine_request(encode, 256, 16)
+            .unwrap();
+        assert_eq!((r.prompt_token_ids, r.max_tokens), (vec![5, 6, 7], 13));
+        for (body, needle) in [
+            (r#"{"model":"m","prompt":["a","b"]}"#, "one prompt"),
+            (r#"{"model":"m","prompt":[[]]}"#, "empty"),
+            (r#"{"model":"m","prompt":[1,300]}"#, "token id 300"),
+            (
+                r#"{"model":"m","prompt":"abc","max_tokens":14}"#,
+                "maximum context length is 16",
+            ),
+            (
+                r#"{"model":"m","prompt":"a","max_tokens":-9223372036854775808}"#,
+                "at least 1",
+            ),
+            (
+                r#"{"model":"m","prompt":"a","max_tokens":9223372036854775807}"#,
+                "maximum context",
+            ),
+        ] {
+            let e = completion(body).to_engine_request(encode, 256, 16).unwrap_err();
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn chat_requests_check_logprobs_and_take_max_completion_tokens_first() {
+        let r = chat(
+            r#"{"model":"m","messages":[],"max_completion_tokens":2,"max_tokens":5,"logprobs":true,"top_logprobs":3}"#,
+        )
+        .to_engine_request(vec![1, 2], 16)
+        .unwrap();
+        assert_eq!((r.max_tokens, r.sampling.logprobs), (2, Some(3)));
+        let e = chat(r#"{"model":"m","messages":[],"top_logprobs":3}"#)
+            .to_engine_request(vec![1], 16)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+    }
 }
