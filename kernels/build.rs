@@ -22,8 +22,9 @@ fn main() {
     let src_dir = Path::new("cuda");
     let nvcc = ["CUDA_HOME", "CUDA_PATH"]
         .iter()
-        .filter_map(|v| std::env::var_os(v))
-        .map(|home| PathBuf::from(home).join("bin").join("nvcc"))
+        .filter_map(std::env::var_os)
+        .map(PathBuf::from)
+        .map(|home| home.join("bin").join("nvcc"))
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let cap = std::env::var("CUDA_COMPUTE_CAP")

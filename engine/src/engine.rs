@@ -109,6 +109,7 @@ impl RequestStream {
     /// The next piece, blocking the thread; `None` once the request finished or was
     /// aborted. Not for async tasks (it would block the runtime; it panics inside one):
     /// use [`recv`](Self::recv) there.
+    #[allow(clippy::should_implement_trait)] // an Iterator would hide that it blocks
     pub fn next(&mut self) -> Option<RequestOutput> {
         self.receiver.blocking_recv()
     }

@@ -394,7 +394,7 @@ impl ModelConfig {
     /// Whether decoder layer `layer` has a mixture-of-experts MLP (else a dense one).
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         match &self.moe {
-            Some(m) => layer >= m.first_k_dense_replace && layer % m.moe_layer_freq == 0,
+            Some(m) => layer >= m.first_k_dense_replace && layer.is_multiple_of(m.moe_layer_freq),
             None => false,
         }
     }

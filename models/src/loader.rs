@@ -405,8 +405,7 @@ pub fn check_header_from(mut reader: impl std::io::Read, file_len: u64, path: &P
         let shape: Vec<u64> = info
             .get("shape")
             .and_then(|s| s.as_array())
-            .map(|s| s.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
-            .flatten()
+            .and_then(|s| s.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
             .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape")))?;
         let numel = shape
             .iter()

@@ -23,8 +23,11 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Prompts, per-prompt flattened logits and greedy continuations.
+type Goldens = (Vec<Vec<u32>>, Vec<Vec<f32>>, Vec<Vec<u32>>);
+
 /// Golden prompts, all-position logits (flattened) and greedy continuations of a fixture.
-fn golden(dir: &Path) -> (Vec<Vec<u32>>, Vec<Vec<f32>>, Vec<Vec<u32>>) {
+fn golden(dir: &Path) -> Goldens {
     let g = moe_tests::golden(dir);
     let logits = g
         .logits
@@ -130,7 +133,7 @@ fn generate_from_text_with_the_real_tokenizer() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let n = v["token_ids"].as_array().unwrap().len();
-    assert!(n >= 1 && n <= 6);
+    assert!((1..=6).contains(&n));
     // Greedy and deterministic: same text twice.
     assert_eq!(stdout(&moe(&args)), stdout(&o));
     // Seeded sampling is reproducible, and differs from another seed over 16 tokens.

@@ -25,7 +25,9 @@ async fn invalid_requests_get_openai_errors() {
     let long: Vec<u32> = (0..256).map(|i| i % 300).collect();
     let almost: Vec<u32> = (0..250).map(|i| i % 300).collect();
     let bad = "invalid_request_error";
-    let cases: Vec<(&str, Value, &str, Option<&str>, Option<&str>)> = vec![
+    // (path, body, error type, error.param, error.code)
+    type Case<'a> = (&'a str, Value, &'a str, Option<&'a str>, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         (c, p(json!({"max_tokens": 0})), bad, Some("max_tokens"), None),
         (c, p(json!({"max_tokens": -3})), bad, Some("max_tokens"), None),
         (c, p(json!({"temperature": -0.5})), bad, Some("temperature"), None),

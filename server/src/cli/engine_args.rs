@@ -94,7 +94,7 @@ impl EngineArgs {
         tracing::info!(
             "KV cache: {num_blocks} blocks of {} tokens ({} MiB)",
             self.block_size,
-            num_blocks * self.block_size * per_token >> 20
+            (num_blocks * self.block_size * per_token) >> 20
         );
         let config = EngineConfig {
             max_num_batched_tokens: self.max_num_batched_tokens,

@@ -309,7 +309,7 @@ impl RouterParams {
             return Err(err(format!("top_k must be in 1..={num_experts}")));
         }
         if spec.name != "greedy" {
-            if self.n_group == 0 || num_experts % self.n_group != 0 {
+            if self.n_group == 0 || !num_experts.is_multiple_of(self.n_group) {
                 return Err(err(format!(
                     "n_group {} must divide the {num_experts} experts",
                     self.n_group
