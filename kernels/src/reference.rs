@@ -1,6 +1,6 @@
-//! Plain references for the fused kernels that have no counterpart in [`crate::mla`]: residual
-//! add + RMSNorm and in-place rotary embedding. They mirror `moe-models`' `RmsNorm` and `Rope`
-//! (same rounding order) so the CUDA kernels can be tested inside this crate.
+//! Plain implementations of the fused ops that have no counterpart in [`crate::mla`]: residual
+//! add + RMSNorm and rotary embedding. `moe-models`' `RmsNorm` and `Rope` run these (so the
+//! model and the CUDA kernels' tests share one reference).
 
 use candle_core::{DType, Result, Tensor, D};
 

@@ -1,6 +1,6 @@
 //! RMSNorm as DeepSeek defines it: normalize in f32, cast back, then scale by the weight.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::loader::Weights;
@@ -22,10 +22,7 @@ impl RmsNorm {
 
     /// `x`: `[tokens, dim]` -> same shape and dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let mean_sq = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
-        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+        let (_, normed) = moe_kernels::reference::rmsnorm_residual(x, None, &self.weight, self.eps)?;
+        Ok(normed)
     }
 }

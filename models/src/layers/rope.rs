@@ -71,27 +71,7 @@ impl Rope {
     /// Rotates `x`: `[tokens, heads, dim]` (any float dtype) with tables from [`Rope::cos_sin`].
     /// Computed in f32, returned in `x`'s dtype and layout.
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (tokens, heads, dim) = x.dims3()?;
-        let half = dim / 2;
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let cos = cos.reshape((tokens, 1, half))?;
-        let sin = sin.reshape((tokens, 1, half))?;
-        let out = if self.interleaved {
-            let pairs = xf.reshape((tokens, heads, half, 2))?;
-            let a = pairs.narrow(3, 0, 1)?.squeeze(3)?;
-            let b = pairs.narrow(3, 1, 1)?.squeeze(3)?;
-            let ra = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
-            let rb = (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?;
-            Tensor::stack(&[ra, rb], 3)?.reshape((tokens, heads, dim))?
-        } else {
-            let a = xf.narrow(2, 0, half)?;
-            let b = xf.narrow(2, half, half)?;
-            let ra = (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?;
-            let rb = (a.broadcast_mul(&sin)? + b.broadcast_mul(&cos)?)?;
-            Tensor::cat(&[ra, rb], 2)?
-        };
-        Ok(out.to_dtype(dtype)?)
+        Ok(moe_kernels::reference::rope(x, cos, sin, self.interleaved)?)
     }
 }
 
