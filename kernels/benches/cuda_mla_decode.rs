@@ -19,7 +19,7 @@ fn main() -> Result<()> {
     let (d, dv, block_size) = (576usize, 512usize, 64usize);
     println!("seqs heads context splits(auto)  us/iter  GB/s");
     for &(s, heads, ctx) in &[
-        (1, 16, 4096),
+        (1usize, 16usize, 4096usize),
         (1, 128, 32768),
         (8, 16, 4096),
         (32, 16, 4096),

@@ -137,7 +137,7 @@ fn rope_matches_reference() -> Result<()> {
     let half = rot / 2;
     // A YaRN-like table: any frequencies and factor do, the kernel only reads the table.
     let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 10000f32.powf(-(2 * i) as f32 / rot as f32) / if i > 8 { 40.0 } else { 1.0 })
+        .map(|i| 10000f32.powf(-((2 * i) as f32) / rot as f32) / if i > 8 { 40.0 } else { 1.0 })
         .collect();
     let af = 1.2f32;
     let mut cos = Vec::with_capacity(max_pos * half);
