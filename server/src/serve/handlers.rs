@@ -243,14 +243,7 @@ fn sse_response(
         .into_response()
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
-    match completions_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
+pub async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let body = read_body(&state, body).await?;
     let req: CompletionRequest = parse_body(&body)?;
     state.check_model(&req.model)?;
@@ -302,14 +295,7 @@ async fn completions_inner(state: Arc<AppState>, body: Body) -> Result<Response,
     ))
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Response {
-    match chat_inner(state, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn chat_inner(state: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
+pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let body = read_body(&state, body).await?;
     let req: ChatRequest = parse_body(&body)?;
     state.check_model(&req.model)?;
