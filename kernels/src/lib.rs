@@ -1,10 +1,12 @@
 //! Hot-path operators of moe-engine behind stable signatures: the paged latent KV cache
-//! write and paged MLA attention. Each op has a device-agnostic reference implementation here
+//! write, paged MLA attention, and the mixture-of-experts routing, permutation and grouped
+//! expert MLP. Each op has a device-agnostic reference implementation here
 //! (candle ops, run on the CPU in tests); CUDA kernels slot in behind the same arguments
 //! (module [`cuda`], with the `cuda` feature).
 //! This crate knows nothing about models, configs or requests.
 
 pub mod mla;
+pub mod moe;
 pub mod reference;
 
 #[cfg(feature = "cuda")]

@@ -4,7 +4,8 @@
 //! Owns expert weights and the expert computation only; it does not carry the gate (routing
 //! lives in `router`). Experts that receive no tokens cost nothing.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
+use moe_kernels::moe::{grouped_expert_mlp, permute_by_expert, ExpertWeights};
 
 use super::router::Routing;
 use crate::error::{ModelError, Result};
@@ -54,55 +55,30 @@ impl Experts {
         })
     }
 
-    /// `x`: `[tokens, H]`; returns `Σ_j weight_j · expert_{id_j}(x)` per token, `[tokens, H]`.
+    /// `x`: `[tokens, H]`; returns `Σ_j weight_j · expert_{id_j}(x)` per token, `[tokens, H]`,
+    /// through the shared grouped reference (`moe_kernels::moe::grouped_expert_mlp`).
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
-        let (tokens, hidden) = x.dims2()?;
+        let tokens = x.dims2()?.0;
         let k = routing.top_k;
-        if routing.expert_ids.len() != tokens * k {
+        if routing.expert_ids.len() != tokens * k || routing.weights.len() != tokens * k {
             return Err(ModelError::Input(format!(
                 "routing covers {} slots, expected {}",
                 routing.expert_ids.len(),
                 tokens * k
             )));
         }
-        // Group (token, weight) pairs by expert on the host.
-        let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); self.num_experts];
-        for (slot, (&e, &wt)) in routing.expert_ids.iter().zip(&routing.weights).enumerate() {
-            let e = e as usize;
-            if e >= self.num_experts {
-                return Err(ModelError::Input(format!(
-                    "router chose expert {e} of {}",
-                    self.num_experts
-                )));
-            }
-            per_expert[e].0.push((slot / k) as u32);
-            per_expert[e].1.push(wt);
+        if let Some(&e) = routing.expert_ids.iter().find(|&&e| e as usize >= self.num_experts) {
+            return Err(ModelError::Input(format!(
+                "router chose expert {e} of {}",
+                self.num_experts
+            )));
         }
-        let device = x.device();
-        let mut rows = Vec::new();
-        let mut outputs = Vec::new();
-        for (e, (token_ids, weights)) in per_expert.into_iter().enumerate() {
-            if token_ids.is_empty() {
-                continue;
-            }
-            let n = token_ids.len();
-            let idx = Tensor::from_vec(token_ids.clone(), n, device)?;
-            let xs = x.index_select(&idx, 0)?; // [n, H]
-            let gu = xs.matmul(&self.gate_up.get(e)?.t()?)?; // [n, 2I]
-            let gate = gu.narrow(D::Minus1, 0, self.intermediate)?;
-            let up = gu.narrow(D::Minus1, self.intermediate, self.intermediate)?;
-            let h = (candle_nn::ops::silu(&gate)? * up)?;
-            let y = h.matmul(&self.down.get(e)?.t()?)?; // [n, H]
-            let wt = Tensor::from_vec(weights, (n, 1), device)?.to_dtype(y.dtype())?;
-            outputs.push(y.broadcast_mul(&wt)?);
-            rows.extend(token_ids);
-        }
-        let out = Tensor::zeros((tokens, hidden), x.dtype(), device)?;
-        if outputs.is_empty() {
-            return Ok(out);
-        }
-        let n = rows.len();
-        let rows = Tensor::from_vec(rows, n, device)?;
-        Ok(out.index_add(&rows, &Tensor::cat(&outputs, 0)?, 0)?)
+        // One row per slot: the host path has no GEMM tile to pad to.
+        let perm = permute_by_expert(&routing.expert_ids, self.num_experts, 1);
+        let weights = ExpertWeights {
+            gate_up: &self.gate_up,
+            down: &self.down,
+        };
+        Ok(grouped_expert_mlp(x, weights, &perm, &routing.weights, k)?)
     }
 }

@@ -1,12 +1,15 @@
 //! Expert routing: router logits -> (expert ids, weights) per token, behind the [`Router`]
 //! trait so researchers can swap the strategy from the command line (`--router`).
 //!
-//! Owns the three DeepSeek strategies and the `--router` spec parser/registry. It computes
+//! Owns the three DeepSeek strategies (their math is `moe_kernels::moe::route`, shared with the
+//! CUDA routing kernel) and the `--router` spec parser/registry. It computes
 //! on host `f32` slices (the checkpoint's gate runs in f32, as transformers does); it never
 //! touches expert weights.
 
 use std::fmt::Debug;
 use std::sync::Arc;
+
+use moe_kernels::moe::{route, RoutingMethod, RoutingParams, Scoring};
 
 use crate::config::{Architecture, MoeConfig, ScoringFunc, TopkMethod};
 use crate::error::{ModelError, Result};
@@ -43,6 +46,12 @@ pub trait Router: Send + Sync + Debug {
     /// Experts chosen per token.
     fn top_k(&self) -> usize;
     fn route(&self, input: &RouterInput<'_>) -> Routing;
+    /// For routers that are an instance of the shared routing function: its parameters, so
+    /// the GPU path can route in one kernel without a host round trip. Other routers keep
+    /// the default `None` and are routed on the host through [`Router::route`].
+    fn kernel_params(&self) -> Option<RoutingParams> {
+        None
+    }
 }
 
 /// Knobs shared by the built-in strategies; parsed from config.json and overridable by
@@ -61,59 +70,33 @@ pub struct RouterParams {
     pub use_bias: bool,
 }
 
-fn scores(logits: &[f32], scoring: ScoringFunc) -> Vec<f32> {
-    match scoring {
-        ScoringFunc::Sigmoid => logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
-        ScoringFunc::Softmax => {
-            let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let exps: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
-            let sum: f32 = exps.iter().sum();
-            exps.iter().map(|e| e / sum).collect()
+impl RouterParams {
+    /// These parameters in the shared routing function's terms.
+    pub fn kernel_params(&self, method: RoutingMethod) -> RoutingParams {
+        RoutingParams {
+            method,
+            top_k: self.top_k,
+            scoring: match self.scoring {
+                ScoringFunc::Softmax => Scoring::Softmax,
+                ScoringFunc::Sigmoid => Scoring::Sigmoid,
+            },
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            normalize: self.normalize,
+            scale: self.scale,
+            use_bias: self.use_bias,
         }
     }
 }
 
-/// Indices of the `k` largest values (ties: lower index first), in descending order.
-fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx
-}
-
-/// Keeps the `topk_group` best groups (by `group_score`) and masks the rest to `fill`.
-fn mask_groups(choice: &mut [f32], n_group: usize, topk_group: usize, fill: f32, group_score: impl Fn(&[f32]) -> f32) {
-    let per_group = choice.len() / n_group;
-    let group_scores: Vec<f32> = choice.chunks(per_group).map(&group_score).collect();
-    let keep = top_k_indices(&group_scores, topk_group);
-    for (g, chunk) in choice.chunks_mut(per_group).enumerate() {
-        if !keep.contains(&g) {
-            chunk.iter_mut().for_each(|v| *v = fill);
-        }
-    }
-}
-
-fn finish_weights(mut w: Vec<f32>, p: &RouterParams) -> Vec<f32> {
-    if p.normalize {
-        let sum: f32 = w.iter().sum::<f32>() + 1e-20;
-        w.iter_mut().for_each(|x| *x /= sum);
-    }
-    w.iter_mut().for_each(|x| *x *= p.scale);
-    w
-}
-
-/// Shared driver: per token, compute scores, pick ids with `choose`, then weight them.
-fn route_each(input: &RouterInput<'_>, p: &RouterParams, choose: impl Fn(&[f32]) -> Vec<usize>) -> Routing {
-    let e = input.num_experts;
-    let mut expert_ids = Vec::with_capacity(input.num_tokens() * p.top_k);
-    let mut weights = Vec::with_capacity(input.num_tokens() * p.top_k);
-    for row in input.logits.chunks(e) {
-        let s = scores(row, p.scoring);
-        let chosen = choose(&s);
-        let w: Vec<f32> = chosen.iter().map(|&i| s[i]).collect();
-        expert_ids.extend(chosen.iter().map(|&i| i as u32));
-        weights.extend(finish_weights(w, p));
-    }
+/// Routes with the shared function of `moe-kernels` (the CUDA routing kernel's reference).
+fn route_builtin(input: &RouterInput<'_>, p: &RouterParams, method: RoutingMethod) -> Routing {
+    let (expert_ids, weights) = route(
+        input.logits,
+        input.num_experts,
+        input.correction_bias,
+        &p.kernel_params(method),
+    );
     Routing {
         top_k: p.top_k,
         expert_ids,
@@ -133,7 +116,10 @@ impl Router for GreedyRouter {
         self.0.top_k
     }
     fn route(&self, input: &RouterInput<'_>) -> Routing {
-        route_each(input, &self.0, |s| top_k_indices(s, self.0.top_k))
+        route_builtin(input, &self.0, RoutingMethod::Greedy)
+    }
+    fn kernel_params(&self) -> Option<RoutingParams> {
+        Some(self.0.kernel_params(RoutingMethod::Greedy))
     }
 }
 
@@ -149,14 +135,10 @@ impl Router for GroupLimitedGreedyRouter {
         self.0.top_k
     }
     fn route(&self, input: &RouterInput<'_>) -> Routing {
-        let p = &self.0;
-        route_each(input, p, |s| {
-            let mut masked = s.to_vec();
-            mask_groups(&mut masked, p.n_group, p.topk_group, 0.0, |g| {
-                g.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
-            });
-            top_k_indices(&masked, p.top_k)
-        })
+        route_builtin(input, &self.0, RoutingMethod::GroupLimitedGreedy)
+    }
+    fn kernel_params(&self) -> Option<RoutingParams> {
+        Some(self.0.kernel_params(RoutingMethod::GroupLimitedGreedy))
     }
 }
 
@@ -173,18 +155,10 @@ impl Router for NoauxTcRouter {
         self.0.top_k
     }
     fn route(&self, input: &RouterInput<'_>) -> Routing {
-        let p = &self.0;
-        let bias = input.correction_bias.filter(|_| p.use_bias);
-        route_each(input, p, |s| {
-            let mut choice: Vec<f32> = match bias {
-                Some(b) => s.iter().zip(b).map(|(x, y)| x + y).collect(),
-                None => s.to_vec(),
-            };
-            mask_groups(&mut choice, p.n_group, p.topk_group, f32::NEG_INFINITY, |g| {
-                top_k_indices(g, 2).iter().map(|&i| g[i]).sum()
-            });
-            top_k_indices(&choice, p.top_k)
-        })
+        route_builtin(input, &self.0, RoutingMethod::NoauxTc)
+    }
+    fn kernel_params(&self) -> Option<RoutingParams> {
+        Some(self.0.kernel_params(RoutingMethod::NoauxTc))
     }
 }
 
