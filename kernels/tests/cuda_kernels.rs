@@ -12,42 +12,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use moe_kernels::cuda::{latent_cache_write, paged_mla_decode, rmsnorm_residual, rope_inplace, MlaDecodeParams};
 use moe_kernels::{paged_mla_attention, reference, write_latent_cache, PagedSeq};
 
-/// xorshift64*: deterministic values in [-1, 1).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform() * scale).collect()
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, (self.next() % (i as u64 + 1)) as usize);
-        }
-    }
-}
-
-fn gpu() -> Device {
-    Device::new_cuda(0).expect("a CUDA device")
-}
-
-fn host(t: &Tensor) -> Vec<f32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+mod common;
+use common::{gpu, host, Rng};
 
 fn max_ulp_violation(got: &[f32], want: &[f32]) -> f32 {
     got.iter()

@@ -88,10 +88,10 @@ pub fn paged_mla_decode(
             context_lens.shape()
         );
     }
-    if dv == 0 || dv > MAX_VALUE_DIM || dv % 32 != 0 || dv > d || d % 2 != 0 {
+    if dv == 0 || dv > MAX_VALUE_DIM || !dv.is_multiple_of(32) || dv > d || !d.is_multiple_of(2) {
         bail!("paged_mla_decode: value dim {dv} (multiple of 32, <= {MAX_VALUE_DIM}, <= {d}) unsupported");
     }
-    if (d * dtype.size_in_bytes()) % 16 != 0 {
+    if !(d * dtype.size_in_bytes()).is_multiple_of(16) {
         bail!("paged_mla_decode: cache rows of {d} {dtype:?} are not a multiple of 16 bytes");
     }
     if p.max_context_len > max_blocks * block_size {

@@ -7,13 +7,19 @@
 //! their storage (like [`crate::write_latent_cache`]); the caller must not rely on any other
 //! tensor sharing that storage staying unchanged.
 //!
-//! Nothing here has run on a GPU yet: `tests/cuda_kernels.rs` compares each kernel with its
-//! reference and `benches/cuda_mla_decode.rs` times the decode kernel.
+//! Nothing here has run on a GPU yet: `tests/cuda_kernels.rs` and `tests/cuda_moe.rs` compare
+//! each kernel with its reference; `benches/cuda_mla_decode.rs` and `benches/cuda_moe_layer.rs`
+//! time the decode kernel and one MoE layer.
 
 mod decode;
+mod moe;
 mod ops;
 
 pub use decode::{decode_split_plan, paged_mla_decode, MlaDecodeParams};
+pub use moe::{
+    moe_combine, moe_down_weighted, moe_experts, moe_gate_up_silu, moe_permute, moe_route, routing_supported,
+    DeviceExpertBatches, MAX_GROUPS, MAX_ROUTED_EXPERTS, MAX_TOP_K, TILE_ROWS,
+};
 pub use ops::{latent_cache_write, rmsnorm_residual, rope_inplace};
 
 use candle_core::backend::BackendStorage;
@@ -28,6 +34,9 @@ pub(crate) mod ptx {
     pub const RMSNORM_RESIDUAL: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm_residual.ptx"));
     pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
     pub const PAGED_MLA_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_mla_decode.ptx"));
+    pub const MOE_ROUTE: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_route.ptx"));
+    pub const MOE_PERMUTE: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_permute.ptx"));
+    pub const MOE_GROUPED_GEMM: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_grouped_gemm.ptx"));
 }
 
 /// The CUDA device `t` lives on.

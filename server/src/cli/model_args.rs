@@ -52,11 +52,7 @@ impl ModelArgs {
     pub fn device(&self) -> anyhow::Result<Device> {
         match self.device.as_str() {
             "cpu" => Ok(Device::Cpu),
-            other if other.starts_with("cuda") => {
-                anyhow::bail!(
-                    "--device {other}: this binary was built without CUDA support (build with --features cuda)"
-                )
-            }
+            other if other.starts_with("cuda") => cuda_device(other),
             other => anyhow::bail!("--device {other:?}: expected cpu or cuda[:N]"),
         }
     }
@@ -128,5 +124,39 @@ impl ModelArgs {
             model,
             tokenizer,
         })
+    }
+}
+
+/// `cuda` or `cuda:N`: the N-th CUDA device (0 by default).
+fn cuda_device(spec: &str) -> anyhow::Result<Device> {
+    let ordinal = match spec.strip_prefix("cuda").unwrap_or_default() {
+        "" => 0,
+        rest => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| anyhow::anyhow!("--device {spec:?}: expected cpu or cuda[:N]"))?,
+    };
+    if cfg!(feature = "cuda") {
+        Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device {spec}: {e}"))
+    } else {
+        anyhow::bail!("--device {spec}: this binary was built without CUDA support (build with --features cuda)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda_device;
+
+    #[test]
+    fn device_specs_name_the_flag_when_wrong() {
+        for bad in ["cuda:x", "cuda1", "cuda:-1"] {
+            let err = cuda_device(bad).unwrap_err().to_string();
+            assert!(err.contains("--device") && err.contains("cuda[:N]"), "{bad}: {err}");
+        }
+        #[cfg(not(feature = "cuda"))]
+        for spec in ["cuda", "cuda:1"] {
+            let err = cuda_device(spec).unwrap_err().to_string();
+            assert!(err.contains("built without CUDA support"), "{spec}: {err}");
+        }
     }
 }

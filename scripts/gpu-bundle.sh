@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Builds everything a GPU machine needs to check and time the CUDA path, on a build machine
+# without a GPU, into one folder (default .gpu/, ignored by git):
+#
+#   bin/moe                    the server/CLI built with --features cuda
+#   tests/cuda_kernels, tests/cuda_moe                 GPU test binaries (moe-kernels)
+#   benches/cuda_mla_decode, benches/cuda_moe_layer    kernel benchmarks
+#   run.sh                     runs the tests and benchmarks, logs under $OUT (or ./gpu-out)
+#
+# Usage: [PROFILE=dev] scripts/gpu-bundle.sh [DEST] (default profile: release). Needs a CUDA 13.0 toolkit: a system one, or
+# `eval "$(scripts/cuda-toolkit.sh)"` first. CARGO_TARGET_DIR is honoured (keep it between runs:
+# the first build compiles candle's CUDA kernels, ~20 minutes on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEST=${1:-.gpu}
+PROFILE=${PROFILE:-release}
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+log() { echo "gpu-bundle: $*" >&2; }
+
+mkdir -p "$DEST/bin" "$DEST/tests" "$DEST/benches"
+# `kind name path` of every executable cargo reports in its JSON messages.
+executables() {
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["kind"][0], m["target"]["name"], m["executable"])'
+}
+log "building GPU tests and benchmarks ($PROFILE profile)"
+cargo build --profile "$PROFILE" -p moe-kernels --features cuda --tests --benches --message-format json |
+  executables | while read -r kind name exe; do
+    case "$kind:$name" in
+      test:cuda_*) cp "$exe" "$DEST/tests/$name" ;;
+      bench:cuda_*) cp "$exe" "$DEST/benches/$name" ;;
+    esac
+  done
+log "building moe ($PROFILE profile)"
+cargo build --profile "$PROFILE" -p moe-server --features cuda --bin moe --message-format json |
+  executables | while read -r kind name exe; do
+    if [ "$kind:$name" = "bin:moe" ]; then cp "$exe" "$DEST/bin/moe"; fi
+  done
+for f in bin/moe tests/cuda_kernels tests/cuda_moe benches/cuda_mla_decode benches/cuda_moe_layer; do
+  [ -x "$DEST/$f" ] || { log "missing $DEST/$f after the build"; exit 1; }
+done
+strip "$DEST"/bin/* "$DEST"/tests/* "$DEST"/benches/* 2>/dev/null || true
+
+cat > "$DEST/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs the bundled GPU tests and benchmarks; logs go to $OUT (or ./gpu-out). Finds the CUDA
+# 13 user-space libraries (cuBLAS, cuRAND, NVRTC) from a CUDA toolkit or PyTorch's wheels.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+libs=$(python3 - <<'PY' 2>/dev/null
+import glob, os
+dirs = set()
+for pat in ["/usr/local/cuda*/lib64/libcublas.so.13*", "/usr/local/cuda*/targets/*/lib/libcublas.so.13*"]:
+    dirs.update(os.path.dirname(p) for p in glob.glob(pat))
+try:
+    import nvidia
+    for root in nvidia.__path__:
+        for p in glob.glob(os.path.join(root, "**", "lib*.so.1[03]*"), recursive=True):
+            dirs.add(os.path.dirname(p))
+except ImportError:
+    pass
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/device.csv" 2>&1
+status=0
+for t in "$HERE"/tests/*; do
+  name=$(basename "$t")
+  echo "== test $name" | tee -a "$OUT/summary.txt"
+  "$t" --test-threads 1 > "$OUT/test-$name.log" 2>&1 || status=1
+  grep -E "^test result|FAILED|panicked" "$OUT/test-$name.log" | tee -a "$OUT/summary.txt"
+done
+for b in "$HERE"/benches/*; do
+  name=$(basename "$b")
+  echo "== bench $name" | tee -a "$OUT/summary.txt"
+  timeout 300 "$b" > "$OUT/bench-$name.log" 2>&1 || status=1
+  cat "$OUT/bench-$name.log" | tee -a "$OUT/summary.txt"
+done
+exit $status
+RUN
+chmod +x "$DEST/run.sh"
+log "done: $DEST (run $DEST/run.sh on the GPU machine)"
