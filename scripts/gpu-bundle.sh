@@ -2,10 +2,13 @@
 # Builds everything a GPU machine needs to check and time the CUDA path, on a build machine
 # without a GPU, into one folder (default .gpu/, ignored by git):
 #
-#   bin/moe                    the server/CLI built with --features cuda
-#   tests/cuda_kernels, tests/cuda_moe                 GPU test binaries (moe-kernels)
-#   benches/cuda_mla_decode, benches/cuda_moe_layer    kernel benchmarks
-#   run.sh                     runs the tests and benchmarks, logs under $OUT (or ./gpu-out)
+#   bin/moe.xz                 the server/CLI built with --features cuda
+#   tests/cuda_kernels.xz, tests/cuda_moe.xz                 GPU test binaries (moe-kernels)
+#   benches/cuda_mla_decode.xz, benches/cuda_moe_layer.xz    kernel benchmarks
+#   run.sh                     unpacks them, runs the tests and benchmarks, logs under $OUT
+#                              (or ./gpu-out)
+#
+# Executables are stripped and xz-compressed so the folder fits the device tool's 64 MiB carry.
 #
 # Usage: [PROFILE=dev] scripts/gpu-bundle.sh [DEST] (default profile: release). Needs a CUDA 13.0 toolkit: a system one, or
 # `eval "$(scripts/cuda-toolkit.sh)"` first. CARGO_TARGET_DIR is honoured (keep it between runs:
@@ -43,7 +46,12 @@ cargo build --profile "$PROFILE" -p moe-server --features cuda --bin moe --messa
 for f in bin/moe tests/cuda_kernels tests/cuda_moe benches/cuda_mla_decode benches/cuda_moe_layer; do
   [ -x "$DEST/$f" ] || { log "missing $DEST/$f after the build"; exit 1; }
 done
-strip "$DEST"/bin/* "$DEST"/tests/* "$DEST"/benches/* 2>/dev/null || true
+# The device tool carries at most 64 MiB: strip, then xz (candle's embedded PTX compresses well).
+for f in bin/moe tests/cuda_kernels tests/cuda_moe benches/cuda_mla_decode benches/cuda_moe_layer; do
+  strip "$DEST/$f"
+  xz -T0 -6 -f "$DEST/$f"
+done
+du -sh "$DEST" >&2
 
 cat > "$DEST/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -53,6 +61,15 @@ set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
+# Unpack the xz-compressed executables (python's lzma: no xz binary needed).
+WORK=${MOE_GPU_WORK:-$(mktemp -d)}
+for f in $(cd "$HERE" && find bin tests benches -name '*.xz'); do
+  mkdir -p "$WORK/$(dirname "$f")"
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$HERE/$f" "$WORK/${f%.xz}"
+  chmod +x "$WORK/${f%.xz}"
+done
+echo "moe: $WORK/bin/moe" | tee -a "$OUT/summary.txt"
 libs=$(python3 - <<'PY' 2>/dev/null
 import glob, os
 dirs = set()
@@ -71,13 +88,14 @@ PY
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/device.csv" 2>&1
 status=0
-for t in "$HERE"/tests/*; do
+for t in "$WORK"/tests/*; do
   name=$(basename "$t")
   echo "== test $name" | tee -a "$OUT/summary.txt"
   "$t" --test-threads 1 > "$OUT/test-$name.log" 2>&1 || status=1
-  grep -E "^test result|FAILED|panicked" "$OUT/test-$name.log" | tee -a "$OUT/summary.txt"
+  grep -E "^test result|FAILED|panicked" "$OUT/test-$name.log" | tee -a "$OUT/summary.txt" ||
+    tail -3 "$OUT/test-$name.log" | tee -a "$OUT/summary.txt"
 done
-for b in "$HERE"/benches/*; do
+for b in "$WORK"/benches/*; do
   name=$(basename "$b")
   echo "== bench $name" | tee -a "$OUT/summary.txt"
   timeout 300 "$b" > "$OUT/bench-$name.log" 2>&1 || status=1
