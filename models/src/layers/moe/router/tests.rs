@@ -283,3 +283,27 @@ fn norm_topk_prob_is_ignored_for_v2_but_honoured_for_v3() {
         &[E / (1.0 + E), 1.0 / (1.0 + E)],
     );
 }
+
+#[test]
+fn kernel_params_route_exactly_like_the_router() {
+    // The GPU path routes with `kernel_params()`; it must be the same routing as `route()`,
+    // for every built-in, with the checkpoint's knobs and with --router overrides.
+    let logits: Vec<f32> = (0..5 * 8).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.31).collect();
+    let bias: Vec<f32> = (0..8).map(|i| (i as f32 - 3.5) * 0.07).collect();
+    let specs = [
+        None,
+        Some("greedy:top_k=3,scoring=softmax"),
+        Some("group_limited_greedy:n_group=2,topk_group=1"),
+        Some("noaux_tc:bias=false,normalize=false,scale=1.5"),
+    ];
+    for method in [TopkMethod::Greedy, TopkMethod::GroupLimitedGreedy, TopkMethod::NoauxTc] {
+        for spec_text in specs {
+            let cfg = moe(method, ScoringFunc::Sigmoid, true, 2.5);
+            let r = build_router(&cfg, Architecture::DeepseekV3, spec_text.map(spec).as_ref()).unwrap();
+            let p = r.kernel_params().expect("built-in routers have kernel parameters");
+            let want = r.route(&input(&logits, 8, Some(&bias)));
+            let (ids, weights) = route(&logits, 8, Some(&bias), &p);
+            assert_eq!((ids, weights), (want.expert_ids, want.weights), "{}", r.describe());
+        }
+    }
+}
