@@ -4,9 +4,12 @@
 //! GB/s counts the latent rows read once (S * context * 576 * 2 bytes) plus q and the output;
 //! H100 SXM copies at about 3.0 TB/s.
 
-use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::{DType, Device, Result, Tensor};
 use moe_kernels::cuda::{decode_split_plan, paged_mla_decode, MlaDecodeParams};
+
+mod common;
+use common::time_ms;
 
 fn main() -> Result<()> {
     let dev = Device::new_cuda(0)?;
@@ -39,20 +42,7 @@ fn main() -> Result<()> {
             max_context_len: ctx,
             num_splits: None,
         };
-        for _ in 0..3 {
-            paged_mla_decode(&q, &cache, &bt, &cl, &p)?;
-        }
-        let iters = 20;
-        let start = stream
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(candle_core::Error::wrap)?;
-        for _ in 0..iters {
-            paged_mla_decode(&q, &cache, &bt, &cl, &p)?;
-        }
-        let end = stream
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(candle_core::Error::wrap)?;
-        let ms = start.elapsed_ms(&end).map_err(candle_core::Error::wrap)? as f64 / iters as f64;
+        let ms = time_ms(&dev, 20, || paged_mla_decode(&q, &cache, &bt, &cl, &p))?;
         let bytes = (s * ctx * d * 2 + s * heads * (d + dv) * 2) as f64;
         println!(
             "{s:4} {heads:5} {ctx:7} {:>12} {:8.1} {:6.0}",

@@ -10,9 +10,11 @@
 //! GB/s counts the active experts' weights read once plus the activations each path moves.
 //! H100 SXM: ~3.0 TB/s measured copy, ~800 TFLOP/s bf16 dense.
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{DType, Device, Result, Tensor, D};
 use moe_kernels::cuda::moe_experts;
+
+mod common;
+use common::time_ms;
 
 const EXPERTS: usize = 64;
 const TOP_K: usize = 6;
@@ -28,25 +30,6 @@ impl Rng {
         self.0 ^= self.0 >> 27;
         (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
     }
-}
-
-/// Milliseconds per call of `f`, averaged over `iters` after 3 warm-up calls.
-fn time_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
-    let Device::Cuda(cuda) = dev else { unreachable!() };
-    let stream = cuda.cuda_stream();
-    for _ in 0..3 {
-        f()?;
-    }
-    let start = stream
-        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(candle_core::Error::wrap)?;
-    for _ in 0..iters {
-        f()?;
-    }
-    let end = stream
-        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-        .map_err(candle_core::Error::wrap)?;
-    Ok(start.elapsed_ms(&end).map_err(candle_core::Error::wrap)? as f64 / iters as f64)
 }
 
 fn main() -> Result<()> {
