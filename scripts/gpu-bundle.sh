@@ -102,16 +102,21 @@ for b in "$WORK"/benches/*; do
   cat "$OUT/bench-$name.log" | tee -a "$OUT/summary.txt"
 done
 # End to end (skip with MOE_GPU_E2E=0): synthetic DeepSeek-V2-Lite in bf16 on GPU 0, decode of
-# 512-token prompts to 256 tokens at batch 1 and 64. The MoE layers use the grouped kernels;
-# attention still runs as candle ops (the paged decode kernel is not wired in yet).
+# 512-token prompts to 256 tokens at batch 1 and 64, with the grouped MoE kernels and with the
+# reference experts (A/B). Attention still runs as candle ops (the decode kernel is not wired in).
 if [ "${MOE_GPU_E2E:-1}" != 0 ]; then
-  for c in 1 64; do
-    n=$(( c == 1 ? 4 : 64 ))
-    echo "== e2e moe bench, synthetic deepseek-v2-lite bf16, concurrency $c" | tee -a "$OUT/summary.txt"
-    timeout 300 "$WORK/bin/moe" bench --model synthetic:deepseek-v2-lite --dtype bf16 --device cuda \
-      --max-model-len 1024 --kv-cache-memory 8GiB --max-num-seqs 64 --input-len 512 --output-len 256 \
-      --num-prompts "$n" --concurrency "$c" --output-json "$OUT/e2e-c$c.json" > "$OUT/e2e-c$c.log" 2>&1 || status=1
-    tail -25 "$OUT/e2e-c$c.log" | tee -a "$OUT/summary.txt"
+  for backend in grouped reference; do
+    for c in 1 64; do
+      n=$(( c == 1 ? 4 : 64 ))
+      tag="$backend-c$c"
+      echo "== e2e moe bench, synthetic deepseek-v2-lite bf16, --expert-backend $backend, concurrency $c" |
+        tee -a "$OUT/summary.txt"
+      timeout 300 "$WORK/bin/moe" bench --model synthetic:deepseek-v2-lite --dtype bf16 --device cuda \
+        --expert-backend "$backend" --max-model-len 1024 --kv-cache-memory 8GiB --max-num-seqs 64 \
+        --input-len 512 --output-len 256 --num-prompts "$n" --concurrency "$c" \
+        --output-json "$OUT/e2e-$tag.json" > "$OUT/e2e-$tag.log" 2>&1 || status=1
+      tail -25 "$OUT/e2e-$tag.log" | tee -a "$OUT/summary.txt"
+    done
   done
 fi
 exit $status

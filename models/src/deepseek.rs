@@ -41,6 +41,9 @@ pub struct LoadOptions {
     pub router: Option<RouterSpec>,
     /// Progress callback (e.g. a progress bar) while weights load.
     pub progress: Option<LoadProgress>,
+    /// Run routed experts through the reference path (host routing, per-expert matmuls) even
+    /// where the grouped GPU kernels apply (`--expert-backend reference`, for A/B runs).
+    pub reference_experts: bool,
 }
 
 impl std::fmt::Debug for LoadOptions {
@@ -48,6 +51,7 @@ impl std::fmt::Debug for LoadOptions {
         f.debug_struct("LoadOptions")
             .field("router", &self.router)
             .field("progress", &self.progress.is_some())
+            .field("reference_experts", &self.reference_experts)
             .finish()
     }
 }
@@ -76,7 +80,7 @@ impl DeepseekModel {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mlp = if cfg.is_moe_layer(i) {
-                FeedForward::Moe(MoeBlock::load(weights, i, cfg, options.router.as_ref())?)
+                FeedForward::Moe(MoeBlock::load(weights, i, cfg, options)?)
             } else {
                 FeedForward::Dense(Mlp::load(
                     weights,

@@ -159,6 +159,37 @@ fn generate_from_text_with_the_real_tokenizer() {
 }
 
 #[test]
+fn expert_backend_reference_matches_grouped_on_the_cpu_and_bad_values_fail() {
+    let dir = fixture("deepseek-v3");
+    let (prompts, _, _) = golden(&dir);
+    let logits = |backend: &str| {
+        let o = moe(&[
+            "logits",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &ids_arg(&prompts[2]),
+            "--expert-backend",
+            backend,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    // On the CPU both name the same path: the JSON is byte-identical.
+    assert_eq!(logits("grouped"), logits("reference"));
+    let o = moe(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--expert-backend",
+        "fast",
+    ]);
+    assert_clean_failure(&o, &["--expert-backend", "grouped", "reference"]);
+}
+
+#[test]
 fn router_override_changes_the_output_and_bad_specs_fail() {
     let dir = fixture("deepseek-v3");
     let (prompts, logits, _) = golden(&dir);

@@ -34,9 +34,15 @@ pub struct ModelArgs {
     #[arg(long)]
     pub router: Option<String>,
 
-    /// Device to run on: cpu (cuda arrives with the `cuda` build).
+    /// Device to run on: cpu, or cuda[:N] in a binary built with --features cuda.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+
+    /// How routed experts run: grouped (the GPU's routing, permutation and grouped-GEMM
+    /// kernels where they apply: bf16 on CUDA) or reference (host routing and a loop of
+    /// per-expert matmuls, the CPU path; for A/B comparisons). Same on the CPU.
+    #[arg(long, default_value = "grouped", value_parser = ["grouped", "reference"])]
+    pub expert_backend: String,
 }
 
 pub struct LoadedModel {
@@ -105,8 +111,16 @@ impl ModelArgs {
         let progress: Option<moe_models::deepseek::LoadProgress> = bar
             .clone()
             .map(|b| std::sync::Arc::new(move |done: usize, _total: usize| b.set_position(done as u64)) as _);
-        let model = DeepseekModel::load(&config, &weights, &LoadOptions { router, progress })
-            .with_context(|| format!("loading {}", self.model))?;
+        let model = DeepseekModel::load(
+            &config,
+            &weights,
+            &LoadOptions {
+                router,
+                progress,
+                reference_experts: self.expert_backend == "reference",
+            },
+        )
+        .with_context(|| format!("loading {}", self.model))?;
         if let Some(b) = bar {
             b.finish_and_clear();
         }

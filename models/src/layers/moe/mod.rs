@@ -10,11 +10,12 @@ use candle_core::{DType, Tensor};
 
 use super::mlp::Mlp;
 use crate::config::{Architecture, ModelConfig};
+use crate::deepseek::LoadOptions;
 use crate::error::Result;
 use crate::forward::RoutingTrace;
 use crate::loader::Weights;
 use experts::Experts;
-use router::{build_router, Router, RouterInput, RouterSpec};
+use router::{build_router, Router, RouterInput};
 
 #[derive(Debug, Clone)]
 pub struct MoeBlock {
@@ -27,11 +28,14 @@ pub struct MoeBlock {
     router: Arc<dyn Router>,
     experts: Experts,
     shared: Option<Mlp>,
+    /// Keep to the reference path even where the GPU kernels apply (`--expert-backend`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    reference_experts: bool,
 }
 
 impl MoeBlock {
-    /// Loads `model.layers.{layer}.mlp.*`; `router` overrides the checkpoint's routing.
-    pub fn load(w: &Weights, layer: usize, cfg: &ModelConfig, router: Option<&RouterSpec>) -> Result<Self> {
+    /// Loads `model.layers.{layer}.mlp.*`; `options.router` overrides the checkpoint's routing.
+    pub fn load(w: &Weights, layer: usize, cfg: &ModelConfig, options: &LoadOptions) -> Result<Self> {
         let moe = cfg
             .moe
             .as_ref()
@@ -67,9 +71,10 @@ impl MoeBlock {
             layer,
             gate,
             correction_bias,
-            router: build_router(moe, cfg.architecture, router)?,
+            router: build_router(moe, cfg.architecture, options.router.as_ref())?,
             experts: Experts::load(w, &prefix, e, cfg.hidden_size, moe.moe_intermediate_size)?,
             shared,
+            reference_experts: options.reference_experts,
         })
     }
 
@@ -109,7 +114,8 @@ impl MoeBlock {
     fn forward_on_device(&self, x: &Tensor, trace: Option<&RoutingTrace>) -> Result<Option<Tensor>> {
         use moe_kernels::cuda;
         let (num_experts, _, hidden) = self.experts.gate_up.dims3()?;
-        let usable = x.device().is_cuda()
+        let usable = !self.reference_experts
+            && x.device().is_cuda()
             && x.dtype() == DType::BF16
             && self.experts.gate_up.dtype() == DType::BF16
             && hidden.is_multiple_of(8)
