@@ -158,34 +158,31 @@ fn generate_from_text_with_the_real_tokenizer() {
     assert_ne!(sample("11"), sample("12"));
 }
 
+/// `moe logits --model DIR --prompt-ids IDS FLAG VALUE`.
+fn logits_with(dir: &Path, ids: &str, flag: &str, value: &str) -> Output {
+    moe(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        ids,
+        flag,
+        value,
+    ])
+}
+
 #[test]
 fn expert_backend_reference_matches_grouped_on_the_cpu_and_bad_values_fail() {
     let dir = fixture("deepseek-v3");
     let (prompts, _, _) = golden(&dir);
     let logits = |backend: &str| {
-        let o = moe(&[
-            "logits",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt-ids",
-            &ids_arg(&prompts[2]),
-            "--expert-backend",
-            backend,
-        ]);
+        let o = logits_with(&dir, &ids_arg(&prompts[2]), "--expert-backend", backend);
         assert!(o.status.success(), "{}", stderr(&o));
         stdout(&o)
     };
     // On the CPU both name the same path: the JSON is byte-identical.
     assert_eq!(logits("grouped"), logits("reference"));
-    let o = moe(&[
-        "logits",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt-ids",
-        "1",
-        "--expert-backend",
-        "fast",
-    ]);
+    let o = logits_with(&dir, "1", "--expert-backend", "fast");
     assert_clean_failure(&o, &["--expert-backend", "grouped", "reference"]);
 }
 
@@ -194,15 +191,7 @@ fn router_override_changes_the_output_and_bad_specs_fail() {
     let dir = fixture("deepseek-v3");
     let (prompts, logits, _) = golden(&dir);
     let run = |router: &str| {
-        let o = moe(&[
-            "logits",
-            "--model",
-            dir.to_str().unwrap(),
-            "--prompt-ids",
-            &ids_arg(&prompts[2]),
-            "--router",
-            router,
-        ]);
+        let o = logits_with(&dir, &ids_arg(&prompts[2]), "--router", router);
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
         v["logits"]
@@ -223,26 +212,8 @@ fn router_override_changes_the_output_and_bad_specs_fail() {
     // Other strategies do.
     assert!(diff(&run("greedy:top_k=2,scoring=softmax")) > 1e-2);
     assert!(diff(&run("noaux_tc:bias=false")) > 1e-2);
-    let o = moe(&[
-        "logits",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt-ids",
-        "1",
-        "--router",
-        "fancy",
-    ]);
-    assert_clean_failure(&o, &["fancy", "greedy"]);
-    let o = moe(&[
-        "logits",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt-ids",
-        "1",
-        "--router",
-        "greedy:top_k=99",
-    ]);
-    assert_clean_failure(&o, &["top_k"]);
+    assert_clean_failure(&logits_with(&dir, "1", "--router", "fancy"), &["fancy", "greedy"]);
+    assert_clean_failure(&logits_with(&dir, "1", "--router", "greedy:top_k=99"), &["top_k"]);
 }
 
 #[test]
