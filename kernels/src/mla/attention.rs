@@ -1,8 +1,8 @@
 //! Reference paged MLA attention over the latent cache (absorbed form).
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
-use super::PagedSeq;
+use crate::paged::{causal_bias, check_seq, softmax_last_dim, PagedSeq};
 
 /// Causal attention of absorbed queries over each sequence's cached latents.
 ///
@@ -34,18 +34,8 @@ pub fn paged_mla_attention(
         if seq.query_len == 0 {
             continue;
         }
-        if seq.query_start != covered {
-            candle_core::bail!("paged_mla_attention: sequences must tile the query rows in order");
-        }
-        if seq.context_len < seq.query_len || seq.query_start + seq.query_len > num_tokens {
-            candle_core::bail!("paged_mla_attention: bad sequence {seq:?} for {num_tokens} query rows");
-        }
-        let needed_blocks = seq.context_len.div_ceil(block_size);
-        if seq.block_table.len() < needed_blocks || seq.block_table.iter().any(|&b| b as usize >= num_blocks) {
-            candle_core::bail!("paged_mla_attention: block table of {seq:?} does not cover its context");
-        }
-        let slots: Vec<u32> = (0..seq.context_len).map(|p| seq.slot(p, block_size) as u32).collect();
-        let slots = Tensor::from_vec(slots, seq.context_len, device)?;
+        check_seq("paged_mla_attention", seq, covered, num_tokens, num_blocks, block_size)?;
+        let slots = seq.slots(block_size, device)?;
         let keys = rows.index_select(&slots, 0)?.to_dtype(DType::F32)?; // [L, Dk]
         let values = keys.narrow(1, 0, value_dim)?; // [L, Dv]
         let q_seq = q
@@ -54,15 +44,15 @@ pub fn paged_mla_attention(
             .reshape((seq.query_len * num_heads, latent_dim))?;
         let scores = (q_seq.matmul(&keys.t()?)? * scale)?; // [Q*H, L]
         let scores = scores.reshape((seq.query_len, num_heads, seq.context_len))?;
-        let scores = scores.broadcast_add(&causal_bias(seq, device)?)?;
-        let probs = candle_nn_free_softmax(&scores)?;
+        let scores = scores.broadcast_add(&causal_bias(seq, 0, seq.query_len, device)?)?;
+        let probs = softmax_last_dim(&scores)?;
         let out = probs
             .reshape((seq.query_len * num_heads, seq.context_len))?
             .matmul(&values.contiguous()?)?; // [Q*H, Dv]
         outputs.push(out.reshape((seq.query_len, num_heads, value_dim))?);
         covered += seq.query_len;
     }
-    if covered < num_tokens {
+    if covered < num_tokens || outputs.is_empty() {
         outputs.push(Tensor::zeros(
             (num_tokens - covered, num_heads, value_dim),
             DType::F32,
@@ -70,27 +60,6 @@ pub fn paged_mla_attention(
         )?);
     }
     Tensor::cat(&outputs, 0)
-}
-
-/// `[query_len, 1, context_len]` additive mask: query `i` sits at position
-/// `context_len - query_len + i` and sees keys at positions `<=` its own.
-fn causal_bias(seq: &PagedSeq, device: &Device) -> Result<Tensor> {
-    let offset = seq.context_len - seq.query_len;
-    let mut bias = vec![0f32; seq.query_len * seq.context_len];
-    for i in 0..seq.query_len {
-        for j in (offset + i + 1)..seq.context_len {
-            bias[i * seq.context_len + j] = f32::NEG_INFINITY;
-        }
-    }
-    Tensor::from_vec(bias, (seq.query_len, 1, seq.context_len), device)
-}
-
-/// Numerically stable softmax over the last dim (every row has at least one finite entry).
-fn candle_nn_free_softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&sum)
 }
 
 #[cfg(test)]

@@ -11,23 +11,5 @@ mod cache_write;
 pub use attention::paged_mla_attention;
 pub use cache_write::write_latent_cache;
 
-/// One sequence's share of a flat batch of query tokens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PagedSeq {
-    /// First row of this sequence in the flat query tensor.
-    pub query_start: usize,
-    /// Number of query rows (new tokens this step; 1 for decode).
-    pub query_len: usize,
-    /// Tokens in the cache for this sequence after this step's writes (>= `query_len`); the
-    /// queries are its last `query_len` positions and attend causally.
-    pub context_len: usize,
-    /// Block ids holding positions `0..context_len`, in order.
-    pub block_table: Vec<u32>,
-}
-
-impl PagedSeq {
-    /// Cache slot of position `pos` of this sequence.
-    pub fn slot(&self, pos: usize, block_size: usize) -> usize {
-        self.block_table[pos / block_size] as usize * block_size + pos % block_size
-    }
-}
+/// Re-exported from [`crate::paged`], where every paged op finds it.
+pub use crate::paged::PagedSeq;
