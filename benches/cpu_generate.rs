@@ -11,8 +11,8 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use moe_engine::runner::ModelRunner;
 use moe_engine::{Engine, EngineConfig, GenerationRequest};
-use moe_models::deepseek::LoadOptions;
-use moe_models::{DeepseekModel, ModelConfig, ModelFiles, Weights};
+use moe_models::LoadOptions;
+use moe_models::{load_model, ModelConfig, ModelFiles, Weights};
 
 const PROMPT_LEN: usize = 32;
 const OUTPUT_LEN: usize = 32;
@@ -34,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut base = None;
     for batch in [1usize, 8, 32, 64] {
         let weights = Weights::open(&files, DType::F32, &Device::Cpu)?;
-        let model = DeepseekModel::load(&config, &weights, &LoadOptions::default())?;
+        let model = load_model(&config, &weights, &LoadOptions::default())?;
         let blocks = batch * (PROMPT_LEN + OUTPUT_LEN).div_ceil(16) + 1;
         let runner = ModelRunner::new(model, blocks, 16)?;
         let limits = EngineConfig {

@@ -6,7 +6,7 @@ use candle_core::DType;
 use moe_engine::runner::ModelRunner;
 use moe_engine::scoring::argmax_rows;
 use moe_engine::{Engine, EngineConfig, GenerationRequest, PromptScorer};
-use moe_models::deepseek::LoadOptions;
+use moe_models::LoadOptions;
 use moe_tests::{fixture, golden, load_model, max_abs_diff};
 
 /// Absolute tolerance on f32 logits. Two independent f32 computations of these models
@@ -17,12 +17,29 @@ use moe_tests::{fixture, golden, load_model, max_abs_diff};
 /// them by > 0.1 (tests/fixtures/README.md lists the effect of each).
 const F32_ATOL: f32 = 1e-4;
 
+/// Every family's f32 fixture (see tests/fixtures/README.md).
 const MODELS: &[&str] = &[
     "deepseek-v2-lite",
     "deepseek-v2",
     "deepseek-v3",
     "deepseek-v3-sharded",
     "deepseek-v3-hubconfig",
+    "kimi-k25",
+    "glm4-moe-lite",
+    "glm4-moe",
+    "minimax-m2",
+    "qwen3-moe",
+    "mixtral",
+];
+
+/// The fixtures stored in bf16 (goldens: f32 compute on the bf16 weights).
+const BF16_MODELS: &[&str] = &[
+    "deepseek-v2-lite-bf16",
+    "deepseek-v2-bf16",
+    "deepseek-v3-bf16",
+    "glm4-moe-bf16",
+    "minimax-m2-bf16",
+    "qwen3-moe-bf16",
 ];
 
 fn check_logits(dir_name: &str, dtype_on_disk_note: &str, block_size: usize, chunk: usize) {
@@ -54,14 +71,14 @@ fn f32_logits_match_transformers_at_every_position() {
 fn chunked_prefill_and_small_blocks_give_the_same_logits() {
     // Chunks of 5 over blocks of 3: chunks and blocks end at different places, and every
     // chunk after the first must read the latents earlier steps wrote.
-    for m in ["deepseek-v2", "deepseek-v3"] {
+    for m in ["deepseek-v2", "deepseek-v3", "kimi-k25", "glm4-moe", "minimax-m2", "qwen3-moe", "mixtral"] {
         check_logits(m, "f32", 3, 5);
     }
 }
 
 #[test]
 fn bf16_checkpoints_computed_in_f32_match_transformers_on_the_same_weights() {
-    for m in ["deepseek-v2-lite-bf16", "deepseek-v2-bf16", "deepseek-v3-bf16"] {
+    for m in BF16_MODELS {
         check_logits(m, "bf16 on disk", 16, usize::MAX);
     }
 }
@@ -101,10 +118,7 @@ fn engine_greedy(
 
 #[test]
 fn greedy_continuations_are_identical_batched_and_alone() {
-    for m in MODELS
-        .iter()
-        .chain(&["deepseek-v2-lite-bf16", "deepseek-v2-bf16", "deepseek-v3-bf16"])
-    {
+    for m in MODELS.iter().chain(BF16_MODELS) {
         let dir = fixture(m);
         let g = golden(&dir);
         let requests = greedy_requests(&g.prompts, g.greedy[0].len());

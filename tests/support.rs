@@ -7,8 +7,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use moe_engine::runner::ModelRunner;
 use moe_engine::{Engine, EngineConfig, TextTokenizer};
-use moe_models::deepseek::LoadOptions;
-use moe_models::{DeepseekModel, ModelConfig, ModelFiles, Weights};
+use moe_models::LoadOptions;
+use moe_models::{load_model as build_model, Model, ModelConfig, ModelFiles, Weights};
 
 /// `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -53,11 +53,11 @@ pub fn golden(dir: &Path) -> Golden {
     g
 }
 
-pub fn load_model(dir: &Path, dtype: DType, options: &LoadOptions) -> DeepseekModel {
+pub fn load_model(dir: &Path, dtype: DType, options: &LoadOptions) -> Model {
     let files = ModelFiles::from_dir(dir).expect("model files");
     let config = ModelConfig::from_file(&files.config).expect("config");
     let weights = Weights::open(&files, dtype, &Device::Cpu).expect("weights");
-    DeepseekModel::load(&config, &weights, options).expect("model")
+    build_model(&config, &weights, options).expect("model")
 }
 
 /// Largest absolute difference between two tensors of the same shape.

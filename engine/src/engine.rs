@@ -19,28 +19,10 @@ use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
 use crate::runner::ModelRunner;
 use crate::sampling::{Sampler, SamplingParams};
+pub use crate::scheduler::FinishReason;
 use crate::scheduler::{NewRequest, RequestId, SampledToken, Scheduler, SchedulerConfig};
 use crate::stop::StopStrings;
 use crate::tokenizer::TextTokenizer;
-
-/// Why a request stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// Hit `max_tokens`.
-    Length,
-    /// Produced a stop token (EOS or a stop id) or a stop string.
-    Stop,
-}
-
-impl FinishReason {
-    /// The OpenAI spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Length => "length",
-            FinishReason::Stop => "stop",
-        }
-    }
-}
 
 /// Limits of the batching loop (vLLM's flag names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,40 +1,46 @@
-//! The model runner: owns the model and its paged latent KV cache, turns a scheduler step
-//! into batch tensors, runs the forward pass and hands back the logits rows to sample from.
-//! It makes no scheduling decisions and keeps no per-request state.
+//! The model runner: owns the model (any family, through [`CausalLm`]) and its paged KV
+//! cache, turns a scheduler step into batch tensors, runs the forward pass and hands back the
+//! logits rows to sample from. It makes no scheduling decisions and keeps no per-request state.
 
 use candle_core::DType;
-use moe_models::{DeepseekModel, LatentCache, ModelConfig, RoutingTrace};
+use moe_models::{CausalLm, KvCache, KvCacheSpec, Model, RoutingTrace};
 
 use crate::batch::{BatchBuilder, LogitRows, SeqChunk};
 use crate::error::{EngineError, Result};
 use crate::scheduler::{RequestId, SchedulerOutput};
 
-/// Default tokens per KV block. A DeepSeek token is 576 latent values per layer, so a
-/// 16-token block is ~18 KiB per layer in bf16: small enough that the half-empty last block
+/// Default tokens per KV block. A DeepSeek token is 576 latent values per layer (a Qwen3-30B
+/// one 1024 K/V values), so a 16-token block is ~18 KiB (~32 KiB) per layer in bf16: small enough that the half-empty last block
 /// of each sequence wastes little (8 tokens on average) and prefix sharing stays fine-grained,
 /// large enough that block tables stay short (a 128k context is 8k entries).
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 pub struct ModelRunner {
-    model: DeepseekModel,
-    cache: LatentCache,
+    model: Model,
+    cache: KvCache,
 }
 
 impl ModelRunner {
     /// Allocates `num_blocks` cache blocks of `block_size` tokens for `model`.
-    pub fn new(model: DeepseekModel, num_blocks: usize, block_size: usize) -> Result<Self> {
+    pub fn new(model: Model, num_blocks: usize, block_size: usize) -> Result<Self> {
         let cache = model.new_cache(num_blocks, block_size)?;
         Ok(ModelRunner { model, cache })
     }
 
-    /// Blocks that fit in `bytes` of cache memory (`--kv-cache-memory`).
-    pub fn blocks_for_memory(config: &ModelConfig, dtype: DType, bytes: usize, block_size: usize) -> usize {
-        let per_token = LatentCache::bytes_per_token(config.num_hidden_layers, config.latent_cache_dim(), dtype);
-        bytes / (per_token * block_size).max(1)
+    /// Blocks of `block_size` tokens that fit in `bytes` of cache memory (`--kv-cache-memory`)
+    /// for a cache of `spec` over `num_layers` layers in `dtype`.
+    pub fn blocks_for_memory(spec: &KvCacheSpec, num_layers: usize, dtype: DType, bytes: usize, block_size: usize) -> usize {
+        let per_token = spec.bytes_per_token(num_layers, dtype);
+        bytes / per_token.saturating_mul(block_size).max(1)
     }
 
-    pub fn model(&self) -> &DeepseekModel {
-        &self.model
+    pub fn model(&self) -> &dyn CausalLm {
+        self.model.as_ref()
+    }
+
+    /// Bytes of the cache tensors.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.bytes(self.model.dtype())
     }
 
     pub fn num_blocks(&self) -> usize {

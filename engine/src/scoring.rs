@@ -1,16 +1,16 @@
 //! Prompt scoring: logits at every position of one or more prompts, computed together
-//! through the paged latent cache in chunks of at most `chunk` tokens per prompt and step.
+//! through the paged KV cache in chunks of at most `chunk` tokens per prompt and step.
 //! This is what `moe logits` runs and what the transformers goldens are checked through.
 
 use candle_core::{Tensor, D};
-use moe_models::{DeepseekModel, LatentCache, RoutingTrace};
+use moe_models::{CausalLm, KvCache, RoutingTrace};
 
 use crate::batch::{BatchBuilder, LogitRows, SeqChunk};
 use crate::error::{EngineError, Result};
 
 /// Scores prompts through the batched, paged path.
 pub struct PromptScorer<'m> {
-    model: &'m DeepseekModel,
+    model: &'m dyn CausalLm,
     block_size: usize,
     /// Tokens per prompt per step.
     chunk: usize,
@@ -19,7 +19,7 @@ pub struct PromptScorer<'m> {
 }
 
 impl<'m> PromptScorer<'m> {
-    pub fn new(model: &'m DeepseekModel, block_size: usize, chunk: usize) -> Result<Self> {
+    pub fn new(model: &'m dyn CausalLm, block_size: usize, chunk: usize) -> Result<Self> {
         if block_size == 0 || chunk == 0 {
             return Err(EngineError::InvalidRequest(
                 "block size and chunk must be positive".into(),
@@ -49,7 +49,7 @@ impl<'m> PromptScorer<'m> {
     }
 
     /// A cache with room for sequences of the given lengths, and their block tables.
-    fn allocate(&self, lengths: &[usize]) -> Result<(LatentCache, Vec<Vec<u32>>)> {
+    fn allocate(&self, lengths: &[usize]) -> Result<(KvCache, Vec<Vec<u32>>)> {
         let per_seq: Vec<usize> = lengths.iter().map(|l| l.div_ceil(self.block_size).max(1)).collect();
         let total: usize = per_seq.iter().sum();
         let cache = self.model.new_cache(total, self.block_size)?;
@@ -110,7 +110,7 @@ impl<'m> PromptScorer<'m> {
 }
 
 /// Logits at every position of one prompt (`[len, vocab]`).
-pub fn all_position_logits(model: &DeepseekModel, prompt: &[u32]) -> Result<Tensor> {
+pub fn all_position_logits(model: &dyn CausalLm, prompt: &[u32]) -> Result<Tensor> {
     let scorer = PromptScorer::new(model, 16, usize::MAX)?;
     let mut out = scorer.prompt_logits(&[prompt.to_vec()], None)?;
     Ok(out.remove(0))

@@ -1,17 +1,17 @@
-//! The explicit per-step context handed to a model's forward (no globals), and the paged
-//! latent KV cache tensors it reads and writes.
+//! The explicit per-step context handed to a model's forward (no globals), and the routing
+//! trace a forward may record.
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use moe_kernels::PagedSeq;
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 
 /// Everything a forward pass needs to know about the flat batch it computes.
 ///
 /// Rows of the batch are grouped by sequence in `seqs` order; row `t` is token
-/// `token_ids[t]` at position `positions[t]` and its latent goes to `slot_mapping[t]`.
+/// `token_ids[t]` at position `positions[t]` and its K/V (or latent) goes to `slot_mapping[t]`.
 pub struct ForwardCtx<'a> {
     /// `[num_tokens]` u32.
     pub token_ids: &'a Tensor,
@@ -52,45 +52,5 @@ impl RoutingTrace {
             .lock()
             .map(|mut r| std::mem::take(&mut *r))
             .unwrap_or_default()
-    }
-}
-
-/// The paged latent cache: one `[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]`
-/// tensor per layer.
-pub struct LatentCache {
-    pub layers: Vec<Tensor>,
-    pub num_blocks: usize,
-    pub block_size: usize,
-    pub latent_dim: usize,
-}
-
-impl LatentCache {
-    pub fn new(
-        num_layers: usize,
-        num_blocks: usize,
-        block_size: usize,
-        latent_dim: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        if num_blocks == 0 || block_size == 0 {
-            return Err(ModelError::Input(format!(
-                "a KV cache needs at least one block of at least one slot (got {num_blocks} x {block_size})"
-            )));
-        }
-        let layers = (0..num_layers)
-            .map(|_| Tensor::zeros((num_blocks, block_size, latent_dim), dtype, device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(LatentCache {
-            layers,
-            num_blocks,
-            block_size,
-            latent_dim,
-        })
-    }
-
-    /// Bytes one token occupies across all layers.
-    pub fn bytes_per_token(num_layers: usize, latent_dim: usize, dtype: DType) -> usize {
-        num_layers * latent_dim * dtype.size_in_bytes()
     }
 }

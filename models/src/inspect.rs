@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::config::ModelConfig;
+use crate::config::{AttentionConfig, ModelConfig, QkNorm, TopkMethod};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ModelSizes {
@@ -15,10 +15,58 @@ pub struct ModelSizes {
     pub routed_expert_params: u64,
     pub dense_layers: usize,
     pub moe_layers: usize,
-    /// Values per token and layer in the latent cache (`kv_lora_rank + qk_rope_head_dim`).
-    pub latent_values_per_token_per_layer: usize,
-    /// What standard multi-head attention would cache per token and layer (K and V of every head).
+    /// Values per token and layer in the KV cache (the spec's: a latent row, or K and V of
+    /// every kv head).
+    pub kv_values_per_token_per_layer: usize,
+    /// What standard multi-head attention would cache per token and layer (K and V of every
+    /// query head).
     pub mha_values_per_token_per_layer: usize,
+}
+
+/// Parameters of one attention layer.
+fn attention_params(cfg: &ModelConfig) -> u64 {
+    let n = |x: usize| x as u64;
+    let h = n(cfg.hidden_size);
+    match &cfg.attention {
+        AttentionConfig::Mla(m) => {
+            let heads = n(m.num_heads);
+            let qk = n(m.qk_head_dim());
+            let (r, rope, v) = (n(m.kv_lora_rank), n(m.qk_rope_head_dim), n(m.v_head_dim));
+            let bias = u64::from(m.bias);
+            let q = match m.q_lora_rank {
+                None => product(&[h, heads, qk]),
+                Some(ql) => sum(&[product(&[h, n(ql)]), n(ql) * bias, n(ql), product(&[n(ql), heads, qk])]),
+            };
+            sum(&[
+                q,
+                product(&[h, r.saturating_add(rope)]),
+                product(&[r.saturating_add(rope), bias]),
+                r,
+                product(&[r, heads, n(m.qk_nope_head_dim).saturating_add(v)]),
+                product(&[heads, v, h]),
+                product(&[h, bias]),
+            ])
+        }
+        AttentionConfig::Gqa(g) => {
+            let (heads, kv, d) = (n(g.num_heads), n(g.num_kv_heads), n(g.head_dim));
+            let q_out = product(&[heads, d]);
+            let kv_out = product(&[kv, d]);
+            let qkv_bias = if g.qkv_bias { sum(&[q_out, kv_out, kv_out]) } else { 0 };
+            let norms = match g.qk_norm {
+                QkNorm::None => 0,
+                QkNorm::PerHead => product(&[2, d]),
+                QkNorm::Whole => sum(&[q_out, kv_out]),
+            };
+            sum(&[
+                product(&[h, q_out]),
+                product(&[2, h, kv_out]),
+                qkv_bias,
+                product(&[q_out, h]),
+                if g.o_bias { h } else { 0 },
+                norms,
+            ])
+        }
+    }
 }
 
 /// Sizes of the model `cfg` describes. Counts saturate at `u64::MAX` (and `usize::MAX`):
@@ -26,24 +74,10 @@ pub struct ModelSizes {
 pub fn model_sizes(cfg: &ModelConfig) -> ModelSizes {
     let n = |x: usize| x as u64;
     let h = n(cfg.hidden_size);
-    let heads = n(cfg.num_attention_heads);
-    let qk = n(cfg.qk_nope_head_dim).saturating_add(n(cfg.qk_rope_head_dim));
-    let r = n(cfg.kv_lora_rank);
-    let rope = n(cfg.qk_rope_head_dim);
-    let v = n(cfg.v_head_dim);
-    let q = match cfg.q_lora_rank {
-        None => product(&[h, heads, qk]),
-        Some(ql) => sum(&[product(&[h, n(ql)]), n(ql), product(&[n(ql), heads, qk])]),
-    };
-    let attn = sum(&[
-        q,
-        product(&[h, r.saturating_add(rope)]),
-        r,
-        product(&[r, heads, n(cfg.qk_nope_head_dim).saturating_add(v)]),
-        product(&[heads, v, h]),
-    ]);
+    let attn = attention_params(cfg);
     let norms = product(&[2, h]);
-    let dense_mlp = product(&[3, h, n(cfg.intermediate_size)]);
+    let mlp_bias = |width: u64| if cfg.mlp_bias { sum(&[product(&[2, width]), h]) } else { 0 };
+    let dense_mlp = sum(&[product(&[3, h, n(cfg.intermediate_size)]), mlp_bias(n(cfg.intermediate_size))]);
     let mut total = 0u64;
     let mut inactive = 0u64;
     let mut routed = 0u64;
@@ -55,10 +89,15 @@ pub fn model_sizes(cfg: &ModelConfig) -> ModelSizes {
                 moe_layers += 1;
                 let e = n(m.n_routed_experts);
                 let expert = product(&[3, h, n(m.moe_intermediate_size)]);
-                let shared = product(&[3, h, n(m.moe_intermediate_size), n(m.n_shared_experts)]);
-                // The gate, plus noaux_tc's `e_score_correction_bias` (a buffer in transformers,
-                // but stored in the checkpoint like a parameter).
-                let bias = if m.topk_method == crate::config::TopkMethod::NoauxTc {
+                let shared_width = product(&[n(m.moe_intermediate_size), n(m.n_shared_experts)]);
+                let shared = if m.n_shared_experts > 0 {
+                    sum(&[product(&[3, h, shared_width]), mlp_bias(shared_width)])
+                } else {
+                    0
+                };
+                // The gate, plus the routing correction bias where the family has one (a
+                // buffer in transformers, but stored in the checkpoint like a parameter).
+                let bias = if m.names.correction_bias.is_some() && m.topk_method == TopkMethod::NoauxTc {
                     e
                 } else {
                     0
@@ -85,8 +124,8 @@ pub fn model_sizes(cfg: &ModelConfig) -> ModelSizes {
         routed_expert_params: routed,
         dense_layers,
         moe_layers,
-        latent_values_per_token_per_layer: cfg.kv_lora_rank.saturating_add(cfg.qk_rope_head_dim),
-        mha_values_per_token_per_layer: usize::try_from(product(&[heads, qk.saturating_add(v)])).unwrap_or(usize::MAX),
+        kv_values_per_token_per_layer: cfg.kv_cache_spec().values_per_token(),
+        mha_values_per_token_per_layer: cfg.attention.mha_values_per_token(),
     }
 }
 
@@ -105,18 +144,28 @@ mod tests {
     use super::*;
 
     /// Every real config in `models/configs` parses, and its sizes agree with the model
-    /// cards' published totals (within 3%) and activated parameters (within 12%: the cards
-    /// round them, e.g. "A3B", and differ on whether the embedding counts).
+    /// cards' published totals (within 3%) and activated parameters (within 12%, with or
+    /// without the embeddings: the cards round them, e.g. "A3B", and differ on whether the
+    /// embedding counts).
     #[test]
     fn real_configs_parse_and_match_the_published_sizes() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-        // (name, total billions, activated billions) from the model cards.
+        // (name, total billions, activated billions) from the model cards (the text model's:
+        // Kimi K2.5's card counts its 0.4B vision encoder too), and the KV values a token
+        // keeps per layer (576 = MLA's 512 + 64 latent; GQA: kv heads x (K + V)).
         let cards = [
-            ("deepseek-v2-lite", 15.7, 2.4),
-            ("deepseek-v2", 236.0, 21.0),
-            ("deepseek-v3", 671.0, 37.0),
-            ("kimi-k2", 1040.0, 32.0),
-            ("moonlight-16b-a3b", 16.0, 3.0),
+            ("deepseek-v2-lite", 15.7, 2.4, 576),
+            ("deepseek-v2", 236.0, 21.0, 576),
+            ("deepseek-v3", 671.0, 37.0, 576),
+            ("kimi-k2", 1040.0, 32.0, 576),
+            ("kimi-k2.5", 1040.0, 32.0, 576),
+            ("moonlight-16b-a3b", 16.0, 3.0, 576),
+            ("glm-4.7-flash", 30.0, 3.0, 576),
+            ("glm-4.7", 355.0, 32.0, 8 * 256),
+            ("minimax-m2.7", 230.0, 10.0, 8 * 256),
+            ("qwen3-30b-a3b", 30.5, 3.3, 4 * 256),
+            ("qwen3-235b-a22b", 235.0, 22.0, 4 * 256),
+            ("mixtral-8x7b", 46.7, 12.9, 8 * 256),
         ];
         let mut found = std::fs::read_dir(&dir)
             .unwrap()
@@ -128,19 +177,25 @@ mod tests {
         let mut listed: Vec<String> = cards.iter().map(|c| c.0.to_string()).collect();
         listed.sort();
         assert_eq!(found, listed, "every config has a model-card check");
-        for (name, total, active) in cards {
+        for (name, total, active, kv_values) in cards {
             let cfg = ModelConfig::from_file(&dir.join(name).join("config.json")).unwrap();
             let sizes = model_sizes(&cfg);
             let billions = |n: u64| n as f64 / 1e9;
             let total_err = (billions(sizes.total_params) - total).abs() / total;
             assert!(total_err < 0.03, "{name}: {} total", billions(sizes.total_params));
-            let active_err = (billions(sizes.active_params_per_token) - active).abs() / active;
+            // Some cards count the embedding and output projection as active, some not.
+            let embeddings = sizes.embedding_params * if cfg.tie_word_embeddings { 1 } else { 2 };
+            let active_err = [sizes.active_params_per_token, sizes.active_params_per_token - embeddings]
+                .map(|n| (billions(n) - active).abs() / active)
+                .into_iter()
+                .fold(f64::INFINITY, f64::min);
             assert!(
                 active_err < 0.12,
                 "{name}: {} active",
                 billions(sizes.active_params_per_token)
             );
-            assert_eq!(sizes.latent_values_per_token_per_layer, 576, "{name}");
+            assert_eq!(sizes.kv_values_per_token_per_layer, kv_values, "{name}");
+            assert_eq!(sizes.dense_layers + sizes.moe_layers, cfg.num_hidden_layers, "{name}");
         }
     }
 
@@ -152,6 +207,7 @@ mod tests {
         let mut cfg = ModelConfig::from_file(&path).unwrap();
         cfg.hidden_size = 1 << 22;
         cfg.num_hidden_layers = 1 << 16;
+        cfg.moe_layers = vec![true; 1 << 16];
         let moe = cfg.moe.as_mut().unwrap();
         moe.n_routed_experts = 1 << 16;
         moe.moe_intermediate_size = 1 << 22;
@@ -160,11 +216,14 @@ mod tests {
         assert!(sizes.active_params_per_token <= sizes.total_params);
         assert_eq!(sizes.dense_layers + sizes.moe_layers, 1 << 16);
         // Fields at usize::MAX (only constructible in code) saturate too.
-        cfg.kv_lora_rank = usize::MAX;
-        cfg.num_attention_heads = usize::MAX;
+        let crate::config::AttentionConfig::Mla(mla) = &mut cfg.attention else {
+            panic!("DeepSeek-V3 is MLA")
+        };
+        mla.kv_lora_rank = usize::MAX;
+        mla.num_heads = usize::MAX;
         cfg.num_hidden_layers = 2;
         let sizes = model_sizes(&cfg);
-        assert_eq!(sizes.latent_values_per_token_per_layer, usize::MAX);
+        assert_eq!(sizes.kv_values_per_token_per_layer, usize::MAX);
         assert_eq!(sizes.mha_values_per_token_per_layer, usize::MAX);
     }
 }

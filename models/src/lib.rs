@@ -1,24 +1,39 @@
-//! Models of moe-engine: `config.json` parsing, safetensors loading, the shared layers (one
-//! MLA, one MoE with pluggable routers, RMSNorm, RoPE/YaRN) and the model families built from
-//! them. Computes logits for a flat batch described by a [`ForwardCtx`]; owns no scheduling,
-//! sampling or request state.
+//! Models of moe-engine: `config.json` parsing, safetensors loading, the shared layers (MLA
+//! and GQA attention, one MoE block with pluggable routers, RMSNorm, RoPE/YaRN), the shared
+//! decoder, and the model families (one folder each) registered in [`registry`]. Computes
+//! logits for a flat batch described by a [`ForwardCtx`]; owns no scheduling, sampling or
+//! request state. Everything outside this crate sees only the [`CausalLm`] interface.
 
 pub mod config;
-pub mod deepseek;
+pub mod decoder;
 pub mod error;
 pub mod forward;
 pub mod inspect;
+pub mod kv_cache;
 pub mod layers;
 pub mod loader;
+pub mod model;
+pub mod registry;
 pub mod synthetic;
 
-pub use config::{Architecture, ModelConfig};
-pub use deepseek::DeepseekModel;
+// Model families: one folder each, plus one line in `registry::FAMILIES`.
+pub mod deepseek;
+pub mod glm4_moe;
+pub mod glm4_moe_lite;
+pub mod kimi_k25;
+pub mod minimax_m2;
+pub mod mixtral;
+pub mod qwen3_moe;
+
+pub use config::ModelConfig;
 pub use error::{ModelError, Result};
-pub use forward::{ForwardCtx, LatentCache, RoutingTrace};
+pub use forward::{ForwardCtx, RoutingTrace};
+pub use kv_cache::{KvCache, KvCacheSpec};
 pub use layers::moe::router::{Router, RouterSpec};
 pub use loader::{ModelFiles, Weights};
+pub use model::{CausalLm, LoadOptions, LoadProgress, Model};
 pub use moe_kernels::PagedSeq;
+pub use registry::load_model;
 
 use candle_core::DType;
 

@@ -19,10 +19,17 @@ pub const SYNTHETIC_MODELS: &[(&str, &str)] = &[
     ("deepseek-v2", include_str!("../configs/deepseek-v2/config.json")),
     ("deepseek-v3", include_str!("../configs/deepseek-v3/config.json")),
     ("kimi-k2", include_str!("../configs/kimi-k2/config.json")),
+    ("kimi-k2.5", include_str!("../configs/kimi-k2.5/config.json")),
     (
         "moonlight-16b-a3b",
         include_str!("../configs/moonlight-16b-a3b/config.json"),
     ),
+    ("glm-4.7-flash", include_str!("../configs/glm-4.7-flash/config.json")),
+    ("glm-4.7", include_str!("../configs/glm-4.7/config.json")),
+    ("minimax-m2.7", include_str!("../configs/minimax-m2.7/config.json")),
+    ("qwen3-30b-a3b", include_str!("../configs/qwen3-30b-a3b/config.json")),
+    ("qwen3-235b-a22b", include_str!("../configs/qwen3-235b-a22b/config.json")),
+    ("mixtral-8x7b", include_str!("../configs/mixtral-8x7b/config.json")),
 ];
 
 /// The name after `synthetic:`, if `model` is a synthetic model spec.
@@ -31,6 +38,8 @@ pub fn synthetic_name(model: &str) -> Option<&str> {
 }
 
 /// The config of synthetic model `name`, optionally cut to its first `num_layers` layers.
+/// Synthetic weights are made in the compute dtype, so a shipped `quantization_config` is
+/// dropped.
 pub fn synthetic_config(name: &str, num_layers: Option<usize>) -> Result<ModelConfig> {
     let resolve_error = |message: String| ModelError::Resolve {
         model: format!("{PREFIX}{name}"),
@@ -41,11 +50,29 @@ pub fn synthetic_config(name: &str, num_layers: Option<usize>) -> Result<ModelCo
         resolve_error(format!("no such synthetic model; choose one of {}", names.join(", ")))
     })?;
     let mut json: Value = serde_json::from_str(text).map_err(|e| resolve_error(e.to_string()))?;
+    // Multimodal configs (Kimi K2.5) keep the text model under `text_config`.
+    let text = if json.get("text_config").is_some_and(|t| t.is_object()) {
+        &mut json["text_config"]
+    } else {
+        &mut json
+    };
+    if let Some(obj) = text.as_object_mut() {
+        obj.remove("quantization_config");
+        // Layer-type lists must shrink with the layers.
+        if let (Some(n), Some(types)) = (num_layers, obj.get_mut("mlp_layer_types")) {
+            if let Some(list) = types.as_array_mut() {
+                list.truncate(n);
+            }
+        }
+    }
     if let Some(n) = num_layers {
         if n == 0 {
             return Err(resolve_error("--num-layers must be at least 1".into()));
         }
-        json["num_hidden_layers"] = n.into();
+        text["num_hidden_layers"] = n.into();
+    }
+    if let Some(obj) = json.as_object_mut() {
+        obj.remove("quantization_config");
     }
     ModelConfig::from_json(&json)
 }

@@ -33,11 +33,10 @@ mod tests;
 
 use std::collections::{HashMap, VecDeque};
 
-pub use output::{FinishedRequest, SampledToken, ScheduledRequest, SchedulerOutput};
+pub use output::{FinishReason, FinishedRequest, SampledToken, ScheduledRequest, SchedulerOutput};
 pub use request::{NewRequest, Request, RequestId, RequestStatus};
 
 use crate::block_pool::{BlockId, BlockPoolError};
-use crate::engine::FinishReason;
 use crate::prefix_cache::{BlockHash, KvBlocks, PrefixCacheStats};
 
 /// Limits of the scheduler; all must be positive.

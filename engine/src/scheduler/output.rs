@@ -2,9 +2,27 @@
 //! going out, the sampled tokens coming back, and the requests that finished. Plain data.
 
 use crate::block_pool::BlockId;
-use crate::engine::FinishReason;
 
 use super::request::RequestId;
+
+/// Why a request stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// Hit `max_tokens`.
+    Length,
+    /// Produced a stop token (EOS or a stop id) or a stop string.
+    Stop,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+        }
+    }
+}
 
 /// One request's share of a step.
 ///

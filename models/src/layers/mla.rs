@@ -13,7 +13,7 @@ use moe_kernels::{paged_mla_attention, write_latent_cache};
 use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::rope::Rope;
-use crate::config::ModelConfig;
+use crate::config::MlaConfig;
 use crate::error::Result;
 use crate::forward::ForwardCtx;
 use crate::loader::Weights;
@@ -50,11 +50,12 @@ pub struct Mla {
 }
 
 impl Mla {
-    /// Loads `{prefix}.*` (`prefix` = `model.layers.{i}.self_attn`).
-    pub fn load(w: &Weights, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
-        let (hidden, heads) = (cfg.hidden_size, cfg.num_attention_heads);
+    /// Loads `{prefix}.*` (`prefix` = `model.layers.{i}.self_attn`) for a model of width
+    /// `hidden`.
+    pub fn load(w: &Weights, prefix: &str, cfg: &MlaConfig, hidden: usize) -> Result<Self> {
+        let heads = cfg.num_heads;
         let qk = cfg.qk_head_dim();
-        let bias = cfg.attention_bias;
+        let bias = cfg.bias;
         let q = match cfg.q_lora_rank {
             None => QueryProj::Direct(Linear::load(w, &format!("{prefix}.q_proj"), hidden, heads * qk, false)?),
             Some(rank) => QueryProj::LowRank {
@@ -92,7 +93,7 @@ impl Mla {
             rope_dim: cfg.qk_rope_head_dim,
             kv_lora_rank: r,
             v_head_dim: cfg.v_head_dim,
-            scale: cfg.softmax_scale(),
+            scale: cfg.softmax_scale,
         })
     }
 

@@ -1,4 +1,5 @@
-//! Rotary position embedding of the `qk_rope_head_dim` part of q and k, with YaRN.
+//! Rotary position embedding of the rotated part of q and k (MLA's `qk_rope_head_dim`, or the
+//! first `rotary_dim` values of a GQA head), with YaRN.
 //!
 //! Frequencies follow YaRN (arXiv:2309.00071) as transformers computes them: a linear ramp
 //! between extrapolated and interpolated frequencies over the correction range, and cos/sin
@@ -119,6 +120,7 @@ mod tests {
         RopeConfig {
             theta: 10000.0,
             interleaved: true,
+            partial_rotary_factor: 1.0,
             yarn: Some(YarnScaling {
                 factor: 4.0,
                 original_max_position_embeddings: 64,
@@ -153,6 +155,7 @@ mod tests {
         let cfg = RopeConfig {
             theta: 10000.0,
             interleaved: true,
+            partial_rotary_factor: 1.0,
             yarn: None,
         };
         let rope = Rope::new(&cfg, 4);

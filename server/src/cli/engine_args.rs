@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Args;
 use moe_engine::engine::EngineConfig;
 use moe_engine::runner::{ModelRunner, DEFAULT_BLOCK_SIZE};
-use moe_models::{DeepseekModel, LatentCache};
+use moe_models::Model;
 
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
@@ -68,7 +68,7 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 
 impl EngineArgs {
     /// Sizes the cache and builds the runner and the engine limits.
-    pub fn build(&self, model: DeepseekModel) -> anyhow::Result<(ModelRunner, EngineConfig)> {
+    pub fn build(&self, model: Model) -> anyhow::Result<(ModelRunner, EngineConfig)> {
         let cfg = model.config();
         let max_model_len = self.max_model_len.unwrap_or(cfg.max_position_embeddings);
         if max_model_len == 0 || self.block_size == 0 || self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
@@ -76,7 +76,8 @@ impl EngineArgs {
                 "--max-model-len, --block-size, --max-num-seqs and --max-num-batched-tokens must be positive"
             );
         }
-        let per_token = LatentCache::bytes_per_token(cfg.num_hidden_layers, cfg.latent_cache_dim(), model.dtype());
+        let spec = model.kv_cache_spec();
+        let per_token = spec.bytes_per_token(cfg.num_hidden_layers, model.dtype());
         let bytes = self.kv_cache_memory.unwrap_or_else(|| {
             let wanted = self
                 .max_num_seqs
@@ -84,7 +85,8 @@ impl EngineArgs {
                 .saturating_mul(per_token);
             wanted.min(4 << 30)
         });
-        let num_blocks = ModelRunner::blocks_for_memory(cfg, model.dtype(), bytes, self.block_size);
+        let num_blocks =
+            ModelRunner::blocks_for_memory(&spec, cfg.num_hidden_layers, model.dtype(), bytes, self.block_size);
         if num_blocks * self.block_size < max_model_len {
             anyhow::bail!(
                 "--kv-cache-memory {bytes} bytes holds {} tokens ({per_token} bytes each), fewer than --max-model-len {max_model_len}",
@@ -92,9 +94,10 @@ impl EngineArgs {
             );
         }
         tracing::info!(
-            "KV cache: {num_blocks} blocks of {} tokens ({} MiB)",
+            "KV cache: {num_blocks} blocks of {} tokens ({} MiB; {}, {per_token} bytes a token)",
             self.block_size,
-            (num_blocks * self.block_size * per_token) >> 20
+            (num_blocks * self.block_size * per_token) >> 20,
+            spec.describe()
         );
         let config = EngineConfig {
             max_num_batched_tokens: self.max_num_batched_tokens,

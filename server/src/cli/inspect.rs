@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Args;
-use moe_models::config::{ScoringFunc, TopkMethod};
+use moe_models::config::{AttentionConfig, QkNorm, ScoringFunc};
 use moe_models::inspect::model_sizes;
 use moe_models::layers::moe::router::build_router;
 use moe_models::ModelConfig;
@@ -45,28 +45,32 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let dtype = args.model.dtype()?;
     let sizes = model_sizes(&cfg);
     let router = match &cfg.moe {
-        Some(m) => Some(build_router(m, cfg.architecture, args.model.router()?.as_ref())?.describe()),
+        Some(m) => Some(build_router(m, args.model.router()?.as_ref())?.describe()),
         None => None,
     };
-    let kv_bytes = sizes.latent_values_per_token_per_layer * cfg.num_hidden_layers * dtype.size_in_bytes();
+    let spec = cfg.kv_cache_spec();
+    let kv_bytes = cfg.kv_bytes_per_token(dtype);
     let mha_bytes = sizes.mha_values_per_token_per_layer * cfg.num_hidden_layers * dtype.size_in_bytes();
+    let attention = describe_attention(&cfg.attention);
     if args.json {
         let v = serde_json::json!({
             "model": model_dir,
-            "architecture": cfg.architecture.hf_name(),
+            "architecture": cfg.architecture,
+            "family": cfg.family,
             "dtype": args.model.dtype,
             "saved_dtype": cfg.saved_dtype,
+            "quantization": cfg.quantization,
             "layers": cfg.num_hidden_layers,
             "hidden_size": cfg.hidden_size,
-            "attention_heads": cfg.num_attention_heads,
-            "q_lora_rank": cfg.q_lora_rank,
-            "kv_lora_rank": cfg.kv_lora_rank,
+            "attention_heads": cfg.attention.num_heads(),
+            "attention": attention_json(&cfg.attention),
             "experts": cfg.moe.as_ref().map(|m| serde_json::json!({
                 "routed": m.n_routed_experts, "shared": m.n_shared_experts, "per_token": m.num_experts_per_tok,
                 "intermediate": m.moe_intermediate_size,
             })),
             "router": router,
             "sizes": sizes,
+            "kv_cache_spec": spec,
             "kv_bytes_per_token": kv_bytes,
             "mha_kv_bytes_per_token": mha_bytes,
             "kv_tokens_per_gib": (1u64 << 30) / kv_bytes.max(1) as u64,
@@ -77,11 +81,14 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("model:         {}", model_dir.display());
-    println!("architecture:  {}", cfg.architecture.hf_name());
+    println!("architecture:  {} (family {})", cfg.architecture, cfg.family);
     println!(
-        "dtype:         {} (saved as {})",
+        "dtype:         {} (saved as {}{})",
         args.model.dtype,
-        cfg.saved_dtype.as_deref().unwrap_or("?")
+        cfg.saved_dtype.as_deref().unwrap_or("?"),
+        cfg.quantization
+            .as_deref()
+            .map_or(String::new(), |q| format!(", quantized: {q}, not loadable yet"))
     );
     println!(
         "parameters:    {} total, {} active per token ({} embedding)",
@@ -93,15 +100,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         "layers:        {} ({} dense, {} MoE), hidden {}, vocab {}",
         cfg.num_hidden_layers, sizes.dense_layers, sizes.moe_layers, cfg.hidden_size, cfg.vocab_size
     );
-    println!(
-        "attention:     MLA, {} heads, q_lora_rank {}, kv_lora_rank {}, qk {}+{} (nope+rope), v {}",
-        cfg.num_attention_heads,
-        cfg.q_lora_rank.map_or("none".to_string(), |r| r.to_string()),
-        cfg.kv_lora_rank,
-        cfg.qk_nope_head_dim,
-        cfg.qk_rope_head_dim,
-        cfg.v_head_dim
-    );
+    println!("attention:     {attention}");
     match &cfg.rope.yarn {
         Some(y) => println!(
             "rope:          theta {}, YaRN factor {} over {} positions (max {})",
@@ -119,11 +118,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             m.num_experts_per_tok,
             m.moe_intermediate_size,
             m.n_shared_experts,
-            match m.topk_method {
-                TopkMethod::Greedy => "greedy",
-                TopkMethod::GroupLimitedGreedy => "group_limited_greedy",
-                TopkMethod::NoauxTc => "noaux_tc",
-            },
+            m.topk_method.name(),
             match m.scoring_func {
                 ScoringFunc::Softmax => "softmax",
                 ScoringFunc::Sigmoid => "sigmoid",
@@ -134,13 +129,14 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         println!("router:        {r}");
     }
     println!(
-        "KV cache:      {} bytes per token ({} values x {} layers in {}); plain MHA would need {} ({:.1}x)",
+        "KV cache:      {} bytes per token ({}: {} values x {} layers in {}); plain MHA would need {} ({:.1}x)",
         kv_bytes,
-        sizes.latent_values_per_token_per_layer,
+        spec.describe(),
+        sizes.kv_values_per_token_per_layer,
         cfg.num_hidden_layers,
         args.model.dtype,
         mha_bytes,
-        mha_bytes as f64 / kv_bytes as f64
+        mha_bytes as f64 / kv_bytes.max(1) as f64
     );
     println!(
         "               {} tokens of history per GiB of cache ({} with plain MHA)",
@@ -148,4 +144,46 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         (1u64 << 30) / mha_bytes.max(1) as u64
     );
     Ok(())
+}
+
+/// One line about the attention, e.g. `MLA, 128 heads, q_lora_rank 1536, ...`.
+fn describe_attention(a: &AttentionConfig) -> String {
+    match a {
+        AttentionConfig::Mla(m) => format!(
+            "MLA, {} heads, q_lora_rank {}, kv_lora_rank {}, qk {}+{} (nope+rope), v {}",
+            m.num_heads,
+            m.q_lora_rank.map_or("none".to_string(), |r| r.to_string()),
+            m.kv_lora_rank,
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim
+        ),
+        AttentionConfig::Gqa(g) => format!(
+            "GQA, {} heads over {} kv heads, head_dim {} ({} rotated){}{}",
+            g.num_heads,
+            g.num_kv_heads,
+            g.head_dim,
+            g.rotary_dim,
+            match g.qk_norm {
+                QkNorm::None => "",
+                QkNorm::PerHead => ", per-head QK-norm",
+                QkNorm::Whole => ", QK-norm over all heads",
+            },
+            if g.qkv_bias { ", q/k/v biases" } else { "" }
+        ),
+    }
+}
+
+fn attention_json(a: &AttentionConfig) -> serde_json::Value {
+    match a {
+        AttentionConfig::Mla(m) => serde_json::json!({
+            "kind": "mla", "heads": m.num_heads, "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank,
+            "qk_nope_head_dim": m.qk_nope_head_dim, "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim,
+        }),
+        AttentionConfig::Gqa(g) => serde_json::json!({
+            "kind": "gqa", "heads": g.num_heads, "kv_heads": g.num_kv_heads, "head_dim": g.head_dim,
+            "rotary_dim": g.rotary_dim, "qkv_bias": g.qkv_bias,
+            "qk_norm": match g.qk_norm { QkNorm::None => "none", QkNorm::PerHead => "per_head", QkNorm::Whole => "whole" },
+        }),
+    }
 }

@@ -6,6 +6,7 @@ mod generate;
 mod inspect;
 mod logits;
 mod model_args;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -16,7 +17,7 @@ pub use model_args::ModelArgs;
 #[command(
     name = "moe",
     version,
-    about = "Inference engine for Mixture-of-Experts models with Multi-head Latent Attention"
+    about = "Inference engine for Mixture-of-Experts transformers (DeepSeek, Kimi, GLM, MiniMax, Qwen3-MoE, Mixtral)"
 )]
 pub struct Cli {
     /// Log more (-v: info, -vv: debug) on stderr.
@@ -36,7 +37,7 @@ pub enum Command {
     /// Describe a model: architecture, sizes, routing, KV bytes per token.
     Inspect(inspect::InspectArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
-    Serve(crate::serve::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Benchmark throughput, latency and energy: the engine in process, or `bench serve --url`.
     Bench(Box<bench::BenchArgs>),
 }
@@ -58,7 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
-        Command::Serve(a) => crate::serve::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Bench(a) => bench::run(*a),
     }
 }

@@ -7,16 +7,17 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::Args;
 use moe_engine::TextTokenizer;
-use moe_models::deepseek::LoadOptions;
 use moe_models::synthetic::{synthetic_config, synthetic_name};
-use moe_models::{parse_dtype, DeepseekModel, ModelConfig, ModelFiles, RouterSpec, Weights};
+use moe_models::{load_model, parse_dtype, LoadOptions, LoadProgress, Model, ModelConfig, ModelFiles, RouterSpec, Weights};
 
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// A local model directory, a Hugging Face repo id (org/name[@revision]; repo files come
     /// from the Hugging Face cache when present, else they are downloaded), or
     /// synthetic:NAME for a released model's real shapes with random weights made on the
-    /// device (NAME: deepseek-v2-lite, deepseek-v2, deepseek-v3, kimi-k2, moonlight-16b-a3b).
+    /// device (NAME: deepseek-v2-lite, deepseek-v2, deepseek-v3, kimi-k2, kimi-k2.5,
+    /// moonlight-16b-a3b, glm-4.7-flash, glm-4.7, minimax-m2.7, qwen3-30b-a3b,
+    /// qwen3-235b-a22b, mixtral-8x7b).
     #[arg(long)]
     pub model: String,
 
@@ -50,7 +51,7 @@ pub struct LoadedModel {
     pub files: Option<ModelFiles>,
     /// What `--model` named, for messages.
     pub name: String,
-    pub model: DeepseekModel,
+    pub model: Model,
     pub tokenizer: Option<TextTokenizer>,
 }
 
@@ -108,10 +109,10 @@ impl ModelArgs {
             }
             bar
         });
-        let progress: Option<moe_models::deepseek::LoadProgress> = bar
+        let progress: Option<LoadProgress> = bar
             .clone()
             .map(|b| std::sync::Arc::new(move |done: usize, _total: usize| b.set_position(done as u64)) as _);
-        let model = DeepseekModel::load(
+        let model = load_model(
             &config,
             &weights,
             &LoadOptions {

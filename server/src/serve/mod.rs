@@ -1,5 +1,6 @@
-//! `moe serve`: the OpenAI-compatible HTTP server (tokio + axum). The engine keeps its own
-//! thread; handlers talk to it through its submit/abort API and per-request channels.
+//! `moe serve`: the OpenAI-compatible HTTP server (tokio + axum). It takes a started engine
+//! and built options (the CLI's `cli::serve` makes them from flags); the engine keeps its own
+//! thread, and handlers talk to it through its submit/abort API and per-request channels.
 
 pub mod error;
 mod handlers;
@@ -18,71 +19,40 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use clap::Args;
 use moe_engine::{Engine, TextTokenizer};
 
-use super::cli::{EngineArgs, ModelArgs};
 use crate::chat_template::ChatTemplate;
 use error::ApiError;
 use listener::{ConnectionLimits, Drain};
 use metrics::Metrics;
 
-#[derive(Debug, Args)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
+/// What `moe serve` serves: the running engine and what requests are checked against.
+pub struct ServedModel {
+    pub engine: Engine,
+    pub tokenizer: Option<Arc<TextTokenizer>>,
+    pub chat_template: Option<ChatTemplate>,
+    /// The name clients must send.
+    pub name: String,
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+}
 
-    #[command(flatten)]
-    pub engine: EngineArgs,
-
-    /// Address to listen on (loopback by default; use 0.0.0.0 to listen on every interface).
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-
-    #[arg(long, default_value_t = 8000)]
-    pub port: u16,
-
-    /// Model name clients must send (default: the --model argument).
-    #[arg(long)]
-    pub served_model_name: Option<String>,
-
+/// How the HTTP server listens and what it lets clients do.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub addr: SocketAddr,
     /// Require `Authorization: Bearer KEY` on /v1/* and /metrics.
-    #[arg(long)]
     pub api_key: Option<String>,
-
-    /// Serve /metrics without the API key (for a Prometheus scraper on a trusted network).
-    #[arg(long)]
+    /// Serve /metrics without the key.
     pub public_metrics: bool,
-
     /// Waiting requests at most; beyond it new requests get 503 with Retry-After.
-    #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
-
-    /// Largest request body accepted, in bytes.
-    #[arg(long, default_value_t = 8 << 20)]
     pub max_body_bytes: usize,
-
-    /// Largest request head (request line and headers) accepted, in bytes; larger get 431.
-    #[arg(long, default_value_t = 64 << 10)]
     pub max_header_bytes: usize,
-
-    /// Seconds a client has to send its request head; slower connections are closed.
-    #[arg(long, default_value_t = 10)]
-    pub header_read_timeout: u64,
-
-    /// Seconds a client has to send its whole request body; slower ones get 408.
-    #[arg(long, default_value_t = 30)]
-    pub body_read_timeout: u64,
-
-    /// Seconds requests in flight may take to finish after SIGTERM/SIGINT before the server
-    /// exits anyway.
-    #[arg(long, default_value_t = 30)]
-    pub drain_timeout: u64,
-
-    /// Fraction of GPU memory for weights and KV cache (used by the CUDA build; ignored on
-    /// the CPU, where --kv-cache-memory sizes the cache).
-    #[arg(long, default_value_t = 0.9)]
-    pub gpu_memory_utilization: f32,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    /// How long requests in flight may take to finish after SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
 }
 
 pub struct AppState {
@@ -215,46 +185,27 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: no new connections; finishing requests in flight");
 }
 
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let loaded = args.model.load()?;
-    let chat_template = match &loaded.files {
-        Some(files) => ChatTemplate::from_model_dir(&files.dir).context("reading the chat template")?,
-        None => None,
-    };
-    if chat_template.is_none() {
-        tracing::warn!(
-            "{} has no chat template: /v1/chat/completions will answer 400",
-            loaded.name
-        );
-    }
-    let tokenizer = loaded.tokenizer.map(Arc::new);
-    let vocab_size = loaded.model.config().vocab_size;
-    let (runner, config) = args.engine.build(loaded.model)?;
-    let engine = Engine::start(runner, tokenizer.clone(), config)?;
+/// Serves `model` until SIGINT/SIGTERM, then drains the requests in flight.
+pub fn run(model: ServedModel, options: ServerOptions) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
-        engine,
-        tokenizer,
-        chat_template,
-        model_name: args
-            .served_model_name
-            .clone()
-            .unwrap_or_else(|| args.model.model.clone()),
-        api_key: args.api_key.clone(),
-        max_model_len: config.max_model_len,
-        vocab_size,
-        max_waiting: args.max_waiting,
-        max_body_bytes: args.max_body_bytes,
-        max_header_bytes: args.max_header_bytes,
-        body_read_timeout: Duration::from_secs(args.body_read_timeout),
+        engine: model.engine,
+        tokenizer: model.tokenizer,
+        chat_template: model.chat_template,
+        model_name: model.name,
+        api_key: options.api_key.clone(),
+        max_model_len: model.max_model_len,
+        vocab_size: model.vocab_size,
+        max_waiting: options.max_waiting,
+        max_body_bytes: options.max_body_bytes,
+        max_header_bytes: options.max_header_bytes,
+        body_read_timeout: options.body_read_timeout,
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
         metrics: Metrics::new(),
     });
-    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
-        .parse()
-        .with_context(|| format!("--host {} --port {} is not a socket address", args.host, args.port))?;
+    let addr = options.addr;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -265,12 +216,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("moe serve: listening on http://{local}");
         tracing::info!("serving {} on http://{local}", state.model_name);
         let limits = ConnectionLimits {
-            header_read_timeout: Duration::from_secs(args.header_read_timeout),
-            max_header_bytes: args.max_header_bytes,
+            header_read_timeout: options.header_read_timeout,
+            max_header_bytes: options.max_header_bytes,
             max_headers: 100,
-            drain_timeout: Duration::from_secs(args.drain_timeout),
+            drain_timeout: options.drain_timeout,
         };
-        let app = router(state.clone(), args.public_metrics);
+        let app = router(state.clone(), options.public_metrics);
         match listener::serve(listener, app, limits, shutdown_signal())
             .await
             .context("the HTTP server failed")?
@@ -278,7 +229,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             Drain::Complete => tracing::info!("all requests finished; exiting"),
             Drain::TimedOut => tracing::warn!(
                 "--drain-timeout {} s ran out with requests in flight; exiting anyway",
-                args.drain_timeout
+                options.drain_timeout.as_secs()
             ),
         }
         anyhow::Ok(())

@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use moe_kernels::moe::{grouped_expert_mlp, permute_by_expert, ExpertWeights};
 
 use super::router::Routing;
+use crate::config::ExpertProjNames;
 use crate::error::{ModelError, Result};
 use crate::loader::Weights;
 
@@ -22,10 +23,18 @@ pub struct Experts {
 }
 
 impl Experts {
-    /// Loads `{prefix}.experts`: either per-expert `{prefix}.experts.{e}.{gate,up,down}_proj.weight`
-    /// (the Hub's layout) or fused `{prefix}.experts.gate_up_proj` / `down_proj` (`[E,2I,H]`,
-    /// `[E,H,I]`, the in-memory layout of transformers 5).
-    pub fn load(w: &Weights, prefix: &str, num_experts: usize, hidden: usize, intermediate: usize) -> Result<Self> {
+    /// Loads `{prefix}.experts`: either per-expert `{prefix}.experts.{e}.{gate,up,down}.weight`
+    /// under the family's projection names (the Hub's layout) or fused
+    /// `{prefix}.experts.gate_up_proj` / `down_proj` (`[E,2I,H]`, `[E,H,I]`, the in-memory
+    /// layout of transformers 5).
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        num_experts: usize,
+        hidden: usize,
+        intermediate: usize,
+        names: ExpertProjNames,
+    ) -> Result<Self> {
         let fused = format!("{prefix}.experts.gate_up_proj");
         let (gate_up, down) = if w.contains(&fused) {
             (
@@ -40,10 +49,10 @@ impl Experts {
             let mut down = Vec::with_capacity(num_experts);
             for e in 0..num_experts {
                 let p = format!("{prefix}.experts.{e}");
-                let gate = w.get(&format!("{p}.gate_proj.weight"), &[intermediate, hidden])?;
-                let up = w.get(&format!("{p}.up_proj.weight"), &[intermediate, hidden])?;
+                let gate = w.get(&format!("{p}.{}.weight", names.gate), &[intermediate, hidden])?;
+                let up = w.get(&format!("{p}.{}.weight", names.up), &[intermediate, hidden])?;
                 gate_up.push(Tensor::cat(&[gate, up], 0)?);
-                down.push(w.get(&format!("{p}.down_proj.weight"), &[hidden, intermediate])?);
+                down.push(w.get(&format!("{p}.{}.weight", names.down), &[hidden, intermediate])?);
             }
             (Tensor::stack(&gate_up, 0)?, Tensor::stack(&down, 0)?)
         };

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 
 use super::mlp::Mlp;
-use crate::config::{Architecture, ModelConfig};
-use crate::deepseek::LoadOptions;
+use crate::config::MoeConfig;
 use crate::error::Result;
 use crate::forward::RoutingTrace;
 use crate::loader::Weights;
+use crate::model::LoadOptions;
 use experts::Experts;
 use router::{build_router, Router, RouterInput};
 
@@ -34,35 +34,44 @@ pub struct MoeBlock {
 }
 
 impl MoeBlock {
-    /// Loads `model.layers.{layer}.mlp.*`; `options.router` overrides the checkpoint's routing.
-    pub fn load(w: &Weights, layer: usize, cfg: &ModelConfig, options: &LoadOptions) -> Result<Self> {
-        let moe = cfg
-            .moe
-            .as_ref()
-            .ok_or_else(|| crate::error::ModelError::Input("MoE layer requested for a dense config".into()))?;
-        let prefix = format!("model.layers.{layer}.mlp");
+    /// Loads the MoE block of decoder layer `layer` (`layer_prefix` = `model.layers.{layer}`)
+    /// under the family's names in `moe.names`; `options.router` overrides the checkpoint's
+    /// routing. `mlp_bias`: the shared experts' MLP has biases.
+    pub fn load(
+        w: &Weights,
+        layer_prefix: &str,
+        layer: usize,
+        moe: &MoeConfig,
+        hidden: usize,
+        mlp_bias: bool,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let names = &moe.names;
+        let prefix = format!("{layer_prefix}.{}", names.block);
         let e = moe.n_routed_experts;
-        let gate = w.get_as(&format!("{prefix}.gate.weight"), &[e, cfg.hidden_size], DType::F32)?;
-        let bias_name = format!("{prefix}.gate.e_score_correction_bias");
-        let correction_bias = if w.contains(&bias_name) {
-            let bias = w.get_as(&bias_name, &[e], DType::F32)?;
-            Some((bias.to_vec1::<f32>()?, bias))
-        } else if cfg.architecture == Architecture::DeepseekV3 && moe.topk_method == crate::config::TopkMethod::NoauxTc
-        {
-            // transformers initialises a missing bias buffer to zeros; a V3 checkpoint without
-            // one is therefore legal, but we say so.
-            tracing::warn!("{bias_name} is missing; routing without a correction bias");
-            None
-        } else {
-            None
+        let gate = w.get_as(&format!("{prefix}.gate.weight"), &[e, hidden], DType::F32)?;
+        let correction_bias = match names.correction_bias.map(|b| format!("{prefix}.{b}")) {
+            Some(name) if w.contains(&name) => {
+                let bias = w.get_as(&name, &[e], DType::F32)?;
+                Some((bias.to_vec1::<f32>()?, bias))
+            }
+            Some(name) => {
+                if names.warn_missing_bias {
+                    // transformers initialises a missing bias buffer to zeros; legal, but
+                    // rarely intended.
+                    tracing::warn!("{name} is missing; routing without a correction bias");
+                }
+                None
+            }
+            None => None,
         };
         let shared = if moe.n_shared_experts > 0 {
             Some(Mlp::load(
                 w,
-                &format!("{prefix}.shared_experts"),
-                cfg.hidden_size,
+                &format!("{prefix}.{}", names.shared_experts),
+                hidden,
                 moe.moe_intermediate_size * moe.n_shared_experts,
-                cfg.mlp_bias,
+                mlp_bias,
             )?)
         } else {
             None
@@ -71,8 +80,8 @@ impl MoeBlock {
             layer,
             gate,
             correction_bias,
-            router: build_router(moe, cfg.architecture, options.router.as_ref())?,
-            experts: Experts::load(w, &prefix, e, cfg.hidden_size, moe.moe_intermediate_size)?,
+            router: build_router(moe, options.router.as_ref())?,
+            experts: Experts::load(w, &prefix, e, hidden, moe.moe_intermediate_size, names.experts)?,
             shared,
             reference_experts: options.reference_experts,
         })

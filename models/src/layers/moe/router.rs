@@ -1,7 +1,7 @@
 //! Expert routing: router logits -> (expert ids, weights) per token, behind the [`Router`]
 //! trait so researchers can swap the strategy from the command line (`--router`).
 //!
-//! Owns the three DeepSeek strategies (their math is `moe_kernels::moe::route`, shared with the
+//! Owns the three built-in strategies (their math is `moe_kernels::moe::route`, shared with the
 //! CUDA routing kernel) and the `--router` spec parser/registry. It computes
 //! on host `f32` slices (the checkpoint's gate runs in f32, as transformers does); it never
 //! touches expert weights.
@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use moe_kernels::moe::{route, RoutingMethod, RoutingParams, Scoring};
 
-use crate::config::{Architecture, MoeConfig, ScoringFunc, TopkMethod};
+use crate::config::{MoeConfig, ScoringFunc};
 use crate::error::{ModelError, Result};
 
 /// One MoE layer's routing inputs for a batch of tokens.
@@ -224,15 +224,15 @@ impl std::str::FromStr for RouterSpec {
 }
 
 impl RouterParams {
-    /// The checkpoint's routing. transformers' DeepseekV2 never renormalizes the top-k weights
-    /// (`norm_topk_prob` is ignored there), so neither do we for V2 checkpoints.
-    pub fn from_config(moe: &MoeConfig, arch: Architecture) -> Self {
+    /// The checkpoint's routing (family quirks such as DeepSeek-V2 never renormalising are
+    /// already in `moe`, put there by the family's parser).
+    pub fn from_config(moe: &MoeConfig) -> Self {
         RouterParams {
             top_k: moe.num_experts_per_tok,
             scoring: moe.scoring_func,
             n_group: moe.n_group,
             topk_group: moe.topk_group,
-            normalize: moe.norm_topk_prob && arch != Architecture::DeepseekV2,
+            normalize: moe.norm_topk_prob,
             scale: moe.routed_scaling_factor as f32,
             use_bias: true,
         }
@@ -306,8 +306,8 @@ impl RouterParams {
 
 /// The router a checkpoint asks for, or the one `spec` names (its unset keys default to the
 /// checkpoint's values).
-pub fn build_router(moe: &MoeConfig, arch: Architecture, spec: Option<&RouterSpec>) -> Result<Arc<dyn Router>> {
-    let mut params = RouterParams::from_config(moe, arch);
+pub fn build_router(moe: &MoeConfig, spec: Option<&RouterSpec>) -> Result<Arc<dyn Router>> {
+    let mut params = RouterParams::from_config(moe);
     let name = match spec {
         Some(s) => {
             if s.name == "greedy" {
@@ -317,11 +317,7 @@ pub fn build_router(moe: &MoeConfig, arch: Architecture, spec: Option<&RouterSpe
             params.apply(s, moe.n_routed_experts)?;
             s.name.as_str()
         }
-        None => match moe.topk_method {
-            TopkMethod::Greedy => "greedy",
-            TopkMethod::GroupLimitedGreedy => "group_limited_greedy",
-            TopkMethod::NoauxTc => "noaux_tc",
-        },
+        None => moe.topk_method.name(),
     };
     Ok(match name {
         "greedy" => Arc::new(GreedyRouter(params)),

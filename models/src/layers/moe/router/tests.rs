@@ -1,7 +1,7 @@
 //! Tests of the routers (greedy, group-limited greedy, noaux_tc) against hand-computed routings, the `--router` spec parser and `build_router`'s config/override handling.
 
 use super::*;
-use crate::config::{Architecture, MoeConfig, ScoringFunc, TopkMethod};
+use crate::config::{MoeConfig, ScoringFunc, TopkMethod};
 use crate::error::ModelError;
 
 const E: f64 = std::f64::consts::E;
@@ -49,14 +49,13 @@ fn moe(topk_method: TopkMethod, scoring_func: ScoringFunc, norm_topk_prob: bool,
         n_shared_experts: 1,
         num_experts_per_tok: 2,
         moe_intermediate_size: 32,
-        first_k_dense_replace: 0,
-        moe_layer_freq: 1,
         topk_method,
         scoring_func,
         n_group: if grouped { 4 } else { 1 },
         topk_group: if grouped { 2 } else { 1 },
         norm_topk_prob,
         routed_scaling_factor: scale,
+        names: crate::deepseek::config::MOE_NAMES,
     }
 }
 
@@ -211,7 +210,7 @@ fn router_spec_parses_name_and_overrides() {
 #[test]
 fn build_router_validates_overrides() {
     let m = moe(TopkMethod::NoauxTc, ScoringFunc::Sigmoid, true, 2.5);
-    let expect_err = |s: &str, needle: &str| match build_router(&m, Architecture::DeepseekV3, Some(&spec(s))) {
+    let expect_err = |s: &str, needle: &str| match build_router(&m, Some(&spec(s))) {
         Err(e @ ModelError::RouterSpec { .. }) => assert!(e.to_string().contains(needle), "{s}: {e}"),
         Err(other) => panic!("{s}: expected RouterSpec error, got {other:?}"),
         Ok(r) => panic!("{s}: accepted as {}", r.describe()),
@@ -225,15 +224,10 @@ fn build_router_validates_overrides() {
     // 8 groups of 1: noaux_tc needs two per group.
     expect_err("noaux_tc:n_group=8,topk_group=2", "2 experts per group");
 
-    let r = build_router(&m, Architecture::DeepseekV3, Some(&spec("greedy:top_k=8"))).unwrap();
+    let r = build_router(&m, Some(&spec("greedy:top_k=8"))).unwrap();
     assert_eq!(r.top_k(), 8);
     assert!(r.describe().starts_with("greedy:"), "{}", r.describe());
-    let r = build_router(
-        &m,
-        Architecture::DeepseekV3,
-        Some(&spec("noaux_tc:bias=false,scale=1.0")),
-    )
-    .unwrap();
+    let r = build_router(&m, Some(&spec("noaux_tc:bias=false,scale=1.0"))).unwrap();
     assert!(
         r.describe().contains("bias=false") && r.describe().contains("scale=1"),
         "{}",
@@ -248,36 +242,30 @@ fn build_router_follows_topk_method_without_spec() {
         (TopkMethod::GroupLimitedGreedy, "group_limited_greedy:"),
         (TopkMethod::NoauxTc, "noaux_tc:"),
     ] {
-        let r = build_router(
-            &moe(method, ScoringFunc::Sigmoid, true, 1.0),
-            Architecture::DeepseekV3,
-            None,
-        )
-        .unwrap();
+        let r = build_router(&moe(method, ScoringFunc::Sigmoid, true, 1.0), None).unwrap();
         assert!(r.describe().starts_with(name), "{}", r.describe());
         assert_eq!(r.top_k(), 2);
     }
 }
 
 #[test]
-fn norm_topk_prob_is_ignored_for_v2_but_honoured_for_v3() {
-    let m = moe(TopkMethod::Greedy, ScoringFunc::Softmax, true, 1.0);
+fn norm_topk_prob_decides_renormalisation_and_overrides_win() {
+    // (DeepSeek-V2's parser clears norm_topk_prob, since transformers ignores it there; see
+    // deepseek::config's tests.)
     let logits = [1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0];
     let z = E + E * E + E.powi(3) + 5.0;
-    let v2 = build_router(&m, Architecture::DeepseekV2, None)
-        .unwrap()
-        .route(&input(&logits, 8, None));
+    let plain = moe(TopkMethod::Greedy, ScoringFunc::Softmax, false, 1.0);
+    let v2 = build_router(&plain, None).unwrap().route(&input(&logits, 8, None));
     assert_eq!(v2.expert_ids, [2, 1]);
     assert_close(&v2.weights, &[E.powi(3) / z, E * E / z]);
 
-    let v3 = build_router(&m, Architecture::DeepseekV3, None)
-        .unwrap()
-        .route(&input(&logits, 8, None));
+    let normed = moe(TopkMethod::Greedy, ScoringFunc::Softmax, true, 1.0);
+    let v3 = build_router(&normed, None).unwrap().route(&input(&logits, 8, None));
     assert_eq!(v3.expert_ids, [2, 1]);
     assert_close(&v3.weights, &[E / (1.0 + E), 1.0 / (1.0 + E)]);
 
-    // An explicit override still normalizes a V2 checkpoint.
-    let r = build_router(&m, Architecture::DeepseekV2, Some(&spec("greedy:normalize=true"))).unwrap();
+    // An explicit override still normalizes a checkpoint that does not.
+    let r = build_router(&plain, Some(&spec("greedy:normalize=true"))).unwrap();
     assert_close(
         &r.route(&input(&logits, 8, None)).weights,
         &[E / (1.0 + E), 1.0 / (1.0 + E)],
@@ -299,7 +287,7 @@ fn kernel_params_route_exactly_like_the_router() {
     for method in [TopkMethod::Greedy, TopkMethod::GroupLimitedGreedy, TopkMethod::NoauxTc] {
         for spec_text in specs {
             let cfg = moe(method, ScoringFunc::Sigmoid, true, 2.5);
-            let r = build_router(&cfg, Architecture::DeepseekV3, spec_text.map(spec).as_ref()).unwrap();
+            let r = build_router(&cfg, spec_text.map(spec).as_ref()).unwrap();
             let p = r.kernel_params().expect("built-in routers have kernel parameters");
             let want = r.route(&input(&logits, 8, Some(&bias)));
             let (ids, weights) = route(&logits, 8, Some(&bias), &p);

@@ -1,8 +1,10 @@
-//! Tests of config.json parsing: both fixture spellings, YaRN/softmax-scale math, V2/V3 defaults, MoE layer placement and every rejection path (variant + field named in the message).
+//! Tests of the DeepSeek family's config.json parsing: both fixture spellings, YaRN/softmax-scale math, V2/V3 defaults, MoE layer placement and every rejection path (variant + field named in the message).
+
+use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::*;
+use crate::config::{yarn_mscale, ModelConfig, ScoringFunc, TopkMethod};
 use crate::error::ModelError;
 
 const FIXTURE_T5: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/deepseek-v3/config.json");
@@ -95,10 +97,12 @@ fn fixtures_in_both_spellings_parse_to_the_same_config() {
     assert_eq!(strip(&t5), strip(&hub));
 
     let c = t5;
-    assert_eq!(c.architecture, Architecture::DeepseekV3);
-    assert_eq!((c.hidden_size, c.num_attention_heads, c.num_hidden_layers), (64, 4, 3));
-    assert_eq!((c.q_lora_rank, c.kv_lora_rank), (Some(48), 32));
-    assert_eq!((c.qk_head_dim(), c.latent_cache_dim()), (16 + 8, 32 + 8));
+    assert_eq!((c.architecture.as_str(), c.family), ("DeepseekV3ForCausalLM", "deepseek"));
+    let mla = c.mla().expect("MLA");
+    assert_eq!((c.hidden_size, mla.num_heads, c.num_hidden_layers), (64, 4, 3));
+    assert_eq!((mla.q_lora_rank, mla.kv_lora_rank), (Some(48), 32));
+    assert_eq!(mla.qk_head_dim(), 16 + 8);
+    assert_eq!(c.kv_cache_spec(), crate::KvCacheSpec::Latent { dim: 32 + 8 });
     assert_eq!((c.bos_token_id, c.eos_token_ids.as_slice()), (Some(0), &[1u32][..]));
     assert_eq!(c.rope.theta, 10000.0);
     assert!(c.rope.interleaved);
@@ -138,7 +142,7 @@ fn rope_scaling_accepts_rope_type_key_and_null_means_no_yarn() {
     assert_eq!(c.rope.yarn, None);
     assert_eq!(c.rope.theta, 10000.0);
     // Without YaRN the scale is plain (16 + 8)^-1/2.
-    assert!((c.softmax_scale() - 1.0 / 24f64.sqrt()).abs() < 1e-15);
+    assert!((c.attention.softmax_scale() - 1.0 / 24f64.sqrt()).abs() < 1e-15);
 }
 
 #[test]
@@ -148,11 +152,11 @@ fn softmax_scale_multiplies_by_squared_yarn_mscale() {
     let m = 0.1 * 0.8 * 4f64.ln() + 1.0;
     let expected = 24f64.powf(-0.5) * m * m;
     assert!(
-        (c.softmax_scale() - expected).abs() < 1e-12,
+        (c.attention.softmax_scale() - expected).abs() < 1e-12,
         "{} vs {expected}",
-        c.softmax_scale()
+        c.attention.softmax_scale()
     );
-    assert!((c.softmax_scale() - 0.251_910_974_228_710_7).abs() < 1e-12);
+    assert!((c.attention.softmax_scale() - 0.251_910_974_228_710_7).abs() < 1e-12);
     // No extension, no correction.
     assert_eq!(yarn_mscale(1.0, 0.8), 1.0);
     assert_eq!(yarn_mscale(0.5, 0.8), 1.0);
@@ -161,7 +165,7 @@ fn softmax_scale_multiplies_by_squared_yarn_mscale() {
     let yarn = json!({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0});
     let c = parse(&with(v3(), "rope_scaling", yarn));
     assert!(c.rope.yarn.is_some());
-    assert!((c.softmax_scale() - 1.0 / 24f64.sqrt()).abs() < 1e-15);
+    assert!((c.attention.softmax_scale() - 1.0 / 24f64.sqrt()).abs() < 1e-15);
 }
 
 #[test]
@@ -195,19 +199,18 @@ fn absent_optional_fields_take_v2_or_v3_defaults() {
     );
     assert!(!m.norm_topk_prob);
     assert_eq!(m.routed_scaling_factor, 1.0);
-    assert_eq!(
-        (m.n_shared_experts, m.first_k_dense_replace, m.moe_layer_freq),
-        (2, 0, 1)
-    );
+    assert_eq!(m.n_shared_experts, 2);
+    // first_k_dense_replace 0, moe_layer_freq 1: every layer MoE.
+    assert!((0..6).all(|l| c.is_moe_layer(l)));
     assert_eq!((m.n_group, m.topk_group), (1, 1));
     assert_eq!(c.max_position_embeddings, 2048);
-    assert_eq!(c.q_lora_rank, None);
+    assert_eq!(c.mla().unwrap().q_lora_rank, None);
     assert_eq!(
         (c.rope.theta, c.rope.yarn.is_none(), c.rope.interleaved),
         (10000.0, true, true)
     );
     assert_eq!(c.rms_norm_eps, 1e-6);
-    assert!(!c.tie_word_embeddings && !c.attention_bias && !c.mlp_bias);
+    assert!(!c.tie_word_embeddings && !c.mla().unwrap().bias && !c.mlp_bias);
 
     let c = parse(&v3());
     let m = c.moe.as_ref().unwrap();
@@ -217,7 +220,8 @@ fn absent_optional_fields_take_v2_or_v3_defaults() {
     );
     assert!(m.norm_topk_prob);
     assert_eq!(m.routed_scaling_factor, 2.5);
-    assert_eq!((m.n_shared_experts, m.first_k_dense_replace), (1, 3));
+    assert_eq!(m.n_shared_experts, 1);
+    assert_eq!((0..6).filter(|&l| c.is_moe_layer(l)).count(), 3, "first_k_dense_replace 3");
     assert_eq!((m.n_group, m.topk_group), (8, 4));
     assert_eq!(c.max_position_embeddings, 4096);
 
@@ -245,7 +249,7 @@ fn architecture_falls_back_on_model_type() {
         "model_type",
         json!("deepseek_v3"),
     ));
-    assert_eq!(c.architecture, Architecture::DeepseekV3);
+    assert_eq!(c.architecture, "DeepseekV3ForCausalLM");
     reject_missing(&without(v3(), "architectures"), "architectures");
 }
 
@@ -265,6 +269,7 @@ fn unknown_architecture_is_rejected() {
         ModelError::UnknownArchitecture { found, supported } => {
             assert_eq!(found, "LlamaForCausalLM");
             assert!(supported.contains("DeepseekV2ForCausalLM") && supported.contains("DeepseekV3ForCausalLM"));
+            assert!(supported.contains("Qwen3MoeForCausalLM") && supported.contains("MiniMaxM2ForCausalLM"));
         }
         other => panic!("expected UnknownArchitecture, got {other:?}"),
     }
@@ -332,9 +337,11 @@ fn a_zero_max_position_embeddings_is_rejected_naming_the_field() {
 
 #[test]
 fn unsupported_model_features_are_rejected() {
+    // A quantized config parses (so `moe inspect` can describe it); its weights are refused
+    // when loading (tests/checkpoints.rs).
     let q = json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]});
-    let msg = reject_unsupported(&with(v3(), "quantization_config", q), "quantization_config");
-    assert!(msg.contains("fp8"), "{msg}");
+    assert_eq!(parse(&with(v3(), "quantization_config", q)).quantization.as_deref(), Some("fp8"));
+    reject_unsupported(&with(v3(), "quantization_config", json!("fp8")), "quantization_config");
     let msg = reject_unsupported(&with(v3(), "num_key_value_heads", json!(1)), "num_key_value_heads");
     assert!(msg.contains("num_attention_heads"), "{msg}");
     // Equal to num_attention_heads (4) is what real configs say, and fine.

@@ -1,21 +1,22 @@
-//! The DeepSeek MLA + MoE decoder (`DeepseekV2ForCausalLM`, `DeepseekV3ForCausalLM`: DeepSeek
-//! V2, V2-Lite, V2.5, V3, V3.1, R1, Kimi K2, Moonlight), assembled from the shared layers.
-//!
-//! Owns the weights and the forward over a flat, paged batch. V2 and V3 differ only in config
-//! (routing, defaults), which the shared layers read; there is no per-version code path.
+//! The pre-norm decoder every family shares: embedding, layers of (RMSNorm -> attention ->
+//! residual, RMSNorm -> dense MLP or MoE block -> residual), final RMSNorm and the output
+//! projection. Attention (MLA or GQA), the MoE block and the tensor names come from the
+//! [`ModelConfig`] a family's parser wrote; there is no per-family code path here.
 
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::forward::{ForwardCtx, LatentCache};
+use crate::forward::ForwardCtx;
+use crate::kv_cache::KvCache;
+use crate::layers::attention::Attention;
 use crate::layers::linear::Linear;
-use crate::layers::mla::Mla;
 use crate::layers::mlp::Mlp;
-use crate::layers::moe::{router::RouterSpec, MoeBlock};
+use crate::layers::moe::MoeBlock;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::loader::Weights;
+use crate::model::{CausalLm, LoadOptions, Model};
 
 #[derive(Debug, Clone)]
 enum FeedForward {
@@ -26,38 +27,13 @@ enum FeedForward {
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
-    self_attn: Mla,
+    self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: FeedForward,
 }
 
-/// Called after each decoder layer is loaded with `(layers loaded, total layers)`.
-pub type LoadProgress = std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>;
-
-/// Options that change how a checkpoint is run without changing the checkpoint.
-#[derive(Clone, Default)]
-pub struct LoadOptions {
-    /// Replaces the checkpoint's routing in every MoE layer (`--router`).
-    pub router: Option<RouterSpec>,
-    /// Progress callback (e.g. a progress bar) while weights load.
-    pub progress: Option<LoadProgress>,
-    /// Run routed experts through the reference path (host routing, per-expert matmuls) even
-    /// where the grouped GPU kernels apply (`--expert-backend reference`, for A/B runs).
-    pub reference_experts: bool,
-}
-
-impl std::fmt::Debug for LoadOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadOptions")
-            .field("router", &self.router)
-            .field("progress", &self.progress.is_some())
-            .field("reference_experts", &self.reference_experts)
-            .finish()
-    }
-}
-
 #[derive(Debug, Clone)]
-pub struct DeepseekModel {
+pub struct Decoder {
     config: ModelConfig,
     /// `[vocab, hidden]`.
     embed_tokens: Tensor,
@@ -70,34 +46,53 @@ pub struct DeepseekModel {
     device: Device,
 }
 
-impl DeepseekModel {
-    /// Builds the model from `weights`, reading only the tensors it uses.
+/// [`Decoder::load`] as a registry loader.
+pub fn load_boxed(config: &ModelConfig, weights: &Weights, options: &LoadOptions) -> Result<Model> {
+    Ok(Box::new(Decoder::load(config, weights, options)?))
+}
+
+impl Decoder {
+    /// Builds the model from `weights`, reading only the tensors it uses (a checkpoint's
+    /// multi-token-prediction layers and vision tower are never read).
     pub fn load(config: &ModelConfig, weights: &Weights, options: &LoadOptions) -> Result<Self> {
         let cfg = config;
-        let h = cfg.hidden_size;
-        let embed_tokens = weights.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let root = cfg.names.model;
+        if !cfg.names.skipped.is_empty() {
+            let skipped = weights
+                .names()
+                .iter()
+                .filter(|n| cfg.names.skipped.iter().any(|p| n.starts_with(p)))
+                .count();
+            if skipped > 0 {
+                tracing::info!(
+                    "skipping {skipped} tensors under {} (not part of the text model)",
+                    cfg.names.skipped.join(", ")
+                );
+            }
+        }
+        let embed_tokens = weights.get(&format!("{root}.embed_tokens.weight"), &[cfg.vocab_size, h])?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let mlp = if cfg.is_moe_layer(i) {
-                FeedForward::Moe(MoeBlock::load(weights, i, cfg, options)?)
-            } else {
-                FeedForward::Dense(Mlp::load(
+            let p = format!("{root}.layers.{i}");
+            let mlp = match cfg.moe.as_ref().filter(|_| cfg.is_moe_layer(i)) {
+                Some(moe) => FeedForward::Moe(MoeBlock::load(weights, &p, i, moe, h, cfg.mlp_bias, options)?),
+                None => FeedForward::Dense(Mlp::load(
                     weights,
                     &format!("{p}.mlp"),
                     h,
                     cfg.intermediate_size,
                     cfg.mlp_bias,
-                )?)
+                )?),
             };
             layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::load(weights, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
-                self_attn: Mla::load(weights, &format!("{p}.self_attn"), cfg)?,
+                input_layernorm: RmsNorm::load(weights, &format!("{p}.input_layernorm.weight"), h, eps)?,
+                self_attn: Attention::load(weights, &format!("{p}.self_attn"), &cfg.attention, h, eps)?,
                 post_attention_layernorm: RmsNorm::load(
                     weights,
                     &format!("{p}.post_attention_layernorm.weight"),
                     h,
-                    cfg.rms_norm_eps,
+                    eps,
                 )?,
                 mlp,
             });
@@ -111,34 +106,35 @@ impl DeepseekModel {
                 bias: None,
             }
         } else {
-            Linear::load(weights, "lm_head", h, cfg.vocab_size, false)?
+            Linear::load(weights, cfg.names.lm_head, h, cfg.vocab_size, false)?
         };
-        Ok(DeepseekModel {
+        Ok(Decoder {
             config: cfg.clone(),
             embed_tokens,
             layers,
-            norm: RmsNorm::load(weights, "model.norm.weight", h, cfg.rms_norm_eps)?,
+            norm: RmsNorm::load(weights, &format!("{root}.norm.weight"), h, eps)?,
             lm_head,
-            rope: Rope::new(&cfg.rope, cfg.qk_rope_head_dim),
+            rope: Rope::new(&cfg.rope, cfg.attention.rope_dim()),
             dtype: weights.dtype(),
             device: weights.device().clone(),
         })
     }
+}
 
-    pub fn config(&self) -> &ModelConfig {
+impl CausalLm for Decoder {
+    fn config(&self) -> &ModelConfig {
         &self.config
     }
 
-    pub fn dtype(&self) -> DType {
+    fn dtype(&self) -> DType {
         self.dtype
     }
 
-    pub fn device(&self) -> &Device {
+    fn device(&self) -> &Device {
         &self.device
     }
 
-    /// Descriptions of the router of each MoE layer (`(layer, description)`).
-    pub fn routers(&self) -> Vec<(usize, String)> {
+    fn routers(&self) -> Vec<(usize, String)> {
         self.layers
             .iter()
             .enumerate()
@@ -149,28 +145,14 @@ impl DeepseekModel {
             .collect()
     }
 
-    /// A latent cache for this model with `num_blocks` blocks of `block_size` tokens.
-    pub fn new_cache(&self, num_blocks: usize, block_size: usize) -> Result<LatentCache> {
-        LatentCache::new(
-            self.config.num_hidden_layers,
-            num_blocks,
-            block_size,
-            self.config.latent_cache_dim(),
-            self.dtype,
-            &self.device,
-        )
-    }
-
-    /// Runs the batch in `ctx`, writing its latents into `cache`.
-    /// Returns f32 logits `[rows, vocab]` for `ctx.logits_rows` (all rows when `None`).
-    pub fn forward(&self, ctx: &ForwardCtx<'_>, cache: &LatentCache) -> Result<Tensor> {
+    fn forward(&self, ctx: &ForwardCtx<'_>, cache: &KvCache) -> Result<Tensor> {
         let tokens = ctx.num_tokens()?;
         if ctx.positions.dims1()? != tokens || ctx.slot_mapping.dims1()? != tokens {
             return Err(ModelError::Input(
                 "token_ids, positions and slot_mapping must have one entry per token".into(),
             ));
         }
-        if cache.layers.len() != self.layers.len() || cache.latent_dim != self.config.latent_cache_dim() {
+        if cache.layers.len() != self.layers.len() || cache.spec != self.config.kv_cache_spec() {
             return Err(ModelError::Input("the cache was not made for this model".into()));
         }
         let ids = ctx.token_ids.to_vec1::<u32>()?;

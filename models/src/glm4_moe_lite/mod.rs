@@ -1,0 +1,52 @@
+//! GLM-4.7-Flash (`Glm4MoeLiteForCausalLM`): DeepSeek-V3's MLA and MoE under another class
+//! name, with transformers' `Glm4MoeLiteConfig` defaults (one routing group, scaling 1.8,
+//! `rms_norm_eps` 1e-5) and the dense/MoE pattern given by `mlp_layer_types` (default: layer 0
+//! dense, the rest MoE). The DeepSeek parser reads it; the shared decoder runs it.
+
+use crate::config::fields::Fields;
+use crate::config::{DecoderNames, ModelConfig};
+use crate::deepseek::config::{parse_text_config, Defaults, Version};
+use crate::error::Result;
+use crate::registry::Family;
+
+pub const FAMILY: Family = Family {
+    name: "glm4_moe_lite",
+    classes: &[("Glm4MoeLiteForCausalLM", "glm4_moe_lite")],
+    parse,
+    load: crate::decoder::load_boxed,
+};
+
+const DEFAULTS: Defaults = Defaults {
+    first_k_dense_replace: 1,
+    n_shared_experts: 1,
+    routed_scaling_factor: 1.8,
+    norm_topk_prob: true,
+    topk_method: "noaux_tc",
+    scoring_func: "sigmoid",
+    n_group: Some(1),
+    topk_group: Some(1),
+    max_position_embeddings: 202752,
+    rms_norm_eps: 1e-5,
+};
+
+fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
+    let mut cfg = parse_text_config(f, Version::V3, FAMILY.name, class, DecoderNames::HF, &DEFAULTS)?;
+    // transformers places MoE layers by `mlp_layer_types` alone; without it, layer 0 is dense,
+    // which is also what `first_k_dense_replace: 1` in the Hub config says.
+    if let Some(types) = f.get("mlp_layer_types") {
+        let bad = || f.unsupported("mlp_layer_types", types, "expected a list of \"dense\" / \"sparse\", one per layer");
+        let list = types.as_array().filter(|a| a.len() == cfg.num_hidden_layers).ok_or_else(bad)?;
+        cfg.moe_layers = list
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sparse") => Ok(true),
+                Some("dense") => Ok(false),
+                _ => Err(bad()),
+            })
+            .collect::<Result<_>>()?;
+        if cfg.moe.is_none() && cfg.moe_layers.iter().any(|&m| m) {
+            return Err(f.missing("n_routed_experts"));
+        }
+    }
+    Ok(cfg)
+}

@@ -1,0 +1,47 @@
+//! The attention of a decoder layer, whichever kind the model uses, and the cache layer it
+//! reads and writes. One implementation per kind ([`Mla`], [`Gqa`]), shared by every family.
+
+use candle_core::Tensor;
+
+use super::gqa::Gqa;
+use super::mla::Mla;
+use super::rope::Rope;
+use crate::config::AttentionConfig;
+use crate::error::{ModelError, Result};
+use crate::forward::ForwardCtx;
+use crate::kv_cache::LayerCache;
+use crate::loader::Weights;
+
+#[derive(Debug, Clone)]
+pub enum Attention {
+    Mla(Mla),
+    Gqa(Gqa),
+}
+
+impl Attention {
+    /// Loads `{prefix}.*` (`prefix` = `model.layers.{i}.self_attn`).
+    pub fn load(w: &Weights, prefix: &str, cfg: &AttentionConfig, hidden: usize, eps: f64) -> Result<Self> {
+        Ok(match cfg {
+            AttentionConfig::Mla(m) => Attention::Mla(Mla::load(w, prefix, m, hidden)?),
+            AttentionConfig::Gqa(g) => Attention::Gqa(Gqa::load(w, prefix, g, hidden, eps)?),
+        })
+    }
+
+    /// `x`: `[tokens, hidden]` (normed) -> `[tokens, hidden]`, writing this layer's cache.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardCtx<'_>,
+        rope: &Rope,
+        cos_sin: &(Tensor, Tensor),
+        cache: &LayerCache,
+    ) -> Result<Tensor> {
+        match (self, cache) {
+            (Attention::Mla(a), LayerCache::Latent(c)) => a.forward(x, ctx, rope, cos_sin, c),
+            (Attention::Gqa(a), LayerCache::PerHead { k, v }) => a.forward(x, ctx, rope, cos_sin, k, v),
+            _ => Err(ModelError::Input(
+                "the KV cache layout does not match the model's attention".into(),
+            )),
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! `moe serve`'s flags and the startup they drive: load the model, size the cache, start the
+//! engine, then hand built values to [`crate::serve::run`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use moe_engine::Engine;
+
+use super::{EngineArgs, ModelArgs};
+use crate::chat_template::ChatTemplate;
+use crate::serve::{ServedModel, ServerOptions};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// Address to listen on (loopback by default; use 0.0.0.0 to listen on every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+
+    /// Model name clients must send (default: the --model argument).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+
+    /// Require `Authorization: Bearer KEY` on /v1/* and /metrics.
+    #[arg(long)]
+    pub api_key: Option<String>,
+
+    /// Serve /metrics without the API key (for a Prometheus scraper on a trusted network).
+    #[arg(long)]
+    pub public_metrics: bool,
+
+    /// Waiting requests at most; beyond it new requests get 503 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Largest request head (request line and headers) accepted, in bytes; larger get 431.
+    #[arg(long, default_value_t = 64 << 10)]
+    pub max_header_bytes: usize,
+
+    /// Seconds a client has to send its request head; slower connections are closed.
+    #[arg(long, default_value_t = 10)]
+    pub header_read_timeout: u64,
+
+    /// Seconds a client has to send its whole request body; slower ones get 408.
+    #[arg(long, default_value_t = 30)]
+    pub body_read_timeout: u64,
+
+    /// Seconds requests in flight may take to finish after SIGTERM/SIGINT before the server
+    /// exits anyway.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout: u64,
+
+    /// Fraction of GPU memory for weights and KV cache (used by the CUDA build; ignored on
+    /// the CPU, where --kv-cache-memory sizes the cache).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| format!("--host {} --port {} is not a socket address", args.host, args.port))?;
+    let loaded = args.model.load()?;
+    let chat_template = match &loaded.files {
+        Some(files) => ChatTemplate::from_model_dir(&files.dir).context("reading the chat template")?,
+        None => None,
+    };
+    if chat_template.is_none() {
+        tracing::warn!(
+            "{} has no chat template: /v1/chat/completions will answer 400",
+            loaded.name
+        );
+    }
+    let tokenizer = loaded.tokenizer.map(Arc::new);
+    let vocab_size = loaded.model.config().vocab_size;
+    let (runner, config) = args.engine.build(loaded.model)?;
+    let engine = Engine::start(runner, tokenizer.clone(), config)?;
+    let model = ServedModel {
+        engine,
+        tokenizer,
+        chat_template,
+        name: args.served_model_name.clone().unwrap_or_else(|| args.model.model.clone()),
+        max_model_len: config.max_model_len,
+        vocab_size,
+    };
+    let options = ServerOptions {
+        addr,
+        api_key: args.api_key.clone(),
+        public_metrics: args.public_metrics,
+        max_waiting: args.max_waiting,
+        max_body_bytes: args.max_body_bytes,
+        max_header_bytes: args.max_header_bytes,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        body_read_timeout: Duration::from_secs(args.body_read_timeout),
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+    };
+    crate::serve::run(model, options)
+}
