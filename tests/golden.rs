@@ -1,6 +1,7 @@
 //! The engine against Hugging Face transformers: all-position logits and greedy
-//! continuations of the tiny fixtures, through the batched, paged path (several prompts in
-//! one batch, scrambled block tables, chunked prefill, lockstep decode).
+//! continuations of every family's tiny fixture, through the batched, paged path (several
+//! prompts in one batch, scrambled block tables, chunked prefill, lockstep decode,
+//! preemption under a small cache, prefix-cache hits on resumption).
 
 use candle_core::DType;
 use moe_engine::runner::ModelRunner;
@@ -71,7 +72,15 @@ fn f32_logits_match_transformers_at_every_position() {
 fn chunked_prefill_and_small_blocks_give_the_same_logits() {
     // Chunks of 5 over blocks of 3: chunks and blocks end at different places, and every
     // chunk after the first must read the latents earlier steps wrote.
-    for m in ["deepseek-v2", "deepseek-v3", "kimi-k25", "glm4-moe", "minimax-m2", "qwen3-moe", "mixtral"] {
+    for m in [
+        "deepseek-v2",
+        "deepseek-v3",
+        "kimi-k25",
+        "glm4-moe",
+        "minimax-m2",
+        "qwen3-moe",
+        "mixtral",
+    ] {
         check_logits(m, "f32", 3, 5);
     }
 }
@@ -96,24 +105,53 @@ fn greedy_requests(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<GenerationReq
         .collect()
 }
 
-/// Greedy outputs through the batching engine (scheduler, paged cache, chunked prefill).
+/// Greedy outputs through the batching engine (scheduler, paged cache, chunked prefill),
+/// with the number of preemptions the run needed.
+fn engine_greedy_with(
+    dir: &std::path::Path,
+    requests: &[GenerationRequest],
+    block_size: usize,
+    num_blocks: usize,
+    budget: usize,
+) -> (Vec<Vec<u32>>, u64) {
+    let model = load_model(dir, DType::F32, &LoadOptions::default());
+    let runner = ModelRunner::new(model, num_blocks, block_size).unwrap();
+    let config = EngineConfig {
+        max_num_batched_tokens: budget,
+        max_num_seqs: 16,
+        max_model_len: 256.min(num_blocks * block_size),
+        enable_prefix_caching: true,
+    };
+    let engine = Engine::start(runner, None, config).unwrap();
+    let streams: Vec<_> = requests.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
+    let outputs = streams.into_iter().map(|s| s.collect().unwrap().token_ids).collect();
+    (outputs, engine.stats().preemptions)
+}
+
 fn engine_greedy(
     dir: &std::path::Path,
     requests: &[GenerationRequest],
     block_size: usize,
     budget: usize,
 ) -> Vec<Vec<u32>> {
-    let model = load_model(dir, DType::F32, &LoadOptions::default());
-    let runner = ModelRunner::new(model, 256, block_size).unwrap();
-    let config = EngineConfig {
-        max_num_batched_tokens: budget,
-        max_num_seqs: 16,
-        max_model_len: 256,
-        enable_prefix_caching: true,
-    };
-    let engine = Engine::start(runner, None, config).unwrap();
-    let streams: Vec<_> = requests.iter().map(|r| engine.submit(r.clone()).unwrap()).collect();
-    streams.into_iter().map(|s| s.collect().unwrap().token_ids).collect()
+    engine_greedy_with(dir, requests, block_size, 256, budget).0
+}
+
+#[test]
+fn greedy_continuations_survive_preemption_in_every_family() {
+    // 24 blocks of 4 tokens hold the longest request (70 + 12 tokens) alone but not all four
+    // together: the scheduler must preempt, and the recomputed requests (partly from their
+    // own cached prefix blocks) must continue exactly as transformers does.
+    for m in MODELS {
+        let dir = fixture(m);
+        let g = golden(&dir);
+        let requests = greedy_requests(&g.prompts, g.greedy[0].len());
+        let (outputs, preemptions) = engine_greedy_with(&dir, &requests, 4, 24, 16);
+        assert!(preemptions > 0, "{m}: the cache was meant to be too small");
+        for (i, out) in outputs.iter().enumerate() {
+            assert_eq!(*out, g.greedy[i], "{m} prompt {i} (with {preemptions} preemptions)");
+        }
+    }
 }
 
 #[test]

@@ -4,6 +4,10 @@
     python3 tests/openai_client.py --moe target/debug/moe    # starts and stops its own server
     python3 tests/openai_client.py --base-url http://127.0.0.1:8000/v1 --model NAME [--api-key KEY]
 
+With --moe, after the full checks on the DeepSeek-V3 fixture it serves every other family's
+fixture in turn (Kimi K2.5, GLM-4.7-Flash, GLM-4.5, MiniMax-M2, Qwen3-MoE, Mixtral) and checks
+a chat request, its stream, and that an image part is refused with a 400.
+
 Prints one line per check and ends with `N passed, M failed`; exits non-zero on any failure.
 """
 
@@ -22,6 +26,7 @@ from openai import OpenAI
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "deepseek-v3")
+FAMILY_FIXTURES = ["kimi-k25", "glm4-moe-lite", "glm4-moe", "minimax-m2", "qwen3-moe", "mixtral"]
 SERVED_NAME = "tiny"
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -34,9 +39,9 @@ class Server:
 
     PREFIX = "moe serve: listening on "
 
-    def __init__(self, moe):
+    def __init__(self, moe, fixture=FIXTURE):
         self.proc = subprocess.Popen(
-            [moe, "serve", "--model", FIXTURE, "--port", "0", "--served-model-name", SERVED_NAME],
+            [moe, "serve", "--model", fixture, "--port", "0", "--served-model-name", SERVED_NAME],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -251,10 +256,48 @@ def main():
 
         checks.run("SIGTERM -> clean exit", shutdown)
 
-    print(f"{checks.passed} passed, {checks.failed} failed")
     if server is not None and server.proc.poll() is None:
         server.stop()
+    if args.moe:
+        for name in FAMILY_FIXTURES:
+            family_checks(args.moe, name, checks)
+    print(f"{checks.passed} passed, {checks.failed} failed")
     sys.exit(1 if checks.failed else 0)
+
+
+def family_checks(moe, name, checks):
+    """A chat request, its stream, and an image refusal against `moe serve` on one fixture."""
+    server = Server(moe, os.path.join(REPO, "tests", "fixtures", name))
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    kw = dict(model=SERVED_NAME, messages=MESSAGES, temperature=0, max_tokens=12)
+
+    def chat():
+        r = client.chat.completions.create(**kw)
+        assert r.choices[0].message.role == "assistant", r
+        assert isinstance(r.choices[0].message.content, str), r
+        check_usage(r.usage, 12)
+        text = "".join(
+            c.delta.content or "" for chunk in client.chat.completions.create(stream=True, **kw) for c in chunk.choices
+        )
+        assert text == r.choices[0].message.content, f"streamed {text!r} != whole {r.choices[0].message.content!r}"
+        return f"usage {r.usage.prompt_tokens}+{r.usage.completion_tokens}, stream == whole"
+
+    def image_refused():
+        image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+        try:
+            client.chat.completions.create(model=SERVED_NAME, messages=[{"role": "user", "content": image}], max_tokens=4)
+        except openai.BadRequestError as e:
+            assert e.status_code == 400, e.status_code
+            return "400"
+        raise AssertionError("an image input was accepted")
+
+    def shutdown():
+        code = server.stop()
+        assert code == 0, f"exit status {code}; log:\n{''.join(server.log)}"
+
+    checks.run(f"{name}: chat.completions.create + stream", chat)
+    checks.run(f"{name}: image part -> BadRequestError", image_refused)
+    checks.run(f"{name}: SIGTERM -> clean exit", shutdown)
 
 
 if __name__ == "__main__":

@@ -76,8 +76,17 @@ pub fn model_sizes(cfg: &ModelConfig) -> ModelSizes {
     let h = n(cfg.hidden_size);
     let attn = attention_params(cfg);
     let norms = product(&[2, h]);
-    let mlp_bias = |width: u64| if cfg.mlp_bias { sum(&[product(&[2, width]), h]) } else { 0 };
-    let dense_mlp = sum(&[product(&[3, h, n(cfg.intermediate_size)]), mlp_bias(n(cfg.intermediate_size))]);
+    let mlp_bias = |width: u64| {
+        if cfg.mlp_bias {
+            sum(&[product(&[2, width]), h])
+        } else {
+            0
+        }
+    };
+    let dense_mlp = sum(&[
+        product(&[3, h, n(cfg.intermediate_size)]),
+        mlp_bias(n(cfg.intermediate_size)),
+    ]);
     let mut total = 0u64;
     let mut inactive = 0u64;
     let mut routed = 0u64;
@@ -185,10 +194,13 @@ mod tests {
             assert!(total_err < 0.03, "{name}: {} total", billions(sizes.total_params));
             // Some cards count the embedding and output projection as active, some not.
             let embeddings = sizes.embedding_params * if cfg.tie_word_embeddings { 1 } else { 2 };
-            let active_err = [sizes.active_params_per_token, sizes.active_params_per_token - embeddings]
-                .map(|n| (billions(n) - active).abs() / active)
-                .into_iter()
-                .fold(f64::INFINITY, f64::min);
+            let active_err = [
+                sizes.active_params_per_token,
+                sizes.active_params_per_token - embeddings,
+            ]
+            .map(|n| (billions(n) - active).abs() / active)
+            .into_iter()
+            .fold(f64::INFINITY, f64::min);
             assert!(
                 active_err < 0.12,
                 "{name}: {} active",

@@ -102,7 +102,9 @@ impl KvCache {
                 },
             })
         };
-        let layers = (0..num_layers).map(|_| layer()).collect::<candle_core::Result<Vec<_>>>()?;
+        let layers = (0..num_layers)
+            .map(|_| layer())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(KvCache {
             layers,
             spec,

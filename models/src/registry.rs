@@ -101,19 +101,5 @@ pub fn load_model(config: &ModelConfig, weights: &Weights, options: &LoadOptions
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn class_and_model_type_names_are_unique_across_families() {
-        let mut classes: Vec<&str> = FAMILIES.iter().flat_map(|f| f.classes.iter().map(|c| c.0)).collect();
-        let n = classes.len();
-        classes.sort_unstable();
-        classes.dedup();
-        assert_eq!(classes.len(), n, "a class is registered twice");
-        let mut names: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), FAMILIES.len());
-    }
-}
+#[path = "registry_tests.rs"]
+mod tests;

@@ -28,7 +28,10 @@ pub const SYNTHETIC_MODELS: &[(&str, &str)] = &[
     ("glm-4.7", include_str!("../configs/glm-4.7/config.json")),
     ("minimax-m2.7", include_str!("../configs/minimax-m2.7/config.json")),
     ("qwen3-30b-a3b", include_str!("../configs/qwen3-30b-a3b/config.json")),
-    ("qwen3-235b-a22b", include_str!("../configs/qwen3-235b-a22b/config.json")),
+    (
+        "qwen3-235b-a22b",
+        include_str!("../configs/qwen3-235b-a22b/config.json"),
+    ),
     ("mixtral-8x7b", include_str!("../configs/mixtral-8x7b/config.json")),
 ];
 

@@ -143,7 +143,12 @@ impl<'a> Fields<'a> {
         let items = v.as_array().ok_or_else(bad)?;
         items
             .iter()
-            .map(|x| x.as_u64().filter(|&n| n as u128 <= max as u128).map(|n| n as usize).ok_or_else(bad))
+            .map(|x| {
+                x.as_u64()
+                    .filter(|&n| n as u128 <= max as u128)
+                    .map(|n| n as usize)
+                    .ok_or_else(bad)
+            })
             .collect()
     }
 

@@ -97,7 +97,10 @@ fn fixtures_in_both_spellings_parse_to_the_same_config() {
     assert_eq!(strip(&t5), strip(&hub));
 
     let c = t5;
-    assert_eq!((c.architecture.as_str(), c.family), ("DeepseekV3ForCausalLM", "deepseek"));
+    assert_eq!(
+        (c.architecture.as_str(), c.family),
+        ("DeepseekV3ForCausalLM", "deepseek")
+    );
     let mla = c.mla().expect("MLA");
     assert_eq!((c.hidden_size, mla.num_heads, c.num_hidden_layers), (64, 4, 3));
     assert_eq!((mla.q_lora_rank, mla.kv_lora_rank), (Some(48), 32));
@@ -221,7 +224,11 @@ fn absent_optional_fields_take_v2_or_v3_defaults() {
     assert!(m.norm_topk_prob);
     assert_eq!(m.routed_scaling_factor, 2.5);
     assert_eq!(m.n_shared_experts, 1);
-    assert_eq!((0..6).filter(|&l| c.is_moe_layer(l)).count(), 3, "first_k_dense_replace 3");
+    assert_eq!(
+        (0..6).filter(|&l| c.is_moe_layer(l)).count(),
+        3,
+        "first_k_dense_replace 3"
+    );
     assert_eq!((m.n_group, m.topk_group), (8, 4));
     assert_eq!(c.max_position_embeddings, 4096);
 
@@ -340,7 +347,10 @@ fn unsupported_model_features_are_rejected() {
     // A quantized config parses (so `moe inspect` can describe it); its weights are refused
     // when loading (tests/checkpoints.rs).
     let q = json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]});
-    assert_eq!(parse(&with(v3(), "quantization_config", q)).quantization.as_deref(), Some("fp8"));
+    assert_eq!(
+        parse(&with(v3(), "quantization_config", q)).quantization.as_deref(),
+        Some("fp8")
+    );
     reject_unsupported(&with(v3(), "quantization_config", json!("fp8")), "quantization_config");
     let msg = reject_unsupported(&with(v3(), "num_key_value_heads", json!(1)), "num_key_value_heads");
     assert!(msg.contains("num_attention_heads"), "{msg}");

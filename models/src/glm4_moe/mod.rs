@@ -94,7 +94,11 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
         names: MOE_NAMES,
     };
     if let Some(v) = f.get("moe_layer_freq").filter(|v| v.as_u64() != Some(1)) {
-        return Err(f.unsupported("moe_layer_freq", v, "GLM-4.5 places MoE layers by first_k_dense_replace only"));
+        return Err(f.unsupported(
+            "moe_layer_freq",
+            v,
+            "GLM-4.5 places MoE layers by first_k_dense_replace only",
+        ));
     }
     let num_layers = common.num_hidden_layers;
     Ok(common.build(FamilyParts {

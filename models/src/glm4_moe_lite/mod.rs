@@ -34,8 +34,17 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
     // transformers places MoE layers by `mlp_layer_types` alone; without it, layer 0 is dense,
     // which is also what `first_k_dense_replace: 1` in the Hub config says.
     if let Some(types) = f.get("mlp_layer_types") {
-        let bad = || f.unsupported("mlp_layer_types", types, "expected a list of \"dense\" / \"sparse\", one per layer");
-        let list = types.as_array().filter(|a| a.len() == cfg.num_hidden_layers).ok_or_else(bad)?;
+        let bad = || {
+            f.unsupported(
+                "mlp_layer_types",
+                types,
+                "expected a list of \"dense\" / \"sparse\", one per layer",
+            )
+        };
+        let list = types
+            .as_array()
+            .filter(|a| a.len() == cfg.num_hidden_layers)
+            .ok_or_else(bad)?;
         cfg.moe_layers = list
             .iter()
             .map(|t| match t.as_str() {

@@ -26,9 +26,18 @@ const NAMES: DecoderNames = DecoderNames {
 };
 
 fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
-    let text = f.object("text_config", "text_config.")?.ok_or_else(|| f.missing("text_config"))?;
+    let text = f
+        .object("text_config", "text_config.")?
+        .ok_or_else(|| f.missing("text_config"))?;
     let text = Fields { arch: class, ..text };
-    let mut cfg = parse_text_config(&text, Version::V3, FAMILY.name, class, NAMES, &Defaults::of(Version::V3))?;
+    let mut cfg = parse_text_config(
+        &text,
+        Version::V3,
+        FAMILY.name,
+        class,
+        NAMES,
+        &Defaults::of(Version::V3),
+    )?;
     // transformers ties the output projection by the top-level flag, which defaults to true
     // for this class.
     cfg.tie_word_embeddings = f.bool_or("tie_word_embeddings", true)?;

@@ -19,9 +19,15 @@ use crate::loader::Weights;
 enum QkNorms {
     None,
     /// `[head_dim]` each, applied to every head.
-    PerHead { q: RmsNorm, k: RmsNorm },
+    PerHead {
+        q: RmsNorm,
+        k: RmsNorm,
+    },
     /// `[num_heads * head_dim]` and `[num_kv_heads * head_dim]`, over the whole projections.
-    Whole { q: RmsNorm, k: RmsNorm },
+    Whole {
+        q: RmsNorm,
+        k: RmsNorm,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -49,12 +49,19 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
     f.expect_str_in("scoring_func", &["sigmoid"])?;
     f.expect_str_in("qk_norm_type", &["per_layer"])?;
     if let Some(n) = f.opt_usize("shared_intermediate_size", MAX_DIM)?.filter(|&n| n != 0) {
-        return Err(f.unsupported("shared_intermediate_size", &Value::from(n), "shared experts are not part of MiniMax-M2"));
+        return Err(f.unsupported(
+            "shared_intermediate_size",
+            &Value::from(n),
+            "shared experts are not part of MiniMax-M2",
+        ));
     }
     let (heads, kv_heads, head_dim) = read_gqa_heads(f, common.hidden_size, 8, Some(128))?;
     // The Hub spells the rotated width `rotary_dim`; transformers 5 also writes it as
     // `rope_parameters.partial_rotary_factor`.
     let legacy_rotary = f.opt_usize("rotary_dim", MAX_DIM)?;
+    if let Some(r) = legacy_rotary {
+        check_gqa_heads(f, heads, kv_heads, head_dim, r, "rotary_dim")?;
+    }
     let rope = parse_rope(
         f,
         common.max_position_embeddings,
@@ -83,7 +90,16 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
     let experts = f.positive_or("num_local_experts", MAX_COUNT, 256)?;
     let top_k = f.positive_or("num_experts_per_tok", MAX_COUNT, 8)?;
     // Sigmoid scores, choice by score + bias, no groups: noaux_tc with a single group.
-    check_routing(f, "num_local_experts", experts, "num_experts_per_tok", top_k, TopkMethod::NoauxTc, 1, 1)?;
+    check_routing(
+        f,
+        "num_local_experts",
+        experts,
+        "num_experts_per_tok",
+        top_k,
+        TopkMethod::NoauxTc,
+        1,
+        1,
+    )?;
     let width = f.positive_or("intermediate_size", MAX_DIM, 1536)?;
     let moe = MoeConfig {
         n_routed_experts: experts,

@@ -40,7 +40,11 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
         },
     )?;
     if let Some(w) = f.get("sliding_window") {
-        return Err(f.unsupported("sliding_window", w, "sliding-window attention is not supported (null only)"));
+        return Err(f.unsupported(
+            "sliding_window",
+            w,
+            "sliding-window attention is not supported (null only)",
+        ));
     }
     let (heads, kv_heads, head_dim) = read_gqa_heads(f, common.hidden_size, 8, None)?;
     let rope = parse_rope(
@@ -66,7 +70,16 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
     });
     let experts = f.positive_or("num_local_experts", MAX_COUNT, 8)?;
     let top_k = f.positive_or("num_experts_per_tok", MAX_COUNT, 2)?;
-    check_routing(f, "num_local_experts", experts, "num_experts_per_tok", top_k, TopkMethod::Greedy, 1, 1)?;
+    check_routing(
+        f,
+        "num_local_experts",
+        experts,
+        "num_experts_per_tok",
+        top_k,
+        TopkMethod::Greedy,
+        1,
+        1,
+    )?;
     let width = f.positive("intermediate_size", MAX_DIM)?;
     let moe = MoeConfig {
         n_routed_experts: experts,

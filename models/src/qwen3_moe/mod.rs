@@ -80,7 +80,16 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
     };
     let experts = f.positive_or(experts_key, MAX_COUNT, 128)?;
     let top_k = f.positive_or("num_experts_per_tok", MAX_COUNT, 8)?;
-    check_routing(f, experts_key, experts, "num_experts_per_tok", top_k, TopkMethod::Greedy, 1, 1)?;
+    check_routing(
+        f,
+        experts_key,
+        experts,
+        "num_experts_per_tok",
+        top_k,
+        TopkMethod::Greedy,
+        1,
+        1,
+    )?;
     let sparse_step = f.positive_or("decoder_sparse_step", MAX_COUNT, 1)?;
     let mlp_only = f.usize_list("mlp_only_layers", MAX_COUNT)?;
     let moe_layers = (0..common.num_hidden_layers)
