@@ -7,8 +7,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use moe_engine::{PromptScorer, TextTokenizer};
-use moe_models::LoadOptions;
 use moe_models::loader::{check_header, check_header_from};
+use moe_models::LoadOptions;
 use moe_models::{ModelConfig, ModelError, ModelFiles, RoutingTrace, Weights};
 use moe_tests::{copy_fixture, fixture, golden, load_model, max_abs_diff, rewrite_safetensors};
 

@@ -29,7 +29,13 @@ impl ModelRunner {
 
     /// Blocks of `block_size` tokens that fit in `bytes` of cache memory (`--kv-cache-memory`)
     /// for a cache of `spec` over `num_layers` layers in `dtype`.
-    pub fn blocks_for_memory(spec: &KvCacheSpec, num_layers: usize, dtype: DType, bytes: usize, block_size: usize) -> usize {
+    pub fn blocks_for_memory(
+        spec: &KvCacheSpec,
+        num_layers: usize,
+        dtype: DType,
+        bytes: usize,
+        block_size: usize,
+    ) -> usize {
         let per_token = spec.bytes_per_token(num_layers, dtype);
         bytes / per_token.saturating_mul(block_size).max(1)
     }

@@ -8,7 +8,9 @@ use candle_core::{DType, Device};
 use clap::Args;
 use moe_engine::TextTokenizer;
 use moe_models::synthetic::{synthetic_config, synthetic_name};
-use moe_models::{load_model, parse_dtype, LoadOptions, LoadProgress, Model, ModelConfig, ModelFiles, RouterSpec, Weights};
+use moe_models::{
+    load_model, parse_dtype, LoadOptions, LoadProgress, Model, ModelConfig, ModelFiles, RouterSpec, Weights,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {

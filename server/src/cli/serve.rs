@@ -94,7 +94,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         engine,
         tokenizer,
         chat_template,
-        name: args.served_model_name.clone().unwrap_or_else(|| args.model.model.clone()),
+        name: args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| args.model.model.clone()),
         max_model_len: config.max_model_len,
         vocab_size,
     };
