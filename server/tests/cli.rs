@@ -244,6 +244,66 @@ fn inspect_reports_sizes_and_routing() {
     assert!(v["router"].as_str().unwrap().starts_with("noaux_tc"));
 }
 
+#[test]
+fn inspect_counts_every_family_exactly_and_sizes_its_cache_by_its_spec() {
+    // (fixture, KV bytes a token in f32: MLA 3 layers x 40 latent values; GQA 3 (Mixtral and
+    // MiniMax: 2) layers x 2 kv heads x (16 + 16)).
+    for (name, kv_bytes) in [
+        ("kimi-k25", 480),
+        ("glm4-moe-lite", 480),
+        ("glm4-moe", 768),
+        ("minimax-m2", 512),
+        ("qwen3-moe", 768),
+        ("mixtral", 512),
+    ] {
+        let dir = fixture(name);
+        let o = moe(&["inspect", "--model", dir.to_str().unwrap(), "--json"]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(v["kv_bytes_per_token"], kv_bytes, "{name}");
+        let layers = v["layers"].as_u64().unwrap();
+        // Every tensor of the checkpoint but the stray ones the model never reads (GLM's MTP
+        // layer, Kimi's vision tower) is a parameter inspect must count.
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let stray = |n: &str| {
+            n.starts_with(&format!("model.layers.{layers}."))
+                || n.starts_with("vision_tower.")
+                || n.starts_with("mm_projector.")
+        };
+        let counted: u64 = st
+            .tensors()
+            .iter()
+            .filter(|(n, _)| !stray(n))
+            .map(|(_, t)| t.shape().iter().product::<usize>() as u64)
+            .sum();
+        assert_eq!(v["sizes"]["total_params"].as_u64().unwrap(), counted, "{name}");
+    }
+}
+
+#[test]
+fn a_quantized_config_is_described_but_its_weights_are_refused() {
+    let tmp = copy_fixture("qwen3-moe");
+    edit_config(tmp.path(), |c| {
+        c.insert(
+            "quantization_config".into(),
+            serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}),
+        );
+    });
+    let o = moe(&["inspect", "--model", tmp.path().to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["quantization"], "fp8");
+    let o = moe(&[
+        "generate",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+    ]);
+    assert_clean_failure(&o, &["quantization_config", "fp8"]);
+}
+
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
     let p = dir.join("config.json");
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();

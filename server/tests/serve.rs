@@ -258,6 +258,25 @@ async fn n_choices_with_a_seed_are_reproducible() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gqa_model_is_served_and_its_cache_is_sized_by_its_spec() {
+    // Qwen3-MoE keeps K and V of 2 kv heads of 16 values in 3 layers: 768 bytes a token in f32.
+    let dir = model_dir().parent().unwrap().join("qwen3-moe");
+    let server = Server::start_model(&dir, &["--served-model-name", NAME, "--kv-cache-memory", "768KiB"]);
+    let v = server
+        .ok(
+            "/v1/chat/completions",
+            &chat_body(json!({"max_tokens": 5, "temperature": 0, "ignore_eos": true})),
+        )
+        .await;
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    let m = server.metrics().await;
+    assert_eq!(m["moe_kv_cache_bytes_per_token"], 768.0);
+    // 768 KiB / (16 tokens x 768 bytes) = 64 blocks.
+    assert_eq!(m["moe_kv_cache_blocks_total"], 64.0);
+    assert_eq!(m["moe_kv_cache_bytes_total"], 768.0 * 1024.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_health_and_metrics() {
     let server = Server::start(&[]);
     let r = server.get("/health").await;
@@ -298,6 +317,14 @@ async fn models_health_and_metrics() {
     assert_eq!(m["moe_generation_tokens_total"], 4.0);
     assert_eq!(m["moe_e2e_request_latency_seconds_count"], 1.0);
     assert!(m["moe_kv_cache_blocks_total"] > 0.0);
+    // The cache is sized by the model's KV-cache spec: V3's latent row is 32 + 8 values in 3
+    // layers, 480 bytes a token in f32, in blocks of 16 tokens.
+    assert_eq!(m["moe_kv_cache_bytes_per_token"], 480.0);
+    assert_eq!(
+        m["moe_kv_cache_bytes_total"],
+        m["moe_kv_cache_blocks_total"] * 16.0 * 480.0
+    );
+    assert!(m["moe_kv_cache_bytes_used"] <= m["moe_kv_cache_bytes_total"]);
 
     // Without --served-model-name the name is the --model argument.
     let plain = Server::start_raw(&[]);

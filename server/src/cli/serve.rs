@@ -89,6 +89,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let tokenizer = loaded.tokenizer.map(Arc::new);
     let vocab_size = loaded.model.config().vocab_size;
     let (runner, config) = args.engine.build(loaded.model)?;
+    let kv_bytes_per_token = runner.model().config().kv_bytes_per_token(runner.model().dtype());
+    let block_size = runner.block_size();
     let engine = Engine::start(runner, tokenizer.clone(), config)?;
     let model = ServedModel {
         engine,
@@ -100,6 +102,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| args.model.model.clone()),
         max_model_len: config.max_model_len,
         vocab_size,
+        kv_bytes_per_token,
+        block_size,
     };
     let options = ServerOptions {
         addr,

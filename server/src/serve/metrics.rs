@@ -20,6 +20,10 @@ pub struct Metrics {
     generation_tokens: Counter,
     preemptions: Counter,
     kv_blocks_cached: Gauge,
+    kv_bytes_used: Gauge,
+    kv_bytes_total: Gauge,
+    /// Cache bytes of one block (the model's KV-cache spec x block size).
+    kv_block_bytes: u64,
     prefix_cache_queries: Counter,
     prefix_cache_hits: Counter,
     pub requests: Counter,
@@ -31,7 +35,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// Metrics of a server whose cache keeps `kv_bytes_per_token` bytes a token (all layers,
+    /// from the model's KV-cache spec) in blocks of `block_size` tokens.
+    pub fn new(kv_bytes_per_token: usize, block_size: usize) -> Self {
         let mut registry = Registry::with_prefix("moe");
         let running = Gauge::default();
         let waiting = Gauge::default();
@@ -41,6 +47,10 @@ impl Metrics {
         let generation_tokens = Counter::default();
         let preemptions = Counter::default();
         let kv_blocks_cached = Gauge::default();
+        let kv_bytes_used = Gauge::default();
+        let kv_bytes_total = Gauge::default();
+        let kv_bytes_per_token_gauge: Gauge = Gauge::default();
+        kv_bytes_per_token_gauge.set(kv_bytes_per_token as i64);
         let prefix_cache_queries = Counter::default();
         let prefix_cache_hits = Counter::default();
         let requests = Counter::default();
@@ -63,6 +73,17 @@ impl Metrics {
             "KV-cache blocks in all",
             kv_blocks_total.clone(),
         );
+        registry.register(
+            "kv_cache_bytes_per_token",
+            "KV-cache bytes one token keeps over all layers (the model's cache spec)",
+            kv_bytes_per_token_gauge,
+        );
+        registry.register(
+            "kv_cache_bytes_used",
+            "KV-cache bytes in blocks held by requests",
+            kv_bytes_used.clone(),
+        );
+        registry.register("kv_cache_bytes_total", "KV-cache bytes in all", kv_bytes_total.clone());
         registry.register("prompt_tokens", "Prompt tokens admitted", prompt_tokens.clone());
         registry.register("generation_tokens", "Tokens generated", generation_tokens.clone());
         registry.register(
@@ -107,6 +128,9 @@ impl Metrics {
             generation_tokens,
             preemptions,
             kv_blocks_cached,
+            kv_bytes_used,
+            kv_bytes_total,
+            kv_block_bytes: (kv_bytes_per_token as u64).saturating_mul(block_size as u64),
             prefix_cache_queries,
             prefix_cache_hits,
             requests,
@@ -124,6 +148,10 @@ impl Metrics {
         self.kv_blocks_used.set(stats.blocks_used as i64);
         self.kv_blocks_total.set(stats.blocks_total as i64);
         self.kv_blocks_cached.set(stats.blocks_cached as i64);
+        let bytes =
+            |blocks: usize| i64::try_from((blocks as u64).saturating_mul(self.kv_block_bytes)).unwrap_or(i64::MAX);
+        self.kv_bytes_used.set(bytes(stats.blocks_used));
+        self.kv_bytes_total.set(bytes(stats.blocks_total));
         if let Ok(mut seen) = self.seen.lock() {
             self.prompt_tokens
                 .inc_by(stats.prompt_tokens.saturating_sub(seen.prompt_tokens));

@@ -35,6 +35,9 @@ pub struct ServedModel {
     pub name: String,
     pub max_model_len: usize,
     pub vocab_size: usize,
+    /// Cache bytes a token keeps over all layers (the model's KV-cache spec), for /metrics.
+    pub kv_bytes_per_token: usize,
+    pub block_size: usize,
 }
 
 /// How the HTTP server listens and what it lets clients do.
@@ -203,7 +206,7 @@ pub fn run(model: ServedModel, options: ServerOptions) -> anyhow::Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        metrics: Metrics::new(),
+        metrics: Metrics::new(model.kv_bytes_per_token, model.block_size),
     });
     let addr = options.addr;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

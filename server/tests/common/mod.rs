@@ -44,7 +44,11 @@ impl Server {
     }
 
     pub fn start_raw(extra: &[&str]) -> Server {
-        let dir = model_dir();
+        Self::start_model(&model_dir(), extra)
+    }
+
+    /// Starts `moe serve --model <dir> --port 0 <extra>`.
+    pub fn start_model(dir: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_moe"))
             .args(["serve", "--model", dir.to_str().unwrap(), "--port", "0"])
             .args(extra)
