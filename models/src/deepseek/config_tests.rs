@@ -372,3 +372,18 @@ fn malformed_json_shapes_are_rejected() {
         assert!(msg.contains("object"), "{msg}");
     }
 }
+
+#[test]
+fn v2_quirks_live_in_the_parser() {
+    // transformers' DeepseekV2 ignores norm_topk_prob (never renormalises) and honours
+    // mlp_bias; V3 honours the first and never has MLP biases.
+    let v = with(with(v2(), "norm_topk_prob", json!(true)), "mlp_bias", json!(true));
+    let c = parse(&v);
+    assert!(!c.moe.as_ref().unwrap().norm_topk_prob && c.mlp_bias);
+    let v = with(with(v3(), "norm_topk_prob", json!(true)), "mlp_bias", json!(true));
+    let c = parse(&v);
+    assert!(c.moe.as_ref().unwrap().norm_topk_prob && !c.mlp_bias);
+    // Only V3 expects (and warns about a missing) correction bias.
+    assert!(!parse(&v2()).moe.unwrap().names.warn_missing_bias);
+    assert!(parse(&v3()).moe.unwrap().names.warn_missing_bias);
+}
