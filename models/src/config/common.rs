@@ -5,7 +5,8 @@
 use serde_json::Value;
 
 use super::fields::{Fields, MAX_COUNT, MAX_DIM};
-use super::{AttentionConfig, DecoderNames, ModelConfig, MoeConfig, RopeConfig, TopkMethod};
+use super::rope::{parse_rope, RopeDefaults};
+use super::{AttentionConfig, DecoderNames, GqaConfig, ModelConfig, MoeConfig, QkNorm, RopeConfig, TopkMethod};
 use crate::error::Result;
 
 /// Defaults of a family's config class for the common optional fields.
@@ -254,4 +255,64 @@ pub fn read_gqa_heads(
 /// `int(head_dim * partial_rotary_factor)`, as transformers sizes the rotated part.
 pub fn rotary_dim(head_dim: usize, rope: &RopeConfig) -> usize {
     (head_dim as f64 * rope.partial_rotary_factor) as usize
+}
+
+/// A GQA family's defaults and fixed choices for [`read_gqa`].
+#[derive(Debug, Clone, Copy)]
+pub struct GqaSpec {
+    /// `num_key_value_heads` when absent.
+    pub default_kv_heads: usize,
+    /// `head_dim` when absent (`None`: `hidden / heads`).
+    pub default_head_dim: Option<usize>,
+    /// The config class's rope base and `partial_rotary_factor` defaults.
+    pub default_theta: f64,
+    pub default_partial_rotary_factor: f64,
+    /// The family spells the rotated width as a top-level `rotary_dim` (MiniMax).
+    pub reads_rotary_dim: bool,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub qk_norm: QkNorm,
+}
+
+/// The attention and rotary settings of a GQA config: heads, head width, the rotated part of
+/// each head (half-split pairs), biases and QK-norm as the family fixes them, scale
+/// `head_dim^-1/2`.
+pub fn read_gqa(f: &Fields<'_>, common: &CommonFields, spec: GqaSpec) -> Result<(AttentionConfig, RopeConfig)> {
+    let (heads, kv_heads, head_dim) =
+        read_gqa_heads(f, common.hidden_size, spec.default_kv_heads, spec.default_head_dim)?;
+    // MiniMax's Hub configs say `rotary_dim`; transformers 5 also writes it as
+    // `rope_parameters.partial_rotary_factor`.
+    let legacy_rotary = match spec.reads_rotary_dim {
+        true => f.opt_usize("rotary_dim", MAX_DIM)?,
+        false => None,
+    };
+    if let Some(r) = legacy_rotary {
+        check_gqa_heads(f, heads, kv_heads, head_dim, r, "rotary_dim")?;
+    }
+    let rope = parse_rope(
+        f,
+        common.max_position_embeddings,
+        RopeDefaults {
+            theta: spec.default_theta,
+            interleaved: false,
+            partial_rotary_factor: legacy_rotary
+                .map_or(spec.default_partial_rotary_factor, |r| r as f64 / head_dim as f64),
+        },
+    )?;
+    let (rotary, rotary_key) = match legacy_rotary {
+        Some(r) => (r, "rotary_dim"),
+        None => (rotary_dim(head_dim, &rope), "partial_rotary_factor"),
+    };
+    check_gqa_heads(f, heads, kv_heads, head_dim, rotary, rotary_key)?;
+    let attention = AttentionConfig::Gqa(GqaConfig {
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+        rotary_dim: rotary,
+        qkv_bias: spec.qkv_bias,
+        o_bias: spec.o_bias,
+        qk_norm: spec.qk_norm,
+        softmax_scale: (head_dim as f64).powf(-0.5),
+    });
+    Ok((attention, rope))
 }

@@ -5,14 +5,9 @@
 //! `first_k_dense_replace` layers dense. Defaults of transformers' `Glm4MoeConfig`; the
 //! multi-token-prediction layers GLM checkpoints ship (`num_nextn_predict_layers`) are never read.
 
-use crate::config::common::{
-    check_gqa_heads, check_routing, read_gqa_heads, rotary_dim, CommonDefaults, CommonFields, FamilyParts,
-};
+use crate::config::common::{check_routing, read_gqa, CommonDefaults, CommonFields, FamilyParts, GqaSpec};
 use crate::config::fields::{Fields, MAX_COUNT, MAX_DIM};
-use crate::config::rope::{parse_rope, RopeDefaults};
-use crate::config::{
-    AttentionConfig, DecoderNames, GqaConfig, ModelConfig, MoeConfig, MoeNames, QkNorm, ScoringFunc, TopkMethod,
-};
+use crate::config::{DecoderNames, ModelConfig, MoeConfig, MoeNames, QkNorm, ScoringFunc, TopkMethod};
 use crate::error::Result;
 use crate::registry::Family;
 
@@ -37,32 +32,25 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             tie_word_embeddings: false,
         },
     )?;
-    let (heads, kv_heads, head_dim) = read_gqa_heads(f, common.hidden_size, 8, None)?;
-    let rope = parse_rope(
+    let qk_norm = match f.bool_or("use_qk_norm", false)? {
+        true => QkNorm::PerHead,
+        false => QkNorm::None,
+    };
+    let (attention, rope) = read_gqa(
         f,
-        common.max_position_embeddings,
-        RopeDefaults {
-            theta: 10000.0,
-            interleaved: false,
-            partial_rotary_factor: 0.5,
+        &common,
+        GqaSpec {
+            default_kv_heads: 8,
+            default_head_dim: None,
+            default_theta: 10000.0,
+            default_partial_rotary_factor: 0.5,
+            reads_rotary_dim: false,
+            qkv_bias: f.bool_or("attention_bias", false)?,
+            // GLM-4.5's o_proj never has a bias.
+            o_bias: false,
+            qk_norm,
         },
     )?;
-    let rotary = rotary_dim(head_dim, &rope);
-    check_gqa_heads(f, heads, kv_heads, head_dim, rotary, "partial_rotary_factor")?;
-    let attention = AttentionConfig::Gqa(GqaConfig {
-        num_heads: heads,
-        num_kv_heads: kv_heads,
-        head_dim,
-        rotary_dim: rotary,
-        qkv_bias: f.bool_or("attention_bias", false)?,
-        o_bias: false,
-        qk_norm: if f.bool_or("use_qk_norm", false)? {
-            QkNorm::PerHead
-        } else {
-            QkNorm::None
-        },
-        softmax_scale: (head_dim as f64).powf(-0.5),
-    });
     f.expect_str_in("topk_method", &["noaux_tc"])?;
     f.expect_str_in("scoring_func", &["sigmoid"])?;
     let experts = f.positive_or("n_routed_experts", MAX_COUNT, 128)?;

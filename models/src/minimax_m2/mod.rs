@@ -6,14 +6,9 @@
 
 use serde_json::Value;
 
-use crate::config::common::{
-    check_gqa_heads, check_routing, read_gqa_heads, rotary_dim, CommonDefaults, CommonFields, FamilyParts,
-};
+use crate::config::common::{check_routing, read_gqa, CommonDefaults, CommonFields, FamilyParts, GqaSpec};
 use crate::config::fields::{Fields, MAX_COUNT, MAX_DIM};
-use crate::config::rope::{parse_rope, RopeDefaults};
-use crate::config::{
-    AttentionConfig, DecoderNames, GqaConfig, ModelConfig, MoeConfig, MoeNames, QkNorm, ScoringFunc, TopkMethod,
-};
+use crate::config::{DecoderNames, ModelConfig, MoeConfig, MoeNames, QkNorm, ScoringFunc, TopkMethod};
 use crate::error::Result;
 use crate::registry::Family;
 
@@ -55,38 +50,21 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             "shared experts are not part of MiniMax-M2",
         ));
     }
-    let (heads, kv_heads, head_dim) = read_gqa_heads(f, common.hidden_size, 8, Some(128))?;
-    // The Hub spells the rotated width `rotary_dim`; transformers 5 also writes it as
-    // `rope_parameters.partial_rotary_factor`.
-    let legacy_rotary = f.opt_usize("rotary_dim", MAX_DIM)?;
-    if let Some(r) = legacy_rotary {
-        check_gqa_heads(f, heads, kv_heads, head_dim, r, "rotary_dim")?;
-    }
-    let rope = parse_rope(
+    let (attention, rope) = read_gqa(
         f,
-        common.max_position_embeddings,
-        RopeDefaults {
-            theta: 5e6,
-            interleaved: false,
-            partial_rotary_factor: legacy_rotary.map_or(1.0, |r| r as f64 / head_dim as f64),
+        &common,
+        GqaSpec {
+            default_kv_heads: 8,
+            default_head_dim: Some(128),
+            default_theta: 5e6,
+            default_partial_rotary_factor: 1.0,
+            reads_rotary_dim: true,
+            qkv_bias: false,
+            o_bias: false,
+            // The class always normalizes q and k (`use_qk_norm` is not read).
+            qk_norm: QkNorm::Whole,
         },
     )?;
-    let (rotary, rotary_key) = match legacy_rotary {
-        Some(r) => (r, "rotary_dim"),
-        None => (rotary_dim(head_dim, &rope), "partial_rotary_factor"),
-    };
-    check_gqa_heads(f, heads, kv_heads, head_dim, rotary, rotary_key)?;
-    let attention = AttentionConfig::Gqa(GqaConfig {
-        num_heads: heads,
-        num_kv_heads: kv_heads,
-        head_dim,
-        rotary_dim: rotary,
-        qkv_bias: false,
-        o_bias: false,
-        // The class always normalizes q and k (`use_qk_norm` is not read).
-        qk_norm: QkNorm::Whole,
-        softmax_scale: (head_dim as f64).powf(-0.5),
-    });
     let experts = f.positive_or("num_local_experts", MAX_COUNT, 256)?;
     let top_k = f.positive_or("num_experts_per_tok", MAX_COUNT, 8)?;
     // Sigmoid scores, choice by score + bias, no groups: noaux_tc with a single group.

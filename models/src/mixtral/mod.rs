@@ -2,15 +2,9 @@
 //! a MoE block (`block_sparse_moe`, experts `w1`/`w3`/`w2`) with softmax top-k routing whose
 //! weights are always renormalised. Defaults of transformers' `MixtralConfig`.
 
-use crate::config::common::{
-    check_gqa_heads, check_routing, read_gqa_heads, rotary_dim, CommonDefaults, CommonFields, FamilyParts,
-};
+use crate::config::common::{check_routing, read_gqa, CommonDefaults, CommonFields, FamilyParts, GqaSpec};
 use crate::config::fields::{Fields, MAX_COUNT, MAX_DIM};
-use crate::config::rope::{parse_rope, RopeDefaults};
-use crate::config::{
-    AttentionConfig, DecoderNames, ExpertProjNames, GqaConfig, ModelConfig, MoeConfig, MoeNames, QkNorm, ScoringFunc,
-    TopkMethod,
-};
+use crate::config::{DecoderNames, ExpertProjNames, ModelConfig, MoeConfig, MoeNames, QkNorm, ScoringFunc, TopkMethod};
 use crate::error::Result;
 use crate::registry::Family;
 
@@ -46,28 +40,20 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             "sliding-window attention is not supported (null only)",
         ));
     }
-    let (heads, kv_heads, head_dim) = read_gqa_heads(f, common.hidden_size, 8, None)?;
-    let rope = parse_rope(
+    let (attention, rope) = read_gqa(
         f,
-        common.max_position_embeddings,
-        RopeDefaults {
-            theta: 1e6,
-            interleaved: false,
-            partial_rotary_factor: 1.0,
+        &common,
+        GqaSpec {
+            default_kv_heads: 8,
+            default_head_dim: None,
+            default_theta: 1e6,
+            default_partial_rotary_factor: 1.0,
+            reads_rotary_dim: false,
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm: QkNorm::None,
         },
     )?;
-    let rotary = rotary_dim(head_dim, &rope);
-    check_gqa_heads(f, heads, kv_heads, head_dim, rotary, "partial_rotary_factor")?;
-    let attention = AttentionConfig::Gqa(GqaConfig {
-        num_heads: heads,
-        num_kv_heads: kv_heads,
-        head_dim,
-        rotary_dim: rotary,
-        qkv_bias: false,
-        o_bias: false,
-        qk_norm: QkNorm::None,
-        softmax_scale: (head_dim as f64).powf(-0.5),
-    });
     let experts = f.positive_or("num_local_experts", MAX_COUNT, 8)?;
     let top_k = f.positive_or("num_experts_per_tok", MAX_COUNT, 2)?;
     check_routing(

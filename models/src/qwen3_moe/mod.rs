@@ -5,15 +5,9 @@
 
 use serde_json::Value;
 
-use crate::config::common::{
-    check_gqa_heads, check_routing, read_gqa_heads, rotary_dim, CommonDefaults, CommonFields, FamilyParts,
-};
+use crate::config::common::{check_routing, read_gqa, CommonDefaults, CommonFields, FamilyParts, GqaSpec};
 use crate::config::fields::{Fields, MAX_COUNT, MAX_DIM};
-use crate::config::rope::{parse_rope, RopeDefaults};
-use crate::config::{
-    AttentionConfig, DecoderNames, ExpertProjNames, GqaConfig, ModelConfig, MoeConfig, MoeNames, QkNorm, ScoringFunc,
-    TopkMethod,
-};
+use crate::config::{DecoderNames, ExpertProjNames, ModelConfig, MoeConfig, MoeNames, QkNorm, ScoringFunc, TopkMethod};
 use crate::error::Result;
 use crate::registry::Family;
 
@@ -48,30 +42,22 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             "sliding-window attention is not supported",
         ));
     }
-    let (heads, kv_heads, head_dim) = read_gqa_heads(f, common.hidden_size, 4, None)?;
-    let rope = parse_rope(
-        f,
-        common.max_position_embeddings,
-        RopeDefaults {
-            theta: 10000.0,
-            interleaved: false,
-            partial_rotary_factor: 1.0,
-        },
-    )?;
-    let rotary = rotary_dim(head_dim, &rope);
-    check_gqa_heads(f, heads, kv_heads, head_dim, rotary, "partial_rotary_factor")?;
     // `attention_bias` puts biases on all four projections in this class.
     let bias = f.bool_or("attention_bias", false)?;
-    let attention = AttentionConfig::Gqa(GqaConfig {
-        num_heads: heads,
-        num_kv_heads: kv_heads,
-        head_dim,
-        rotary_dim: rotary,
-        qkv_bias: bias,
-        o_bias: bias,
-        qk_norm: QkNorm::PerHead,
-        softmax_scale: (head_dim as f64).powf(-0.5),
-    });
+    let (attention, rope) = read_gqa(
+        f,
+        &common,
+        GqaSpec {
+            default_kv_heads: 4,
+            default_head_dim: None,
+            default_theta: 10000.0,
+            default_partial_rotary_factor: 1.0,
+            reads_rotary_dim: false,
+            qkv_bias: bias,
+            o_bias: bias,
+            qk_norm: QkNorm::PerHead,
+        },
+    )?;
     // The Hub writes `num_experts`; transformers 5 saves it as `num_local_experts`.
     let experts_key = if f.get("num_experts").is_some() {
         "num_experts"
