@@ -360,3 +360,50 @@ fn bad_flags_fail_in_one_line() {
         );
     }
 }
+
+/// The end-to-end step of `scripts/gpu-bundle.sh`'s run.sh (`moe bench` on a synthetic model)
+/// with the same flags but `--device cpu`, two layers (one dense, one MoE) and short requests, so a GPU lease is
+/// never lost to an argument error (a synthetic model once failed here: bench resolved model
+/// files before it looked for `synthetic:`).
+#[test]
+fn the_gpu_bundle_bench_command_runs_on_the_cpu() {
+    // One backend: `--expert-backend reference` is checked on the fixture by tests/cli.rs, and
+    // each run here builds a real-width layer of random weights (~1 GB).
+    let dir = tempfile::tempdir().unwrap();
+    for backend in ["grouped"] {
+        let v = bench_json(
+            &[
+                "bench",
+                "--model",
+                "synthetic:deepseek-v2-lite",
+                "--num-layers",
+                "2",
+                // bf16 on the GPU; f32 here, where candle's bf16 matmul is far too slow.
+                "--dtype",
+                "f32",
+                "--device",
+                "cpu",
+                "--expert-backend",
+                backend,
+                "--max-model-len",
+                "1024",
+                "--kv-cache-memory",
+                "64MiB",
+                "--max-num-seqs",
+                "64",
+                "--input-len",
+                "8",
+                "--output-len",
+                "4",
+                "--num-prompts",
+                "2",
+                "--concurrency",
+                "1",
+            ],
+            dir.path(),
+        );
+        assert_eq!(v["model"]["name"], "synthetic:deepseek-v2-lite");
+        assert!(v["model"]["path"].is_null(), "a synthetic model has no files");
+        assert_eq!(int(&v["runs"][0], "completed"), 2);
+    }
+}

@@ -258,9 +258,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: BenchOptions) -> anyhow::Result<()> {
     let loads = options.loads()?;
     options.check_outputs()?;
-    let (files, config) = model_args.resolve()?;
-    let spec = options.spec(config.vocab_size)?;
+    // The workload is checked before any weight is read (synthetic models have no files).
+    let spec = options.spec(model_args.config()?.vocab_size)?;
     let loaded = model_args.load()?;
+    let model_path = loaded.files.as_ref().map(|f| f.dir.display().to_string());
     let (runner, engine_config) = engine_args.build(loaded.model)?;
     let needed = spec.max_prompt_len() + spec.max_output_len();
     if needed > engine_config.max_model_len {
@@ -330,7 +331,7 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
         device,
         model: ModelInfo {
             name: model_args.model.clone(),
-            path: Some(files.dir.display().to_string()),
+            path: model_path,
             dtype: Some(model_args.dtype.clone()),
         },
         workload: WorkloadInfo::of(&spec),

@@ -85,6 +85,15 @@ impl ModelArgs {
         Ok((files, config))
     }
 
+    /// The model's config without reading weights: a synthetic model's, or the resolved
+    /// checkpoint's.
+    pub fn config(&self) -> anyhow::Result<ModelConfig> {
+        match synthetic_name(&self.model) {
+            Some(name) => Ok(synthetic_config(name, self.num_layers).with_context(|| format!("--model {}", self.model))?),
+            None => Ok(self.resolve()?.1),
+        }
+    }
+
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let (dtype, device, router) = (self.dtype()?, self.device()?, self.router()?);
         let (files, config, weights) = match synthetic_name(&self.model) {
