@@ -370,7 +370,8 @@ fn the_gpu_bundle_bench_command_runs_on_the_cpu() {
     // One backend: `--expert-backend reference` is checked on the fixture by tests/cli.rs, and
     // each run here builds a real-width layer of random weights (~1 GB).
     let dir = tempfile::tempdir().unwrap();
-    for backend in ["grouped"] {
+    {
+        let backend = "grouped";
         let v = bench_json(
             &[
                 "bench",

@@ -173,7 +173,7 @@ pub fn check_routing(
     if method == TopkMethod::Greedy {
         return Ok(());
     }
-    if n_group == 0 || experts % n_group != 0 {
+    if n_group == 0 || !experts.is_multiple_of(n_group) {
         return Err(f.unsupported(
             "n_group",
             &Value::from(n_group),
@@ -211,14 +211,14 @@ pub fn check_gqa_heads(
     rotary_dim: usize,
     rotary_key: &str,
 ) -> Result<()> {
-    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+    if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
         return Err(f.unsupported(
             "num_key_value_heads",
             &Value::from(num_kv_heads),
             &format!("must divide num_attention_heads ({num_heads})"),
         ));
     }
-    if rotary_dim == 0 || rotary_dim > head_dim || rotary_dim % 2 != 0 {
+    if rotary_dim == 0 || rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
         return Err(f.unsupported(
             rotary_key,
             &Value::from(rotary_dim),
@@ -243,7 +243,7 @@ pub fn read_gqa_heads(
         (Some(0), _) => return Err(f.unsupported("head_dim", &Value::from(0), "must be positive")),
         (Some(d), _) | (None, Some(d)) => d,
         (None, None) => {
-            if hidden % heads != 0 {
+            if !hidden.is_multiple_of(heads) {
                 return Err(f.missing("head_dim"));
             }
             hidden / heads

@@ -89,7 +89,9 @@ impl ModelArgs {
     /// checkpoint's.
     pub fn config(&self) -> anyhow::Result<ModelConfig> {
         match synthetic_name(&self.model) {
-            Some(name) => Ok(synthetic_config(name, self.num_layers).with_context(|| format!("--model {}", self.model))?),
+            Some(name) => {
+                Ok(synthetic_config(name, self.num_layers).with_context(|| format!("--model {}", self.model))?)
+            }
             None => Ok(self.resolve()?.1),
         }
     }
