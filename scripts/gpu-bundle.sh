@@ -3,8 +3,9 @@
 # without a GPU, into one folder (default .gpu/, ignored by git):
 #
 #   bin/moe.xz                 the server/CLI built with --features cuda
-#   tests/cuda_kernels.xz, tests/cuda_moe.xz                 GPU test binaries (moe-kernels)
-#   benches/cuda_mla_decode.xz, benches/cuda_moe_layer.xz    kernel benchmarks
+#   tests/cuda_kernels.xz, tests/cuda_gqa.xz, tests/cuda_moe.xz          GPU test binaries (moe-kernels)
+#   benches/cuda_mla_decode.xz, benches/cuda_gqa_decode.xz,
+#   benches/cuda_moe_layer.xz                                             kernel benchmarks
 #   run.sh                     unpacks them, runs the tests and benchmarks, logs under $OUT
 #                              (or ./gpu-out)
 #
@@ -43,11 +44,13 @@ cargo build --profile "$PROFILE" -p moe-server --features cuda --bin moe --messa
   executables | while read -r kind name exe; do
     if [ "$kind:$name" = "bin:moe" ]; then cp "$exe" "$DEST/bin/moe"; fi
   done
-for f in bin/moe tests/cuda_kernels tests/cuda_moe benches/cuda_mla_decode benches/cuda_moe_layer; do
+BUNDLED="bin/moe tests/cuda_kernels tests/cuda_gqa tests/cuda_moe benches/cuda_mla_decode benches/cuda_gqa_decode
+  benches/cuda_moe_layer"
+for f in $BUNDLED; do
   [ -x "$DEST/$f" ] || { log "missing $DEST/$f after the build"; exit 1; }
 done
 # The device tool carries at most 64 MiB: strip, then xz (candle's embedded PTX compresses well).
-for f in bin/moe tests/cuda_kernels tests/cuda_moe benches/cuda_mla_decode benches/cuda_moe_layer; do
+for f in $BUNDLED; do
   strip "$DEST/$f"
   xz -T0 -6 -f "$DEST/$f"
 done

@@ -7,15 +7,18 @@
 //! their storage (like [`crate::write_latent_cache`]); the caller must not rely on any other
 //! tensor sharing that storage staying unchanged.
 //!
-//! Nothing here has run on a GPU yet: `tests/cuda_kernels.rs` and `tests/cuda_moe.rs` compare
-//! each kernel with its reference; `benches/cuda_mla_decode.rs` and `benches/cuda_moe_layer.rs`
-//! time the decode kernel and one MoE layer.
+//! Nothing here has run on a GPU yet: `tests/cuda_kernels.rs`, `tests/cuda_moe.rs` and
+//! `tests/cuda_gqa.rs` compare each kernel with its reference; `benches/cuda_mla_decode.rs`,
+//! `benches/cuda_gqa_decode.rs` and `benches/cuda_moe_layer.rs` time the decode kernels and one
+//! MoE layer.
 
 mod decode;
+mod gqa;
 mod moe;
 mod ops;
 
 pub use decode::{decode_split_plan, paged_mla_decode, MlaDecodeParams};
+pub use gqa::{gqa_decode_split_plan, kv_cache_write, paged_gqa_decode, GqaDecodeParams};
 pub use moe::{
     moe_combine, moe_down_weighted, moe_experts, moe_gate_up_silu, moe_permute, moe_route, routing_supported,
     DeviceExpertBatches, MAX_GROUPS, MAX_ROUTED_EXPERTS, MAX_TOP_K, TILE_ROWS,
@@ -34,6 +37,7 @@ pub(crate) mod ptx {
     pub const RMSNORM_RESIDUAL: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm_residual.ptx"));
     pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
     pub const PAGED_MLA_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_mla_decode.ptx"));
+    pub const PAGED_GQA_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_gqa_decode.ptx"));
     pub const MOE_ROUTE: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_route.ptx"));
     pub const MOE_PERMUTE: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_permute.ptx"));
     pub const MOE_GROUPED_GEMM: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_grouped_gemm.ptx"));

@@ -14,8 +14,8 @@ use super::{cfg, check, cuda_device, dev_ptr, launch_err, load, ptx, suffix};
 /// * `slots`: `[T]` i64 (negative = padding, skipped) or u32 (`u32::MAX` = padding, skipped).
 ///   Slots beyond the cache are skipped by the kernel; duplicates are a caller error.
 pub fn latent_cache_write(cache: &Tensor, c_kv: &Tensor, k_pe: &Tensor, slots: &Tensor) -> Result<()> {
-    let dev = cuda_device(cache)?;
-    let (num_blocks, block_size, dim) = cache.dims3()?;
+    cuda_device(cache)?;
+    let (_, _, dim) = cache.dims3()?;
     let (t, kv_lora) = c_kv.dims2()?;
     let (t2, rope) = k_pe.dims2()?;
     if t2 != t || slots.dims1()? != t || kv_lora + rope != dim {
@@ -30,17 +30,58 @@ pub fn latent_cache_write(cache: &Tensor, c_kv: &Tensor, k_pe: &Tensor, slots: &
     if t == 0 {
         return Ok(());
     }
-    let dtype = cache.dtype();
-    check(cache, "cache", dtype, &dev)?;
     for (x, name) in [(c_kv, "c_kv"), (k_pe, "k_pe")] {
-        if x.dtype() != dtype || x.stride()[1] != 1 {
-            bail!("latent_cache_write: {name} must be {dtype:?} with contiguous rows");
+        if x.dtype() != cache.dtype() || x.stride()[1] != 1 {
+            bail!(
+                "latent_cache_write: {name} must be {:?} with contiguous rows",
+                cache.dtype()
+            );
         }
     }
+    let parts = [
+        RowPart {
+            src: c_kv,
+            row_stride: c_kv.stride()[0],
+            width: kv_lora,
+        },
+        RowPart {
+            src: k_pe,
+            row_stride: k_pe.stride()[0],
+            width: rope,
+        },
+    ];
+    scatter_rows("latent_cache_write", cache, &parts, slots)
+}
+
+/// `width` values a row of `src`, rows `row_stride` elements apart (each row contiguous).
+pub(crate) struct RowPart<'a> {
+    pub src: &'a Tensor,
+    pub row_stride: usize,
+    pub width: usize,
+}
+
+/// Writes row `t` of the concatenation of `parts` (one or two; their widths sum to the cache
+/// row) into cache row `slots[t]`, in place, with the `latent_cache_write_*` kernel: the
+/// latent cache writes `c_kv ++ k_pe`, the GQA caches one part per cache
+/// ([`super::kv_cache_write`]). `cache` is `[num_blocks, block_size, dim]`, contiguous (a
+/// flattened view of a contiguous 4-d cache shares its storage); `slots` as in
+/// [`latent_cache_write`]. The parts have the cache dtype (checked by the callers).
+pub(crate) fn scatter_rows(op: &str, cache: &Tensor, parts: &[RowPart], slots: &Tensor) -> Result<()> {
+    let dev = cuda_device(cache)?;
+    let (num_blocks, block_size, dim) = cache.dims3()?;
+    let t = slots.dims1()?;
+    if parts.is_empty() || parts.len() > 2 || parts.iter().map(|p| p.width).sum::<usize>() != dim {
+        bail!("{op}: row parts do not add up to cache rows of {dim}");
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let dtype = cache.dtype();
+    check(cache, "cache", dtype, &dev)?;
     let slot_kind = match slots.dtype() {
         DType::I64 => "i64",
         DType::U32 => "u32",
-        dt => bail!("latent_cache_write: slots must be i64 or u32, not {dt:?}"),
+        dt => bail!("{op}: slots must be i64 or u32, not {dt:?}"),
     };
     check(slots, "slots", slots.dtype(), &dev)?;
     let func = load(
@@ -50,19 +91,19 @@ pub fn latent_cache_write(cache: &Tensor, c_kv: &Tensor, k_pe: &Tensor, slots: &
         &format!("latent_cache_write_{}_{slot_kind}", suffix(dtype)?),
     )?;
     let stream = dev.cuda_stream();
-    let (p_ckv, p_kpe) = (dev_ptr(c_kv, &stream)?, dev_ptr(k_pe, &stream)?);
+    let p_a = dev_ptr(parts[0].src, &stream)?;
+    let s_a = parts[0].row_stride as i64;
+    let w_a = parts[0].width as i32;
+    // One part: the second source is empty (width 0, never dereferenced).
+    let (p_b, s_b, w_b) = match parts.get(1) {
+        Some(b) => (dev_ptr(b.src, &stream)?, b.row_stride as i64, b.width as i32),
+        None => (p_a, 0i64, 0i32),
+    };
     let (p_slots, p_cache) = (dev_ptr(slots, &stream)?, dev_ptr(cache, &stream)?);
-    let (s_ckv, s_kpe) = (c_kv.stride()[0] as i64, k_pe.stride()[0] as i64);
-    let (kv_lora_i, rope_i) = (kv_lora as i32, rope as i32);
     let num_slots = (num_blocks * block_size) as i64;
     let mut b = stream.launch_builder(&func);
-    b.arg(&p_ckv)
-        .arg(&s_ckv)
-        .arg(&p_kpe)
-        .arg(&s_kpe)
-        .arg(&p_slots)
-        .arg(&p_cache);
-    b.arg(&kv_lora_i).arg(&rope_i).arg(&num_slots);
+    b.arg(&p_a).arg(&s_a).arg(&p_b).arg(&s_b).arg(&p_slots).arg(&p_cache);
+    b.arg(&w_a).arg(&w_b).arg(&num_slots);
     unsafe { b.launch(cfg((t as u32, 1, 1), 128, 0)) }.map_err(launch_err)?;
     Ok(())
 }
