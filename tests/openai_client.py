@@ -39,9 +39,9 @@ class Server:
 
     PREFIX = "moe serve: listening on "
 
-    def __init__(self, moe, fixture=FIXTURE):
+    def __init__(self, moe, fixture=FIXTURE, extra=()):
         self.proc = subprocess.Popen(
-            [moe, "serve", "--model", fixture, "--port", "0", "--served-model-name", SERVED_NAME],
+            [moe, "serve", "--model", fixture, "--port", "0", "--served-model-name", SERVED_NAME, *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,

@@ -77,6 +77,8 @@ pub struct RequestOutput {
     /// One entry per token in `token_ids` when logprobs were requested.
     pub logprobs: Vec<TokenLogprobs>,
     pub finish_reason: Option<FinishReason>,
+    /// On the final piece of a request a stop string ended: that stop string.
+    pub stop_string: Option<String>,
     pub usage: Usage,
 }
 
@@ -461,6 +463,7 @@ impl StepLoop {
                 text,
                 logprobs,
                 finish_reason: None,
+                stop_string: None,
                 usage: Usage {
                     prompt_tokens: live.prompt_tokens,
                     completion_tokens: live.generated.len(),
@@ -506,6 +509,7 @@ impl StepLoop {
                 text,
                 logprobs: vec![],
                 finish_reason: Some(f.reason),
+                stop_string: live.stops.matched().map(str::to_string),
                 usage: Usage {
                     prompt_tokens: live.prompt_tokens,
                     completion_tokens: live.generated.len(),

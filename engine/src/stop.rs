@@ -14,6 +14,8 @@ pub struct StopStrings {
     stops: Vec<String>,
     held: String,
     stopped: bool,
+    /// Index in `stops` of the stop string that completed.
+    matched: Option<usize>,
 }
 
 /// What [`StopStrings::push`] lets out.
@@ -51,6 +53,7 @@ impl StopStrings {
             stops,
             held: String::new(),
             stopped: false,
+            matched: None,
         })
     }
 
@@ -62,6 +65,12 @@ impl StopStrings {
     /// Whether a stop string has completed; later pushes emit nothing.
     pub fn stopped(&self) -> bool {
         self.stopped
+    }
+
+    /// The stop string that completed, if one did (the earliest in the text; of two
+    /// completing at the same place, the first given).
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.map(|i| self.stops[i].as_str())
     }
 
     /// Feed a text delta. Returns the text that is safe to emit now: never any part of a stop
@@ -78,9 +87,16 @@ impl StopStrings {
         self.held.push_str(delta);
         // Earliest completed stop. Text emitted before never began one (it would have been held),
         // so a match can only start inside `held`.
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        let earliest = self
+            .stops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| self.held.find(s.as_str()).map(|at| (at, i)))
+            .min();
+        if let Some((at, i)) = earliest {
             self.held.truncate(at);
             self.stopped = true;
+            self.matched = Some(i);
             return StopCheck {
                 emit: std::mem::take(&mut self.held),
                 stopped: true,

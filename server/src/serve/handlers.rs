@@ -31,7 +31,7 @@ fn now_secs() -> u64 {
 
 /// Reads the whole request body within the body deadline and size limit: 408 for a client
 /// too slow to send it (a slow-loris), 413 for one too large, 400 for a broken one.
-async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     let limit = state.max_body_bytes;
     match tokio::time::timeout(state.body_read_timeout, axum::body::to_bytes(body, limit)).await {
         Err(_) => Err(ApiError::timeout(state.body_read_timeout)),
@@ -48,7 +48,7 @@ async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
 }
 
 impl AppState {
-    fn check_model(&self, model: &str) -> Result<(), ApiError> {
+    pub(super) fn check_model(&self, model: &str) -> Result<(), ApiError> {
         if model == self.model_name {
             Ok(())
         } else {
@@ -63,7 +63,7 @@ impl AppState {
     }
 
     /// Refuses `n` more requests when they would push the waiting queue past its limit.
-    fn check_capacity(&self, n: u32) -> Result<(), ApiError> {
+    pub(super) fn check_capacity(&self, n: u32) -> Result<(), ApiError> {
         let waiting = self.engine.stats().waiting;
         if waiting + n as usize > self.max_waiting {
             return Err(ApiError::overloaded(waiting));
@@ -71,7 +71,7 @@ impl AppState {
         Ok(())
     }
 
-    fn encode(&self, text: &str) -> Result<Vec<u32>, ApiError> {
+    pub(super) fn encode(&self, text: &str) -> Result<Vec<u32>, ApiError> {
         let tok = self
             .tokenizer
             .as_deref()
@@ -81,7 +81,7 @@ impl AppState {
     }
 
     /// Submits `n` copies of `request` (seeds offset per choice, so choices differ).
-    fn submit(&self, request: &GenerationRequest, n: u32) -> Result<Vec<RequestStream>, ApiError> {
+    pub(super) fn submit(&self, request: &GenerationRequest, n: u32) -> Result<Vec<RequestStream>, ApiError> {
         let mut streams = Vec::with_capacity(n as usize);
         for i in 0..n {
             let mut r = request.clone();
@@ -105,11 +105,11 @@ impl AppState {
 }
 
 /// One piece of one choice, tagged with the choice index.
-type Piece = (usize, RequestOutput);
+pub(super) type Piece = (usize, RequestOutput);
 
 /// Moves each stream's pieces onto one async channel, recording latency metrics. When the
 /// receiving side is gone (the client disconnected), aborts the request at once.
-fn pump(state: &Arc<AppState>, streams: Vec<RequestStream>) -> mpsc::Receiver<Piece> {
+pub(super) fn pump(state: &Arc<AppState>, streams: Vec<RequestStream>) -> mpsc::Receiver<Piece> {
     let (tx, rx) = mpsc::channel(256);
     for (index, mut stream) in streams.into_iter().enumerate() {
         let tx = tx.clone();

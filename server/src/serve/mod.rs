@@ -2,6 +2,7 @@
 //! and built options (the CLI's `cli::serve` makes them from flags); the engine keeps its own
 //! thread, and handlers talk to it through its submit/abort API and per-request channels.
 
+mod anthropic;
 pub mod error;
 mod handlers;
 mod listener;
@@ -85,20 +86,29 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// Checks the API key: `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic).
+/// A refusal on an Anthropic endpoint comes in Anthropic's error shape.
 async fn require_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let Some(key) = &state.api_key {
-        let given = request
-            .headers()
+        let headers = request.headers();
+        let bearer = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+        let x_api_key = headers.get(X_API_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let matches = |given: &str| constant_time_eq(given.as_bytes(), key.as_bytes());
+        if !(matches(bearer) || matches(x_api_key)) {
+            if request.uri().path().starts_with("/v1/messages") {
+                return anthropic::AnthropicError(ApiError::unauthorized()).into_response();
+            }
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(request).await
 }
+
+const X_API_KEY: &str = "x-api-key";
 
 /// Refuses a request head larger than `--max-header-bytes` with a JSON 431 (hyper itself cuts
 /// off heads far beyond it, without a body).
@@ -146,6 +156,8 @@ pub fn router(state: Arc<AppState>, public_metrics: bool) -> Router {
     let mut protected = Router::new()
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(handlers::models));
     let metrics = Router::new().route("/metrics", get(handlers::metrics));
     let open = if public_metrics {
