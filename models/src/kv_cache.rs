@@ -42,7 +42,7 @@ impl KvCacheSpec {
             .saturating_mul(dtype.size_in_bytes())
     }
 
-    /// A short description, e.g. `latent 576` or `per-head 4 x (128 + 128)`.
+    /// A short description, e.g. `latent 576` or `per-head K/V, 4 kv heads x (128 + 128)`.
     pub fn describe(&self) -> String {
         match *self {
             KvCacheSpec::Latent { dim } => format!("latent {dim}"),

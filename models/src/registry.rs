@@ -54,7 +54,9 @@ fn resolve(f: &Fields<'_>) -> Result<(&'static Family, &'static str)> {
     };
     match f.map.get("architectures") {
         Some(Value::Array(a)) if !a.is_empty() => {
-            let name = a[0].as_str().unwrap_or("");
+            let name = a[0]
+                .as_str()
+                .ok_or_else(|| f.unsupported("architectures", &a[0], "architecture names are strings"))?;
             by_class(name).ok_or_else(|| unknown(name.to_string()))
         }
         Some(other) if !other.is_null() => Err(f.unsupported(

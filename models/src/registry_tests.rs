@@ -146,6 +146,13 @@ fn mixtral_routes_every_layer_and_refuses_sliding_windows() {
         "sliding_window",
     );
     rejects(&with(fixture("mixtral"), "hidden_act", json!("gelu")), "hidden_act");
+    rejects(
+        &with(fixture("mixtral"), "partial_rotary_factor", json!(0.5)),
+        "partial_rotary_factor",
+    );
+    // MixtralConfig's token-id defaults apply when the file has none.
+    let c = parse(&without(without(fixture("mixtral"), "eos_token_id"), "bos_token_id"));
+    assert_eq!((c.bos_token_id, c.eos_token_ids.as_slice()), (Some(1), &[2u32][..]));
 }
 
 #[test]
@@ -174,6 +181,15 @@ fn minimax_m2_reads_partial_rotary_whole_qk_norm_and_biased_sigmoid_routing() {
     );
     rejects(&with(fixture("minimax-m2"), "rotary_dim", json!(7)), "rotary_dim");
     rejects(&with(fixture("minimax-m2"), "rotary_dim", json!(32)), "rotary_dim");
+    // One expert cannot be scored by its two best: the field at fault is the expert count.
+    let one = with(
+        with(fixture("minimax-m2"), "num_local_experts", json!(1)),
+        "num_experts_per_tok",
+        json!(1),
+    );
+    rejects(&one, "num_local_experts");
+    // The real M2.7 config has no eos_token_id: MiniMaxM2Config's default applies.
+    assert_eq!(real("minimax-m2.7").eos_token_ids, [200020]);
 }
 
 #[test]

@@ -15,6 +15,9 @@ pub struct CommonDefaults {
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
+    /// The config class's `bos_token_id` / `eos_token_id` when the file has none.
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
 }
 
 /// The fields every decoder config has.
@@ -67,12 +70,15 @@ impl CommonFields {
             max_position_embeddings,
             rms_norm_eps,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", d.tie_word_embeddings)?,
-            bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
-            eos_token_ids: f.token_ids("eos_token_id")?,
-            saved_dtype: match f.opt_str("torch_dtype")? {
-                Some(s) => Some(s.to_string()),
-                None => f.opt_str("dtype")?.map(str::to_string),
+            bos_token_id: match f.has_key("bos_token_id") {
+                true => f.token_ids("bos_token_id")?.first().copied(),
+                false => d.bos_token_id,
             },
+            eos_token_ids: match f.has_key("eos_token_id") {
+                true => f.token_ids("eos_token_id")?,
+                false => d.eos_token_id.into_iter().collect(),
+            },
+            saved_dtype: saved_dtype(f)?,
             quantization: quant_method(f)?,
         })
     }
@@ -107,9 +113,17 @@ impl CommonFields {
     }
 }
 
+/// The dtype `f` says the weights were saved in (`torch_dtype`, else `dtype`).
+pub fn saved_dtype(f: &Fields<'_>) -> Result<Option<String>> {
+    Ok(match f.opt_str("torch_dtype")? {
+        Some(s) => Some(s.to_string()),
+        None => f.opt_str("dtype")?.map(str::to_string),
+    })
+}
+
 /// The `quant_method` of a `quantization_config`, if the config has one. Parsing accepts it
 /// (so `moe inspect` describes shipped FP8/INT4 configs); loading such weights is refused.
-fn quant_method(f: &Fields<'_>) -> Result<Option<String>> {
+pub fn quant_method(f: &Fields<'_>) -> Result<Option<String>> {
     let Some(q) = f.get("quantization_config") else {
         return Ok(None);
     };
@@ -185,9 +199,15 @@ pub fn check_routing(
     }
     let per_group = experts / n_group;
     if method == TopkMethod::NoauxTc && per_group < 2 {
+        // With one group the fault is the expert count (families without groups say so).
+        let (key, value) = if n_group == 1 {
+            (experts_key, experts)
+        } else {
+            ("n_group", n_group)
+        };
         return Err(f.unsupported(
-            "n_group",
-            &Value::from(n_group),
+            key,
+            &Value::from(value),
             "noaux_tc scores a group by its two best experts; groups need at least 2 experts",
         ));
     }
@@ -269,6 +289,9 @@ pub struct GqaSpec {
     pub default_partial_rotary_factor: f64,
     /// The family spells the rotated width as a top-level `rotary_dim` (MiniMax).
     pub reads_rotary_dim: bool,
+    /// The family's RoPE rotates part of each head when the config says so (GLM, MiniMax);
+    /// otherwise a `partial_rotary_factor` other than 1 is refused (Qwen3, Mixtral).
+    pub partial_rotary: bool,
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub qk_norm: QkNorm,
@@ -287,6 +310,7 @@ pub fn read_gqa(f: &Fields<'_>, common: &CommonFields, spec: GqaSpec) -> Result<
         false => None,
     };
     if let Some(r) = legacy_rotary {
+        // Checked before it becomes a factor, so the message names the field as written.
         check_gqa_heads(f, heads, kv_heads, head_dim, r, "rotary_dim")?;
     }
     let rope = parse_rope(
@@ -299,11 +323,17 @@ pub fn read_gqa(f: &Fields<'_>, common: &CommonFields, spec: GqaSpec) -> Result<
                 .map_or(spec.default_partial_rotary_factor, |r| r as f64 / head_dim as f64),
         },
     )?;
-    let (rotary, rotary_key) = match legacy_rotary {
-        Some(r) => (r, "rotary_dim"),
-        None => (rotary_dim(head_dim, &rope), "partial_rotary_factor"),
+    if !spec.partial_rotary {
+        require_full_rotary(f, &rope)?;
+    }
+    let rotary = match legacy_rotary {
+        Some(r) => r,
+        None => {
+            let r = rotary_dim(head_dim, &rope);
+            check_gqa_heads(f, heads, kv_heads, head_dim, r, "partial_rotary_factor")?;
+            r
+        }
     };
-    check_gqa_heads(f, heads, kv_heads, head_dim, rotary, rotary_key)?;
     let attention = AttentionConfig::Gqa(GqaConfig {
         num_heads: heads,
         num_kv_heads: kv_heads,

@@ -58,9 +58,10 @@ pub struct RopeDefaults {
 /// Reads the rotary settings of `f` (a root or `text_config` object).
 pub fn parse_rope(f: &Fields<'_>, max_position_embeddings: usize, d: RopeDefaults) -> Result<RopeConfig> {
     let (default_theta, interleaved) = (d.theta, d.interleaved);
-    let (params_key, params) = match (f.get("rope_parameters"), f.get("rope_scaling")) {
-        (Some(p), _) => ("rope_parameters", Some(p)),
-        (None, Some(s)) => ("rope_scaling", Some(s)),
+    // transformers reads `rope_scaling or rope_parameters`.
+    let (params_key, params) = match (f.get("rope_scaling"), f.get("rope_parameters")) {
+        (Some(s), _) => ("rope_scaling", Some(s)),
+        (None, Some(p)) => ("rope_parameters", Some(p)),
         (None, None) => ("rope_scaling", None),
     };
     let params = match params {

@@ -35,6 +35,8 @@ pub struct Defaults {
     pub topk_group: Option<usize>,
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
 }
 
 impl Defaults {
@@ -51,6 +53,8 @@ impl Defaults {
                 topk_group: None,
                 max_position_embeddings: 2048,
                 rms_norm_eps: 1e-6,
+                bos_token_id: Some(1),
+                eos_token_id: Some(2),
             },
             Version::V3 => Defaults {
                 first_k_dense_replace: 3,
@@ -63,6 +67,8 @@ impl Defaults {
                 topk_group: Some(4),
                 max_position_embeddings: 4096,
                 rms_norm_eps: 1e-6,
+                bos_token_id: Some(0),
+                eos_token_id: Some(1),
             },
         }
     }
@@ -92,6 +98,8 @@ pub fn parse_text_config(
             max_position_embeddings: d.max_position_embeddings,
             rms_norm_eps: d.rms_norm_eps,
             tie_word_embeddings: false,
+            bos_token_id: d.bos_token_id,
+            eos_token_id: d.eos_token_id,
         },
     )?;
     let num_heads = f.positive("num_attention_heads", MAX_COUNT)?;
@@ -194,22 +202,23 @@ fn parse_moe(
         return Err(f.unsupported("n_routed_experts", &Value::from(0), "must be positive or null"));
     }
     let num_experts_per_tok = f.positive("num_experts_per_tok", MAX_COUNT)?;
+    // transformers' V2 routes softmax scores greedily or group-limited; its V3 (and the
+    // classes built on it) always routes sigmoid noaux_tc. Anything else would silently
+    // differ from the reference, so it is refused (`--router` swaps strategies at run time).
+    let (methods, scorings): (&[&str], &[&str]) = match version {
+        Version::V2 => (&["greedy", "group_limited_greedy"], &["softmax"]),
+        Version::V3 => (&["noaux_tc"], &["sigmoid"]),
+    };
+    f.expect_str_in("topk_method", methods)?;
+    f.expect_str_in("scoring_func", scorings)?;
     let topk_method = match f.opt_str("topk_method")?.unwrap_or(d.topk_method) {
         "greedy" => TopkMethod::Greedy,
         "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
-        "noaux_tc" => TopkMethod::NoauxTc,
-        other => {
-            return Err(f.unsupported(
-                "topk_method",
-                &Value::from(other),
-                "supported: greedy, group_limited_greedy, noaux_tc",
-            ))
-        }
+        _ => TopkMethod::NoauxTc,
     };
-    let scoring_func = match f.opt_str("scoring_func")?.unwrap_or(d.scoring_func) {
-        "softmax" => ScoringFunc::Softmax,
-        "sigmoid" => ScoringFunc::Sigmoid,
-        other => return Err(f.unsupported("scoring_func", &Value::from(other), "supported: softmax, sigmoid")),
+    let scoring_func = match version {
+        Version::V2 => ScoringFunc::Softmax,
+        Version::V3 => ScoringFunc::Sigmoid,
     };
     let grouped = topk_method != TopkMethod::Greedy;
     let n_group = f.opt_usize("n_group", MAX_COUNT)?.or(d.n_group).unwrap_or(1);
@@ -227,13 +236,19 @@ fn parse_moe(
         n_group,
         topk_group,
     )?;
-    let moe_layer_freq = f.positive_or("moe_layer_freq", MAX_COUNT, 1)?;
+    // transformers places MoE layers by first_k_dense_replace alone (released configs all
+    // say moe_layer_freq 1).
+    if let Some(v) = f.get("moe_layer_freq").filter(|v| v.as_u64() != Some(1)) {
+        return Err(f.unsupported(
+            "moe_layer_freq",
+            v,
+            "only 1 is supported: MoE layers follow first_k_dense_replace",
+        ));
+    }
     let first_k_dense_replace = f
         .opt_usize("first_k_dense_replace", MAX_COUNT)?
         .unwrap_or(d.first_k_dense_replace);
-    let moe_layers = (0..num_layers)
-        .map(|l| l >= first_k_dense_replace && l.is_multiple_of(moe_layer_freq))
-        .collect();
+    let moe_layers = (0..num_layers).map(|l| l >= first_k_dense_replace).collect();
     let moe = MoeConfig {
         n_routed_experts,
         n_shared_experts: f

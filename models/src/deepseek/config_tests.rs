@@ -172,15 +172,13 @@ fn softmax_scale_multiplies_by_squared_yarn_mscale() {
 }
 
 #[test]
-fn is_moe_layer_honours_first_k_dense_replace_and_moe_layer_freq() {
-    let v = with(
-        with(v2(), "first_k_dense_replace", json!(1)),
-        "moe_layer_freq",
-        json!(2),
-    );
-    let c = parse(&v);
+fn is_moe_layer_honours_first_k_dense_replace_and_refuses_other_layer_frequencies() {
+    let c = parse(&with(v2(), "first_k_dense_replace", json!(2)));
     let moe: Vec<usize> = (0..6).filter(|&l| c.is_moe_layer(l)).collect();
-    assert_eq!(moe, [2, 4]);
+    assert_eq!(moe, [2, 3, 4, 5]);
+    // transformers ignores moe_layer_freq; released configs say 1, anything else is refused.
+    parse(&with(v2(), "moe_layer_freq", json!(1)));
+    reject_unsupported(&with(v2(), "moe_layer_freq", json!(2)), "moe_layer_freq");
 
     // V3 default first_k_dense_replace is 3.
     let c = parse(&v3());
@@ -190,6 +188,18 @@ fn is_moe_layer_honours_first_k_dense_replace_and_moe_layer_freq() {
     let c = parse(&without(v3(), "n_routed_experts"));
     assert!(c.moe.is_none());
     assert!((0..6).all(|l| !c.is_moe_layer(l)));
+}
+
+#[test]
+fn routing_the_reference_class_would_not_run_is_refused() {
+    // transformers' V2 routes softmax greedy / group-limited; V3 always sigmoid noaux_tc.
+    reject_unsupported(&with(v2(), "topk_method", json!("noaux_tc")), "topk_method");
+    reject_unsupported(&with(v2(), "scoring_func", json!("sigmoid")), "scoring_func");
+    reject_unsupported(&with(v3(), "topk_method", json!("greedy")), "topk_method");
+    reject_unsupported(&with(v3(), "scoring_func", json!("softmax")), "scoring_func");
+    // A config without the class's default token ids gets them (V3: bos 0, eos 1).
+    let c = parse(&v3());
+    assert_eq!((c.bos_token_id, c.eos_token_ids.as_slice()), (Some(0), &[1u32][..]));
 }
 
 #[test]

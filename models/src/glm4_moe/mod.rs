@@ -30,6 +30,8 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             max_position_embeddings: 131072,
             rms_norm_eps: 1e-5,
             tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_id: None,
         },
     )?;
     let qk_norm = match f.bool_or("use_qk_norm", false)? {
@@ -45,6 +47,7 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             default_theta: 10000.0,
             default_partial_rotary_factor: 0.5,
             reads_rotary_dim: false,
+            partial_rotary: true,
             qkv_bias: f.bool_or("attention_bias", false)?,
             // GLM-4.5's o_proj never has a bias.
             o_bias: false,

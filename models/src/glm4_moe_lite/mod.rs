@@ -27,20 +27,21 @@ const DEFAULTS: Defaults = Defaults {
     topk_group: Some(1),
     max_position_embeddings: 202752,
     rms_norm_eps: 1e-5,
+    bos_token_id: Some(0),
+    eos_token_id: Some(1),
 };
 
 fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
     let mut cfg = parse_text_config(f, Version::V3, FAMILY.name, class, DecoderNames::HF, &DEFAULTS)?;
-    // transformers places MoE layers by `mlp_layer_types` alone; without it, layer 0 is dense,
-    // which is also what `first_k_dense_replace: 1` in the Hub config says.
+    // transformers places MoE layers by `mlp_layer_types` alone (`first_k_dense_replace` is
+    // not read); without it, layer 0 is dense and the rest are MoE.
+    cfg.moe_layers = (0..cfg.num_hidden_layers).map(|l| l > 0).collect();
     if let Some(types) = f.get("mlp_layer_types") {
-        let bad = || {
-            f.unsupported(
-                "mlp_layer_types",
-                types,
-                "expected a list of \"dense\" / \"sparse\", one per layer",
-            )
-        };
+        let reason = format!(
+            "expected a list of \"dense\" / \"sparse\", one per layer ({})",
+            cfg.num_hidden_layers
+        );
+        let bad = || f.unsupported("mlp_layer_types", types, &reason);
         let list = types
             .as_array()
             .filter(|a| a.len() == cfg.num_hidden_layers)

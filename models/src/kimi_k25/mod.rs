@@ -3,6 +3,7 @@
 //! weights under `language_model.`, beside a vision tower this engine does not run (its
 //! tensors are skipped with one log line; the server refuses image inputs).
 
+use crate::config::common::{quant_method, saved_dtype};
 use crate::config::fields::Fields;
 use crate::config::{DecoderNames, ModelConfig};
 use crate::deepseek::config::{parse_text_config, Defaults, Version};
@@ -50,17 +51,10 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
         cfg.bos_token_id = Some(*bos);
     }
     if cfg.saved_dtype.is_none() {
-        cfg.saved_dtype = f.opt_str("torch_dtype")?.or(f.opt_str("dtype")?).map(str::to_string);
+        cfg.saved_dtype = saved_dtype(f)?;
     }
     if cfg.quantization.is_none() {
-        if let Some(q) = f.get("quantization_config") {
-            cfg.quantization = Some(
-                q.get("quant_method")
-                    .and_then(|m| m.as_str())
-                    .unwrap_or("unknown")
-                    .to_string(),
-            );
-        }
+        cfg.quantization = quant_method(f)?;
     }
     Ok(cfg)
 }

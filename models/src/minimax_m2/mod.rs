@@ -32,6 +32,8 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             max_position_embeddings: 196608,
             rms_norm_eps: 1e-6,
             tie_word_embeddings: false,
+            bos_token_id: Some(200034),
+            eos_token_id: Some(200020),
         },
     )?;
     // MiniMax-01's lightning-attention layers are type 0; M2 is full attention throughout.
@@ -59,6 +61,7 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             default_theta: 5e6,
             default_partial_rotary_factor: 1.0,
             reads_rotary_dim: true,
+            partial_rotary: true,
             qkv_bias: false,
             o_bias: false,
             // The class always normalizes q and k (`use_qk_norm` is not read).

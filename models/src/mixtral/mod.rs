@@ -31,6 +31,8 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             max_position_embeddings: 4096 * 32,
             rms_norm_eps: 1e-5,
             tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_id: Some(2),
         },
     )?;
     if let Some(w) = f.get("sliding_window") {
@@ -49,6 +51,7 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             default_theta: 1e6,
             default_partial_rotary_factor: 1.0,
             reads_rotary_dim: false,
+            partial_rotary: false,
             qkv_bias: false,
             o_bias: false,
             qk_norm: QkNorm::None,

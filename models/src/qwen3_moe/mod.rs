@@ -33,6 +33,8 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             max_position_embeddings: 32768,
             rms_norm_eps: 1e-6,
             tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_id: None,
         },
     )?;
     if f.bool_or("use_sliding_window", false)? {
@@ -53,6 +55,7 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
             default_theta: 10000.0,
             default_partial_rotary_factor: 1.0,
             reads_rotary_dim: false,
+            partial_rotary: false,
             qkv_bias: bias,
             o_bias: bias,
             qk_norm: QkNorm::PerHead,
@@ -77,10 +80,14 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
         1,
     )?;
     let sparse_step = f.positive_or("decoder_sparse_step", MAX_COUNT, 1)?;
-    let mlp_only = f.usize_list("mlp_only_layers", MAX_COUNT)?;
-    let moe_layers = (0..common.num_hidden_layers)
-        .map(|l| !mlp_only.contains(&l) && (l + 1).is_multiple_of(sparse_step))
+    let mut moe_layers: Vec<bool> = (0..common.num_hidden_layers)
+        .map(|l| (l + 1).is_multiple_of(sparse_step))
         .collect();
+    for l in f.usize_list("mlp_only_layers", MAX_COUNT)? {
+        if let Some(m) = moe_layers.get_mut(l) {
+            *m = false;
+        }
+    }
     let moe = MoeConfig {
         n_routed_experts: experts,
         n_shared_experts: 0,

@@ -3,8 +3,9 @@
 //!
 //! Owns the three built-in strategies (their math is `moe_kernels::moe::route`, shared with the
 //! CUDA routing kernel) and the `--router` spec parser/registry. It computes
-//! on host `f32` slices (the checkpoint's gate runs in f32, as transformers does); it never
-//! touches expert weights.
+//! on host `f32` slices: the gate always runs in f32 (as transformers does for DeepSeek and
+//! GLM; for Qwen3, Mixtral and MiniMax it computes the gate in the model dtype, which differs
+//! only at bf16 near-ties). It never touches expert weights.
 
 use std::fmt::Debug;
 use std::sync::Arc;
