@@ -30,6 +30,8 @@ const MODELS: &[&str] = &[
     "glm4-moe",
     "minimax-m2",
     "qwen3-moe",
+    "qwen3-moe-yarn",
+    "glm4-moe-qknorm",
     "mixtral",
 ];
 

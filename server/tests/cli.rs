@@ -255,6 +255,9 @@ fn inspect_counts_every_family_exactly_and_sizes_its_cache_by_its_spec() {
         ("minimax-m2", 512),
         ("qwen3-moe", 768),
         ("mixtral", 512),
+        // head_dim 24: 3 layers x 2 kv heads x (24 + 24) x 4 bytes.
+        ("qwen3-moe-yarn", 1152),
+        ("glm4-moe-qknorm", 1152),
     ] {
         let dir = fixture(name);
         let o = moe(&["inspect", "--model", dir.to_str().unwrap(), "--json"]);
