@@ -1,0 +1,158 @@
+//! Anthropic's Messages API over loopback HTTP: a whole response equals the streamed event
+//! sequence (order, text, usage, stop reason), stop sequences, count_tokens, `x-api-key`, and
+//! errors in Anthropic's shape. (`tests/anthropic_client.py` checks the same with the official
+//! client in CI.)
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn body(extra: Value) -> Value {
+    let mut b = json!({
+        "model": NAME, "max_tokens": 10, "temperature": 0, "system": "Be brief.",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}],
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+/// `(event name, data)` of every event of an SSE body.
+fn events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let field = |name: &str| {
+                e.lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                    .unwrap_or_default()
+            };
+            (
+                field("event:"),
+                serde_json::from_str(&field("data:")).unwrap_or(Value::Null),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_whole_and_streamed_agree_and_errors_take_anthropics_shape() {
+    let server = Server::start(&["--api-key", "sekret"]);
+    let post = |path: &'static str, b: Value, key: &'static str| {
+        let client = reqwest::Client::new();
+        let url = server.url(path);
+        async move {
+            let r = client.post(url).header("x-api-key", key).json(&b).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, text) = post("/v1/messages", body(json!({})), "sekret").await;
+    assert_eq!(status, 200, "{text}");
+    let whole: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (whole["type"].as_str(), whole["role"].as_str()),
+        (Some("message"), Some("assistant"))
+    );
+    let answer = whole["content"][0]["text"].as_str().unwrap().to_string();
+    let output_tokens = whole["usage"]["output_tokens"].as_u64().unwrap();
+    assert!(whole["usage"]["input_tokens"].as_u64().unwrap() > 0 && output_tokens >= 1);
+
+    let (status, text) = post("/v1/messages", body(json!({"stream": true})), "sekret").await;
+    assert_eq!(status, 200);
+    let evs = events(&text);
+    let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        &names[..3],
+        ["message_start", "content_block_start", "ping"],
+        "{names:?}"
+    );
+    assert_eq!(
+        &names[names.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    assert!(
+        names[3..names.len() - 3].iter().all(|n| *n == "content_block_delta"),
+        "{names:?}"
+    );
+    let streamed: String = evs
+        .iter()
+        .filter(|(n, _)| n == "content_block_delta")
+        .map(|(_, d)| d["delta"]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(streamed, answer);
+    let delta = &evs[evs.len() - 2].1;
+    assert_eq!(delta["delta"]["stop_reason"], whole["stop_reason"]);
+    assert_eq!(delta["usage"]["output_tokens"].as_u64(), Some(output_tokens));
+    // Every data payload names its own event type.
+    assert!(evs.iter().all(|(n, d)| d["type"] == n.as_str()));
+
+    // count_tokens agrees with the usage of the same conversation.
+    let (status, text) = post("/v1/messages/count_tokens", body(json!({})), "sekret").await;
+    assert_eq!(status, 200);
+    let counted: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(counted["input_tokens"], whole["usage"]["input_tokens"]);
+
+    // A stop sequence from inside the answer ends it there, and says which.
+    if let Some(stop) = answer.chars().skip(1).find(|c| c.is_alphanumeric()) {
+        let stop = stop.to_string();
+        let (_, text) = post("/v1/messages", body(json!({"stop_sequences": [stop]})), "sekret").await;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["stop_reason"], "stop_sequence");
+        assert_eq!(v["stop_sequence"], stop.as_str());
+        assert_eq!(v["content"][0]["text"], answer[..answer.find(&stop).unwrap()]);
+    }
+
+    // Errors: Anthropic's body, the field named, the status Anthropic uses.
+    let cases = [
+        (
+            body(json!({"max_tokens": null})),
+            400,
+            "invalid_request_error",
+            "max_tokens",
+        ),
+        (
+            body(json!({"temperature": 1.5})),
+            400,
+            "invalid_request_error",
+            "temperature",
+        ),
+        (
+            body(json!({"tools": [{"name": "f"}]})),
+            400,
+            "invalid_request_error",
+            "tools",
+        ),
+        (
+            body(json!({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]})),
+            400,
+            "invalid_request_error",
+            "messages.0.content.0.type",
+        ),
+        (
+            body(json!({"messages": [{"role": "user"}]})),
+            400,
+            "invalid_request_error",
+            "messages.0.content",
+        ),
+        (body(json!({"model": "nope"})), 404, "not_found_error", "model"),
+    ];
+    for (b, want_status, kind, field) in cases {
+        let (status, text) = post("/v1/messages", b.clone(), "sekret").await;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(status, want_status, "{b}: {text}");
+        assert_eq!(v["type"], "error", "{text}");
+        assert_eq!(v["error"]["type"], kind, "{text}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(field),
+            "{field}: {text}"
+        );
+    }
+    let (status, text) = post("/v1/messages", body(json!({})), "wrong").await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["error"]["type"],
+        "authentication_error"
+    );
+}
