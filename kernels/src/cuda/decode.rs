@@ -14,7 +14,7 @@ const TILE: usize = 32;
 const THREADS: u32 = 256;
 /// Largest value dim the kernel's per-thread accumulators hold (`2 * TPH * MAX_VK`).
 const MAX_VALUE_DIM: usize = 512;
-/// Fewest KV tokens worth a split of their own, and the most splits.
+/// Fewest KV tokens worth a split of their own, and the most splits (both decode kernels).
 const MIN_TOKENS_PER_SPLIT: usize = 256;
 const MAX_SPLITS: usize = 64;
 
@@ -46,10 +46,26 @@ pub fn decode_split_plan(
     forced: Option<usize>,
 ) -> (usize, usize) {
     let ctas = (num_seqs * num_heads.div_ceil(HEADS_PER_CTA)).max(1);
-    let by_length = max_context_len.div_ceil(MIN_TOKENS_PER_SPLIT).max(1);
-    let wanted = forced.unwrap_or_else(|| (2 * sm_count).div_ceil(ctas).min(by_length).min(MAX_SPLITS));
-    let wanted = wanted.max(1);
-    let tokens_per_split = max_context_len.div_ceil(wanted).max(1).next_multiple_of(TILE);
+    split_kv(ctas, max_context_len, MIN_TOKENS_PER_SPLIT, TILE, sm_count, forced)
+}
+
+/// The split-KV plan both decode kernels use: `(num_splits, tokens_per_split)` so that
+/// `ctas * splits` is about `2 * sm_count`, no split shorter than `min_tokens`, at most 64
+/// splits, `tokens_per_split` a multiple of `tile`; `forced` fixes the number of splits
+/// (some may then be empty).
+pub(super) fn split_kv(
+    ctas: usize,
+    max_context_len: usize,
+    min_tokens: usize,
+    tile: usize,
+    sm_count: usize,
+    forced: Option<usize>,
+) -> (usize, usize) {
+    let by_length = max_context_len.div_ceil(min_tokens).max(1);
+    let wanted = forced
+        .unwrap_or_else(|| (2 * sm_count).div_ceil(ctas.max(1)).min(by_length).min(MAX_SPLITS))
+        .max(1);
+    let tokens_per_split = max_context_len.div_ceil(wanted).max(1).next_multiple_of(tile);
     let splits = max_context_len.div_ceil(tokens_per_split).max(1);
     (if forced.is_some() { wanted } else { splits }, tokens_per_split)
 }

@@ -15,9 +15,9 @@ const THREADS: u32 = 128;
 const TILE: usize = 32;
 /// Head dims the kernel is compiled for (keys and values alike).
 const HEAD_DIMS: [usize; 3] = [64, 128, 256];
-/// Fewest KV tokens worth a split of their own, and the most splits (not tuned on a GPU yet).
+/// Fewest KV tokens worth a split of their own (not tuned on a GPU yet); at most
+/// `decode::MAX_SPLITS` splits.
 const MIN_TOKENS_PER_SPLIT: usize = 128;
-const MAX_SPLITS: usize = 64;
 
 /// Arguments of [`paged_gqa_decode`] besides the tensors.
 #[derive(Debug, Clone)]
@@ -60,13 +60,7 @@ pub fn gqa_decode_split_plan(
     let group = num_heads.checked_div(kv_heads).unwrap_or(1).max(1);
     let (_, _, chunks) = head_plan(group, head_dim);
     let ctas = (num_seqs * kv_heads * chunks).max(1);
-    let by_length = max_context_len.div_ceil(MIN_TOKENS_PER_SPLIT).max(1);
-    let wanted = forced
-        .unwrap_or_else(|| (2 * sm_count).div_ceil(ctas).min(by_length).min(MAX_SPLITS))
-        .max(1);
-    let tokens_per_split = max_context_len.div_ceil(wanted).max(1).next_multiple_of(TILE);
-    let splits = max_context_len.div_ceil(tokens_per_split).max(1);
-    (if forced.is_some() { wanted } else { splits }, tokens_per_split)
+    super::decode::split_kv(ctas, max_context_len, MIN_TOKENS_PER_SPLIT, TILE, sm_count, forced)
 }
 
 /// Grouped-query attention of one query token per sequence over its paged K/V cache: query
