@@ -181,6 +181,13 @@ fn minimax_m2_reads_partial_rotary_whole_qk_norm_and_biased_sigmoid_routing() {
     );
     rejects(&with(fixture("minimax-m2"), "rotary_dim", json!(7)), "rotary_dim");
     rejects(&with(fixture("minimax-m2"), "rotary_dim", json!(32)), "rotary_dim");
+    // transformers 5 writes both spellings of the rotated width; they must agree.
+    let both = with(fixture("minimax-m2"), "partial_rotary_factor", json!(0.5));
+    assert_eq!(gqa(&parse(&both)).rotary_dim, 8);
+    rejects(
+        &with(fixture("minimax-m2"), "partial_rotary_factor", json!(0.25)),
+        "rotary_dim",
+    );
     // One expert cannot be scored by its two best: the field at fault is the expert count.
     let one = with(
         with(fixture("minimax-m2"), "num_local_experts", json!(1)),

@@ -327,6 +327,17 @@ pub fn read_gqa(f: &Fields<'_>, common: &CommonFields, spec: GqaSpec) -> Result<
         require_full_rotary(f, &rope)?;
     }
     let rotary = match legacy_rotary {
+        // transformers 5 writes both spellings; they must agree.
+        Some(r) if (rope.partial_rotary_factor * head_dim as f64 - r as f64).abs() > 1e-6 => {
+            return Err(f.unsupported(
+                "rotary_dim",
+                &Value::from(r),
+                &format!(
+                    "disagrees with partial_rotary_factor {} of head_dim {head_dim}",
+                    rope.partial_rotary_factor
+                ),
+            ))
+        }
         Some(r) => r,
         None => {
             let r = rotary_dim(head_dim, &rope);
