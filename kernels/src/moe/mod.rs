@@ -9,10 +9,12 @@
 //!   expert), each expert's group padded with [`PAD_SLOT`] to a multiple of the GEMM tile;
 //! * a *tile* is `tile_rows` consecutive permuted rows, all of one expert.
 
+mod device;
 mod experts;
 mod permute;
 mod routing;
 
+pub use device::{grouped_moe, grouped_moe_applies, GroupedMoe};
 pub use experts::{grouped_expert_mlp, ExpertWeights};
 pub use permute::{max_padded_rows, max_tiles, permute_by_expert, ExpertPermutation, PAD_SLOT};
 pub use routing::{route, RoutingMethod, RoutingParams, Scoring};

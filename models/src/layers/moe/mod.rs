@@ -7,6 +7,7 @@ pub mod router;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
+use moe_kernels::moe::{grouped_moe, grouped_moe_applies, GroupedMoe};
 
 use super::mlp::Mlp;
 use crate::config::MoeConfig;
@@ -29,7 +30,6 @@ pub struct MoeBlock {
     experts: Experts,
     shared: Option<Mlp>,
     /// Keep to the reference path even where the GPU kernels apply (`--expert-backend`).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     reference_experts: bool,
 }
 
@@ -91,10 +91,34 @@ impl MoeBlock {
         &self.router
     }
 
-    /// `x`: `[tokens, H]` (normed) -> `[tokens, H]`.
+    /// `x`: `[tokens, H]` (normed) -> `[tokens, H]`. Takes the grouped device path
+    /// (routing kernel, permutation, grouped GEMMs, combine; `moe_kernels::moe::grouped_moe`)
+    /// where it applies: a built-in router, bf16 on CUDA, shapes within the kernels' limits,
+    /// and not `--expert-backend reference`. Otherwise routes on the host and runs the
+    /// reference experts.
     pub fn forward(&self, x: &Tensor, trace: Option<&RoutingTrace>) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if let Some(out) = self.forward_on_device(x, trace)? {
+        let device_routing = self
+            .router
+            .kernel_params()
+            .filter(|p| !self.reference_experts && grouped_moe_applies(x, &self.experts.gate_up, p));
+        if let Some(routing) = device_routing {
+            let shared = match &self.shared {
+                Some(s) => Some(s.forward(x)?.contiguous()?),
+                None => None,
+            };
+            let inputs = GroupedMoe {
+                x,
+                gate: &self.gate,
+                correction_bias: self.correction_bias.as_ref().map(|(_, device)| device),
+                routing: &routing,
+                gate_up: &self.experts.gate_up,
+                down: &self.experts.down,
+            };
+            let (out, ids) = grouped_moe(&inputs, shared.as_ref())?;
+            // The only host copy: the expert ids, when someone asks for them.
+            if let Some(t) = trace {
+                t.record(self.layer, &ids.flatten_all()?.to_vec1::<u32>()?);
+            }
             return Ok(out);
         }
         let logits = x.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?; // [T, E]
@@ -113,48 +137,5 @@ impl MoeBlock {
             Some(s) => Ok((routed + s.forward(x)?)?),
             None => Ok(routed),
         }
-    }
-
-    /// The GPU path: routing kernel, permutation, grouped GEMMs and combine, with no host
-    /// round trip (unless `trace` asks for the expert ids). `None` when it does not apply: not
-    /// on a CUDA device, not bf16, a router without kernel parameters (routed on the host),
-    /// or shapes beyond the kernels' limits.
-    #[cfg(feature = "cuda")]
-    fn forward_on_device(&self, x: &Tensor, trace: Option<&RoutingTrace>) -> Result<Option<Tensor>> {
-        use moe_kernels::cuda;
-        let (num_experts, _, hidden) = self.experts.gate_up.dims3()?;
-        let usable = !self.reference_experts
-            && x.device().is_cuda()
-            && x.dtype() == DType::BF16
-            && self.experts.gate_up.dtype() == DType::BF16
-            && hidden.is_multiple_of(8)
-            && self.experts.intermediate.is_multiple_of(8);
-        let Some(params) = self
-            .router
-            .kernel_params()
-            .filter(|p| usable && cuda::routing_supported(p, num_experts))
-        else {
-            return Ok(None);
-        };
-        let x = x.contiguous()?;
-        let logits = x.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?.contiguous()?; // [T, E]
-        let bias = self.correction_bias.as_ref().map(|(_, device)| device);
-        let (ids, weights) = cuda::moe_route(&logits, bias, &params)?;
-        if let Some(t) = trace {
-            t.record(self.layer, &ids.flatten_all()?.to_vec1::<u32>()?);
-        }
-        let shared = match &self.shared {
-            Some(s) => Some(s.forward(&x)?.contiguous()?),
-            None => None,
-        };
-        let (gate_up, down) = (&self.experts.gate_up, &self.experts.down);
-        Ok(Some(cuda::moe_experts(
-            &x,
-            gate_up,
-            down,
-            &ids,
-            &weights,
-            shared.as_ref(),
-        )?))
     }
 }
