@@ -22,7 +22,7 @@ use moe_kernels::cuda::{kv_cache_write, paged_gqa_decode, GqaDecodeParams};
 use moe_kernels::{paged_gqa_attention, write_kv_cache, PagedSeq};
 
 mod common;
-use common::{gpu, host, Rng};
+use common::{gpu, host, slot_tensor, Rng};
 
 /// One decode batch: caches written on both devices, block tables, the reference's sequences.
 struct Batch {
@@ -295,17 +295,7 @@ fn kv_cache_write_matches_reference_with_padding_and_views() -> Result<()> {
         for slot_dtype in [DType::I64, DType::U32] {
             let k_cache = Tensor::zeros((nb, bs, kvh, d), dtype, &dev)?;
             let v_cache = Tensor::zeros((nb, bs, kvh, dv), dtype, &dev)?;
-            let s = match slot_dtype {
-                DType::I64 => Tensor::from_vec(slots.clone(), t, &dev)?,
-                _ => Tensor::from_vec(
-                    slots
-                        .iter()
-                        .map(|&s| if s < 0 { u32::MAX } else { s as u32 })
-                        .collect::<Vec<_>>(),
-                    t,
-                    &dev,
-                )?,
-            };
+            let s = slot_tensor(&slots, slot_dtype, &dev)?;
             kv_cache_write(&k_cache, &v_cache, &k_g, &v_g, &s)?;
             assert_eq!(host(&k_cache), host(&k_cpu), "k {dtype:?} {slot_dtype:?}");
             assert_eq!(host(&v_cache), host(&v_cpu), "v {dtype:?} {slot_dtype:?}");

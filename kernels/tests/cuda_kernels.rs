@@ -13,7 +13,7 @@ use moe_kernels::cuda::{latent_cache_write, paged_mla_decode, rmsnorm_residual, 
 use moe_kernels::{paged_mla_attention, reference, write_latent_cache, PagedSeq};
 
 mod common;
-use common::{gpu, host, Rng};
+use common::{gpu, host, slot_tensor, Rng};
 
 fn max_ulp_violation(got: &[f32], want: &[f32]) -> f32 {
     got.iter()
@@ -53,17 +53,7 @@ fn latent_cache_write_matches_reference() -> Result<()> {
 
         for slot_dtype in [DType::I64, DType::U32] {
             let cache = Tensor::zeros((num_blocks, block_size, kv_lora + rope), dtype, &dev)?;
-            let s = match slot_dtype {
-                DType::I64 => Tensor::from_vec(slots.clone(), t, &dev)?,
-                _ => Tensor::from_vec(
-                    slots
-                        .iter()
-                        .map(|&s| if s < 0 { u32::MAX } else { s as u32 })
-                        .collect::<Vec<_>>(),
-                    t,
-                    &dev,
-                )?,
-            };
+            let s = slot_tensor(&slots, slot_dtype, &dev)?;
             latent_cache_write(&cache, &ckv.to_device(&dev)?, &kpe.to_device(&dev)?, &s)?;
             assert_eq!(host(&cache), host(&cache_cpu), "{dtype:?} {slot_dtype:?}");
         }

@@ -45,15 +45,7 @@ pub(super) fn attention_in_chunks(
 ) -> Result<Tensor> {
     const OP: &str = "paged_gqa_attention";
     let (num_tokens, num_heads, head_dim) = q.dims3()?;
-    let (num_blocks, block_size, kv_heads, k_dim) = k_cache.dims4()?;
-    let (vb, vbs, vh, v_head_dim) = v_cache.dims4()?;
-    if (vb, vbs, vh) != (num_blocks, block_size, kv_heads) {
-        bail!(
-            "{OP}: k_cache {:?} and v_cache {:?} disagree",
-            k_cache.shape(),
-            v_cache.shape()
-        );
-    }
+    let (num_blocks, block_size, kv_heads, k_dim, v_head_dim) = super::cache_dims(OP, k_cache, v_cache)?;
     if k_dim != head_dim {
         bail!("{OP}: q head dim {head_dim}, k_cache head dim {k_dim}");
     }

@@ -15,15 +15,7 @@ use crate::paged::{check_slots, write_cache_rows};
 /// Every argument is checked before either cache is touched.
 pub fn write_kv_cache(k_cache: &Tensor, v_cache: &Tensor, k: &Tensor, v: &Tensor, slot_mapping: &Tensor) -> Result<()> {
     const OP: &str = "write_kv_cache";
-    let (num_blocks, block_size, kv_heads, head_dim) = k_cache.dims4()?;
-    let (vb, vbs, vh, v_head_dim) = v_cache.dims4()?;
-    if (vb, vbs, vh) != (num_blocks, block_size, kv_heads) {
-        bail!(
-            "{OP}: k_cache {:?} and v_cache {:?} disagree",
-            k_cache.shape(),
-            v_cache.shape()
-        );
-    }
+    let (num_blocks, block_size, kv_heads, head_dim, v_head_dim) = super::cache_dims(OP, k_cache, v_cache)?;
     let (t, kh, kd) = k.dims3()?;
     let (tv, vhh, vd) = v.dims3()?;
     if (kh, kd) != (kv_heads, head_dim) || (tv, vhh, vd) != (t, kv_heads, v_head_dim) {

@@ -18,5 +18,22 @@ pub use cache_write::write_kv_cache;
 
 pub use crate::paged::PagedSeq;
 
+use candle_core::{bail, Result, Tensor};
+
+/// Shapes of a layer's caches: `(num_blocks, block_size, kv_heads, head_dim, v_head_dim)`,
+/// after checking that `k_cache` and `v_cache` agree on everything but the head width.
+fn cache_dims(op: &str, k_cache: &Tensor, v_cache: &Tensor) -> Result<(usize, usize, usize, usize, usize)> {
+    let (num_blocks, block_size, kv_heads, head_dim) = k_cache.dims4()?;
+    let (vb, vbs, vh, v_head_dim) = v_cache.dims4()?;
+    if (vb, vbs, vh) != (num_blocks, block_size, kv_heads) {
+        bail!(
+            "{op}: k_cache {:?} and v_cache {:?} disagree",
+            k_cache.shape(),
+            v_cache.shape()
+        );
+    }
+    Ok((num_blocks, block_size, kv_heads, head_dim, v_head_dim))
+}
+
 #[cfg(test)]
 mod tests;

@@ -39,3 +39,19 @@ pub fn host(t: &Tensor) -> Vec<f32> {
         .to_vec1()
         .unwrap()
 }
+
+/// Cache slots as the write kernels take them: i64 as given, or u32 with the negative
+/// (padding) slots as `u32::MAX`.
+pub fn slot_tensor(slots: &[i64], dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    match dtype {
+        DType::I64 => Tensor::from_vec(slots.to_vec(), slots.len(), dev),
+        _ => Tensor::from_vec(
+            slots
+                .iter()
+                .map(|&s| if s < 0 { u32::MAX } else { s as u32 })
+                .collect::<Vec<_>>(),
+            slots.len(),
+            dev,
+        ),
+    }
+}
