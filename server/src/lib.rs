@@ -2,6 +2,7 @@
 //! `main.rs` is a thin wrapper, and the fuzz targets and tests reach the request parsing and
 //! chat templates through here.
 
+pub mod agent;
 pub mod bench;
 pub mod chat_template;
 pub mod cli;

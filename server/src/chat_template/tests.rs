@@ -1,4 +1,4 @@
-//! Chat-template rendering checked against transformers/jinja2 output on the fixture and the real DeepSeek-V3 template.
+//! Chat-template rendering checked against transformers/jinja2 output on the fixture and the real DeepSeek-V3 template, and the checks a conversation must pass.
 
 use super::*;
 use std::path::PathBuf;
@@ -116,15 +116,14 @@ fn chat_template_list_of_parts_content() {
     let t = ChatTemplate::from_model_dir(&fixture_dir()).unwrap().unwrap();
     let messages: Vec<ChatMessage> = serde_json::from_str(
         r#"[{"role":"user","content":[{"type":"text","text":"Hello, "},{"type":"text","text":"world"}]},
-            {"role":"assistant","content":null},
+            {"role":"assistant","content":""},
             {"role":"user","content":"again","name":"bob"}]"#,
     )
     .unwrap();
     assert_eq!(
         messages[0].content,
-        MessageContent::Parts(vec![ContentPart::text("Hello, "), ContentPart::text("world")])
+        Some(MessageContent::Parts(vec![ContentPart::text("Hello, "), ContentPart::text("world")]))
     );
-    assert_eq!(messages[1].content, MessageContent::Text(String::new()));
     assert_eq!(messages[2].name.as_deref(), Some("bob"));
     assert_eq!(
         t.render(&messages, false).unwrap(),
@@ -155,7 +154,7 @@ fn chat_template_rejects_empty_and_unknown_roles() {
         Err(ChatTemplateError::InvalidMessage(m)) => assert!(m.contains("wizard"), "{m}"),
         other => panic!("expected InvalidMessage, got {other:?}"),
     }
-    for role in VALID_ROLES {
+    for role in VALID_ROLES.iter().filter(|r| **r != "tool") {
         assert_eq!(t.render(&[msg(role, "a")], true).unwrap(), "1");
     }
 }
@@ -169,7 +168,15 @@ fn chat_template_raise_exception_is_render_error() {
     )
     .unwrap();
     assert_eq!(t.render(&[msg("user", "ok")], false).unwrap(), "ok");
-    match t.render(&[msg("user", "ok"), msg("tool", "42")], false) {
+    let call: ChatMessage = serde_json::from_value(serde_json::json!(
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    ))
+    .unwrap();
+    let result = ChatMessage {
+        tool_call_id: Some("c1".into()),
+        ..msg("tool", "42")
+    };
+    match t.render(&[msg("user", "ok"), call, result], false) {
         Err(ChatTemplateError::Render(m)) => {
             assert_eq!(m, "Tool messages are not supported: 42")
         }
@@ -390,4 +397,33 @@ fn chat_template_fuel_covers_long_real_conversations() {
         .collect();
     let out = t.render(&msgs, true).unwrap();
     assert_eq!(out.matches("hello there").count(), 20_000);
+}
+
+#[test]
+fn conversations_that_break_the_rules_are_refused_naming_the_field() {
+    let t = ChatTemplate::new("{{ messages | length }}", None, None).unwrap();
+    let refused = |v: serde_json::Value| -> String {
+        let messages: Vec<ChatMessage> = serde_json::from_value(v).unwrap();
+        match t.render(&messages, true) {
+            Err(ChatTemplateError::InvalidMessage(m)) => m,
+            other => panic!("expected InvalidMessage, got {other:?}"),
+        }
+    };
+    let m = refused(serde_json::json!([{"role": "user"}]));
+    assert!(m.contains("messages[0].content is required"), "{m}");
+    let m = refused(serde_json::json!([{"role": "system", "content": null}, {"role": "user", "content": "x"}]));
+    assert!(m.contains("messages[0].content"), "{m}");
+    let m = refused(serde_json::json!([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}]));
+    assert!(m.contains("messages[1].tool_call_id") && m.contains("nope"), "{m}");
+    let m = refused(serde_json::json!([{"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]));
+    assert!(m.contains("messages[1].tool_calls[0].function.arguments"), "{m}");
+    let m = refused(serde_json::json!([{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}]));
+    assert!(m.contains("messages[1].tool_call_id is required"), "{m}");
+    // The well-formed version of the same conversation renders.
+    let ok: Vec<ChatMessage> = serde_json::from_value(serde_json::json!([{"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "1"}]))
+    .unwrap();
+    assert_eq!(t.render(&ok, true).unwrap(), "3");
 }

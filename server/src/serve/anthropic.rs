@@ -24,7 +24,7 @@ use super::error::ApiError;
 use super::handlers::{pump, read_body};
 use super::protocol::{parse_body, SamplingFields, StopInput};
 use super::AppState;
-use crate::chat_template::{ChatMessage, MessageContent};
+use crate::chat_template::ChatMessage;
 
 /// An [`ApiError`] answered in Anthropic's error shape.
 pub struct AnthropicError(pub ApiError);
@@ -172,11 +172,7 @@ impl MessagesRequest {
                 .as_ref()
                 .ok_or_else(|| bad("every message needs `content`", &format!("messages.{i}.content")))?
                 .text(&format!("messages.{i}.content"))?;
-            out.push(ChatMessage {
-                role: m.role.clone(),
-                content: MessageContent::Text(content),
-                name: None,
-            });
+            out.push(ChatMessage::new(m.role.clone(), content));
         }
         if self.messages[0].role != "user" {
             return Err(bad("the first message must have role \"user\"", "messages.0.role"));

@@ -1,0 +1,229 @@
+//! Formats that spell each argument as a tagged key/value pair: GLM-4.5 and
+//! later, MiniMax-M2 and Qwen3-Coder. A call is reported with its name as
+//! soon as the name is complete and with its arguments, as one JSON object in
+//! the model's order, when it closes. A value is a JSON string when the
+//! tool's schema says `string` (or it is not valid JSON), else the JSON it spells.
+
+use super::{CallProgress, SectionScan, ToolSchemas};
+
+const TOOL_CALL_END: &str = "</tool_call>";
+
+/// JSON text of one argument value.
+fn typed_value(raw: &str, ty: Option<&str>) -> String {
+    let as_string = || serde_json::Value::String(raw.to_owned()).to_string();
+    if ty == Some("string") {
+        return as_string();
+    }
+    match serde_json::from_str::<serde_json::Value>(raw.trim()) {
+        Ok(v) => v.to_string(),
+        Err(_) => as_string(),
+    }
+}
+
+/// `{"k":v,...}` in the given order.
+fn json_object(tool: &str, pairs: &[(String, String)], schemas: &ToolSchemas) -> String {
+    let mut out = String::from("{");
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::Value::String(k.clone()).to_string());
+        out.push(':');
+        out.push_str(&typed_value(v, schemas.param_type(tool, k)));
+    }
+    out.push('}');
+    out
+}
+
+/// A value written on lines of its own (`<parameter=k>\nvalue\n</parameter>`)
+/// loses the one newline on each side.
+fn strip_one_newline(v: &str) -> &str {
+    let v = v.strip_prefix('\n').unwrap_or(v);
+    v.strip_suffix('\n').unwrap_or(v)
+}
+
+/// Pairs `<open_key>K</close_key> <open_value>V</close_value>` in `body`.
+fn tagged_pairs(body: &str, key: (&str, &str), value: (&str, &str)) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut rest = body;
+    while let Some(k0) = rest.find(key.0) {
+        let after_key = &rest[k0 + key.0.len()..];
+        let Some(k1) = after_key.find(key.1) else { break };
+        let k = after_key[..k1].trim().to_owned();
+        let after = &after_key[k1 + key.1.len()..];
+        let Some(v0) = after.find(value.0) else { break };
+        let after_open = &after[v0 + value.0.len()..];
+        let Some(v1) = after_open.find(value.1) else { break };
+        pairs.push((k, after_open[..v1].to_owned()));
+        rest = &after_open[v1 + value.1.len()..];
+    }
+    pairs
+}
+
+/// GLM: `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>`
+/// (GLM-4.5 puts newlines between the parts; GLM-4.7 none).
+pub(super) fn scan_glm(section: &str, schemas: &ToolSchemas) -> SectionScan {
+    let mut scan = SectionScan::default();
+    let end = section.find(TOOL_CALL_END);
+    let inner = &section[..end.unwrap_or(section.len())];
+    let name_end = inner.find(['<', '\n']);
+    let name = inner[..name_end.unwrap_or(inner.len())].trim();
+    if name.is_empty() || (name_end.is_none() && end.is_none()) {
+        scan.end = end.map(|e| e + TOOL_CALL_END.len());
+        return scan;
+    }
+    let complete = end.is_some();
+    let arguments = if complete {
+        let pairs = tagged_pairs(inner, ("<arg_key>", "</arg_key>"), ("<arg_value>", "</arg_value>"));
+        json_object(name, &pairs, schemas)
+    } else {
+        String::new()
+    };
+    scan.calls.push(CallProgress {
+        name: name.to_owned(),
+        id: None,
+        arguments,
+        complete,
+    });
+    scan.end = end.map(|e| e + TOOL_CALL_END.len());
+    scan
+}
+
+/// MiniMax-M2: `<minimax:tool_call>` then `<invoke name="NAME"><parameter name="K">V</parameter></invoke>`
+/// repeated, closed by `</minimax:tool_call>`.
+pub(super) fn scan_minimax(section: &str, schemas: &ToolSchemas) -> SectionScan {
+    const SECTION_END: &str = "</minimax:tool_call>";
+    const INVOKE: &str = "<invoke name=";
+    const INVOKE_END: &str = "</invoke>";
+    let mut scan = SectionScan::default();
+    let end = section.find(SECTION_END);
+    let inner = &section[..end.unwrap_or(section.len())];
+    let mut rest = inner;
+    while let Some(at) = rest.find(INVOKE) {
+        let after = &rest[at + INVOKE.len()..];
+        let Some(close) = after.find('>') else { break };
+        let name = after[..close].trim().trim_matches(['"', '\'']).to_owned();
+        let body = &after[close + 1..];
+        let call_end = body.find(INVOKE_END);
+        let arguments = match call_end {
+            Some(e) => {
+                let pairs: Vec<(String, String)> = tagged_pairs_named(&body[..e])
+                    .into_iter()
+                    .map(|(k, v)| (k, strip_one_newline(&v).to_owned()))
+                    .collect();
+                json_object(&name, &pairs, schemas)
+            }
+            None => String::new(),
+        };
+        if name.is_empty() {
+            break;
+        }
+        scan.calls.push(CallProgress {
+            name,
+            id: None,
+            arguments,
+            complete: call_end.is_some(),
+        });
+        match call_end {
+            Some(e) => rest = &body[e + INVOKE_END.len()..],
+            None => break,
+        }
+    }
+    scan.end = end.map(|e| e + SECTION_END.len());
+    scan
+}
+
+/// `<parameter name="K">V</parameter>` pairs.
+fn tagged_pairs_named(body: &str) -> Vec<(String, String)> {
+    const OPEN: &str = "<parameter name=";
+    const CLOSE: &str = "</parameter>";
+    let mut pairs = Vec::new();
+    let mut rest = body;
+    while let Some(at) = rest.find(OPEN) {
+        let after = &rest[at + OPEN.len()..];
+        let Some(gt) = after.find('>') else { break };
+        let key = after[..gt].trim().trim_matches(['"', '\'']).to_owned();
+        let value_and_rest = &after[gt + 1..];
+        let Some(close) = value_and_rest.find(CLOSE) else { break };
+        pairs.push((key, value_and_rest[..close].to_owned()));
+        rest = &value_and_rest[close + CLOSE.len()..];
+    }
+    pairs
+}
+
+/// Qwen3-Coder: `<tool_call><function=NAME><parameter=K>\nV\n</parameter></function></tool_call>`.
+pub(super) fn scan_qwen3_coder(section: &str, schemas: &ToolSchemas) -> SectionScan {
+    const FUNCTION: &str = "<function=";
+    const FUNCTION_END: &str = "</function>";
+    let mut scan = SectionScan::default();
+    let end = section.find(TOOL_CALL_END);
+    let inner = &section[..end.unwrap_or(section.len())];
+    let mut rest = inner;
+    while let Some(at) = rest.find(FUNCTION) {
+        let after = &rest[at + FUNCTION.len()..];
+        let Some(gt) = after.find('>') else { break };
+        let name = after[..gt].trim().to_owned();
+        let body = &after[gt + 1..];
+        let call_end = body.find(FUNCTION_END);
+        let arguments = match call_end {
+            Some(e) => {
+                let pairs: Vec<(String, String)> = coder_pairs(&body[..e]);
+                json_object(&name, &pairs, schemas)
+            }
+            None => String::new(),
+        };
+        if name.is_empty() {
+            break;
+        }
+        scan.calls.push(CallProgress {
+            name,
+            id: None,
+            arguments,
+            complete: call_end.is_some(),
+        });
+        match call_end {
+            Some(e) => rest = &body[e + FUNCTION_END.len()..],
+            None => break,
+        }
+    }
+    scan.end = end.map(|e| e + TOOL_CALL_END.len());
+    scan
+}
+
+/// `<parameter=K>\nV\n</parameter>` pairs.
+fn coder_pairs(body: &str) -> Vec<(String, String)> {
+    const OPEN: &str = "<parameter=";
+    const CLOSE: &str = "</parameter>";
+    let mut pairs = Vec::new();
+    let mut rest = body;
+    while let Some(at) = rest.find(OPEN) {
+        let after = &rest[at + OPEN.len()..];
+        let Some(gt) = after.find('>') else { break };
+        let key = after[..gt].trim().to_owned();
+        let value_and_rest = &after[gt + 1..];
+        let Some(close) = value_and_rest.find(CLOSE) else { break };
+        pairs.push((key, strip_one_newline(&value_and_rest[..close]).to_owned()));
+        rest = &value_and_rest[close + CLOSE.len()..];
+    }
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_follow_the_schema_type() {
+        assert_eq!(typed_value("5", Some("string")), "\"5\"");
+        assert_eq!(typed_value("5", Some("integer")), "5");
+        assert_eq!(typed_value(" [1, 2] ", None), "[1,2]");
+        assert_eq!(typed_value("Paris", Some("integer")), "\"Paris\"");
+        assert_eq!(typed_value("a \"q\"\n", None), "\"a \\\"q\\\"\\n\"");
+    }
+
+    #[test]
+    fn glm_pairs_keep_the_model_order() {
+        let s = tagged_pairs("f<arg_key>z</arg_key><arg_value>1</arg_value>\n<arg_key>a</arg_key>\n<arg_value>x</arg_value>", ("<arg_key>", "</arg_key>"), ("<arg_value>", "</arg_value>"));
+        assert_eq!(s, vec![("z".into(), "1".into()), ("a".into(), "x".into())]);
+    }
+}
