@@ -14,6 +14,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use moe_models::RoutingTrace;
 
+use crate::constraint::{ConstraintStep, TokenConstraint};
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
@@ -48,6 +49,8 @@ pub struct GenerationRequest {
     /// Strings that end generation; matched on the detokenized text and not returned.
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// A grammar the output must match (see [`crate::constraint`]); `None`: free.
+    pub constraint: Option<TokenConstraint>,
 }
 
 /// Log-probabilities of one generated token.
@@ -154,6 +157,7 @@ struct Live {
     sampler: Sampler,
     detokenizer: Option<IncrementalDetokenizer>,
     stops: StopStrings,
+    constraint: Option<TokenConstraint>,
     generated: Vec<u32>,
     prompt_tokens: usize,
     /// A stop string ended the output: nothing after it may be emitted.
@@ -301,6 +305,7 @@ impl Engine {
             sampler,
             detokenizer: self.has_tokenizer.then(IncrementalDetokenizer::new),
             stops,
+            constraint: request.constraint,
             generated: Vec::new(),
             prompt_tokens: prompt_len,
             stopped_by_string: false,
@@ -348,6 +353,45 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Samples under a grammar: forbidden tokens are masked first, and the output
+/// ends (`finish`) once the grammar is complete. A grammar that fails mid-way
+/// (it exhausted llguidance's limits) ends only its own request.
+fn constrained_sample(
+    constraint: &mut TokenConstraint,
+    sampler: &Sampler,
+    logits: &mut [f32],
+    generated: &[u32],
+    step: usize,
+    finish: &mut Option<FinishReason>,
+) -> crate::sampling::SampledToken {
+    let end = |finish: &mut Option<FinishReason>, token: u32| {
+        *finish = Some(FinishReason::Stop);
+        crate::sampling::SampledToken {
+            token,
+            logprob: None,
+            top_logprobs: Vec::new(),
+        }
+    };
+    match constraint.mask(logits) {
+        Ok(ConstraintStep::Sample) => {}
+        Ok(ConstraintStep::Finished) => return end(finish, constraint.eos_token()),
+        Err(e) => {
+            tracing::warn!("{e}; ending the request");
+            return end(finish, constraint.eos_token());
+        }
+    }
+    let token = sampler.sample(logits, generated, step);
+    match constraint.accept(token.token) {
+        Ok(false) => {}
+        Ok(true) => *finish = Some(FinishReason::Stop),
+        Err(e) => {
+            tracing::warn!("{e}; ending the request");
+            *finish = Some(FinishReason::Stop);
+        }
+    }
+    token
 }
 
 struct StepLoop {
@@ -435,9 +479,13 @@ impl StepLoop {
         for (id, row) in logits {
             let Some(live) = self.live.get_mut(&id) else { continue };
             let step = live.generated.len();
-            let token = live.sampler.sample(&row, &live.generated, step);
-            live.generated.push(token.token);
+            let mut row = row;
             let mut finish = None;
+            let token = match live.constraint.as_mut() {
+                None => live.sampler.sample(&row, &live.generated, step),
+                Some(c) => constrained_sample(c, &live.sampler, &mut row, &live.generated, step, &mut finish),
+            };
+            live.generated.push(token.token);
             let mut text = String::new();
             if let (Some(d), Some(t)) = (live.detokenizer.as_mut(), self.tokenizer.as_deref()) {
                 let delta = d.push(t, token.token)?;

@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod block_pool;
+pub mod constraint;
 pub mod detokenizer;
 pub mod engine;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod stop;
 pub mod tokenizer;
 
 pub use batch::{BatchBuilder, LogitRows, SeqChunk};
+pub use constraint::{ConstraintStep, Grammar, GrammarCompiler, TokenConstraint};
 pub use detokenizer::IncrementalDetokenizer;
 pub use engine::{Engine, EngineConfig, FinishReason, GenerationRequest, RequestOutput};
 pub use error::{EngineError, Result};

@@ -1,7 +1,7 @@
 //! Text <-> token ids for a model directory: `tokenizer.json` through the `tokenizers` crate,
 //! plus the BOS/EOS conventions of `tokenizer_config.json` and `generation_config.json`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tokenizers::{DecoderWrapper, Tokenizer};
@@ -10,6 +10,8 @@ use crate::error::{EngineError, Result};
 
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The `tokenizer.json` it was loaded from.
+    source: PathBuf,
     bos_id: Option<u32>,
     add_bos: bool,
     eos_ids: Vec<u32>,
@@ -70,10 +72,25 @@ impl TextTokenizer {
         }
         Ok(TextTokenizer {
             inner,
+            source: tokenizer.to_path_buf(),
             bos_id,
             add_bos,
             eos_ids,
         })
+    }
+
+    /// The `tokenizer.json` this was loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// Encodes text as it is: no BOS, special-token text matched as special tokens.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| EngineError::Tokenizer {
+            path: self.source.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// Encodes a prompt, prepending BOS when `tokenizer_config.json` asks for it.

@@ -282,6 +282,7 @@ impl SamplingFields {
             stop_token_ids: vec![],
             stop,
             ignore_eos: self.ignore_eos,
+            constraint: None,
         })
     }
 }
