@@ -265,6 +265,11 @@ impl Engine {
         &self.config
     }
 
+    /// The token ids that end a sequence (the model's, then the tokenizer's).
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
     /// Validates and enqueues a request; its output arrives on the returned stream.
     pub fn submit(&self, request: GenerationRequest) -> Result<RequestStream> {
         let prompt_len = request.prompt_token_ids.len();

@@ -7,10 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use moe_engine::Engine;
+use moe_engine::{Engine, GrammarCompiler, TextTokenizer};
 
 use super::{EngineArgs, ModelArgs};
+use crate::agent::reasoning::REASONING_PARSERS;
+use crate::agent::tool_calls::TOOL_CALL_PARSERS;
+use crate::agent::{ReasoningFormat, ToolCallFormat};
 use crate::chat_template::ChatTemplate;
+use crate::serve::agent::AgentConfig;
 use crate::serve::{ServedModel, ServerOptions};
 
 #[derive(Debug, Args)]
@@ -69,6 +73,69 @@ pub struct ServeArgs {
     /// the CPU, where --kv-cache-memory sizes the cache).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f32,
+
+    /// How tool calls are read out of the model's output: `auto` (from the chat template's
+    /// markup), `none`, or one of deepseek_v3, deepseek_v31, deepseek_r1, kimi_k2, glm45,
+    /// glm47, minimax_m2, hermes, qwen3, qwen3_coder.
+    #[arg(long, default_value = "auto")]
+    pub tool_call_parser: String,
+
+    /// How reasoning is split off into `reasoning_content`: `auto` (when the chat template
+    /// writes `</think>`), `none`, or one of deepseek_r1, deepseek_v3, qwen3, glm45,
+    /// minimax_m2, kimi_k2.
+    #[arg(long, default_value = "auto")]
+    pub reasoning_parser: String,
+
+    /// Accepted for vLLM compatibility: tool_choice "auto" is always enabled.
+    #[arg(long)]
+    pub enable_auto_tool_choice: bool,
+}
+
+/// The output parsers and the structured-output compiler for the served model.
+fn agent_config(
+    args: &ServeArgs,
+    template: Option<&ChatTemplate>,
+    tokenizer: Option<&Arc<TextTokenizer>>,
+    vocab_size: usize,
+    eos_ids: &[u32],
+) -> anyhow::Result<AgentConfig> {
+    let source = template.map(ChatTemplate::source).unwrap_or_default();
+    let tool_format = match args.tool_call_parser.as_str() {
+        "auto" => ToolCallFormat::detect(source),
+        "none" => None,
+        name => Some(ToolCallFormat::from_name(name).with_context(|| {
+            let names: Vec<&str> = TOOL_CALL_PARSERS.iter().map(|(n, _)| *n).collect();
+            format!("--tool-call-parser {name:?} is not one of auto, none, {}", names.join(", "))
+        })?),
+    };
+    let reasoning = match args.reasoning_parser.as_str() {
+        "auto" => ReasoningFormat::detect(source),
+        "none" => None,
+        name => Some(ReasoningFormat::from_name(name).with_context(|| {
+            format!("--reasoning-parser {name:?} is not one of auto, none, {}", REASONING_PARSERS.join(", "))
+        })?),
+    };
+    let grammars = match tokenizer {
+        Some(t) => match GrammarCompiler::new(t.clone(), vocab_size, eos_ids) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::warn!("structured outputs are off: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    tracing::info!(
+        tool_call_parser = ?tool_format,
+        reasoning_parser = reasoning.map(|r| r.name),
+        structured_outputs = grammars.is_some(),
+        "agent output handling"
+    );
+    Ok(AgentConfig {
+        tool_format,
+        reasoning,
+        grammars,
+    })
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -92,6 +159,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let kv_bytes_per_token = runner.model().config().kv_bytes_per_token(runner.model().dtype());
     let block_size = runner.block_size();
     let engine = Engine::start(runner, tokenizer.clone(), config)?;
+    let agent = agent_config(&args, chat_template.as_ref(), tokenizer.as_ref(), vocab_size, engine.eos_ids())?;
     let model = ServedModel {
         engine,
         tokenizer,
@@ -104,6 +172,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         vocab_size,
         kv_bytes_per_token,
         block_size,
+        agent,
     };
     let options = ServerOptions {
         addr,

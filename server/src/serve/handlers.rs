@@ -19,10 +19,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
-use super::protocol::{chat_logprobs, completion_logprobs, parse_body, usage, ChatRequest, CompletionRequest};
+use super::protocol::{completion_logprobs, parse_body, usage, CompletionRequest};
 use super::AppState;
 
-fn now_secs() -> u64 {
+pub(super) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -151,15 +151,15 @@ pub(super) fn pump(state: &Arc<AppState>, streams: Vec<RequestStream>) -> mpsc::
 
 /// Everything one choice produced, for non-streamed responses.
 #[derive(Default)]
-struct Choice {
-    text: String,
-    token_ids: Vec<u32>,
-    logprobs: Vec<TokenLogprobs>,
-    finish_reason: Option<&'static str>,
-    prompt_tokens: usize,
+pub(super) struct Choice {
+    pub(super) text: String,
+    pub(super) token_ids: Vec<u32>,
+    pub(super) logprobs: Vec<TokenLogprobs>,
+    pub(super) finish_reason: Option<&'static str>,
+    pub(super) prompt_tokens: usize,
 }
 
-async fn collect(state: &Arc<AppState>, streams: Vec<RequestStream>) -> Result<Vec<Choice>, ApiError> {
+pub(super) async fn collect(state: &Arc<AppState>, streams: Vec<RequestStream>) -> Result<Vec<Choice>, ApiError> {
     let n = streams.len();
     let mut rx = pump(state, streams);
     let mut choices: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
@@ -179,7 +179,7 @@ async fn collect(state: &Arc<AppState>, streams: Vec<RequestStream>) -> Result<V
     Ok(choices)
 }
 
-fn total_usage(choices: &[Choice]) -> Value {
+pub(super) fn total_usage(choices: &[Choice]) -> Value {
     let prompt = choices.first().map_or(0, |c| c.prompt_tokens);
     usage(prompt, choices.iter().map(|c| c.token_ids.len()).sum())
 }
@@ -191,16 +191,17 @@ fn sse_event(v: &Value) -> Result<Event, Infallible> {
 /// Streams choices as server-sent events, one chunk per choice object: first `opening`, then
 /// one per piece of output (`choice_of` builds it), then a usage chunk when asked for, then
 /// `[DONE]`. Every generated token gets its own chunk even when its text is empty (a partial
-/// UTF-8 character, a special token), so clients can count tokens by chunks; the closing
-/// piece (finish reason, no token) gets one more.
+/// UTF-8 character, a special token), so clients can count tokens by chunks, unless
+/// `choice_of` returns `None` for it (a parser holding back markup); the closing piece
+/// (finish reason, no token) gets one more.
 /// Each chunk is `envelope` (id, object, created, model) plus its `choices`.
-fn sse_response(
+pub(super) fn sse_response(
     state: &Arc<AppState>,
     streams: Vec<RequestStream>,
     envelope: Value,
     opening: Vec<Value>,
     include_usage: bool,
-    choice_of: impl Fn(usize, &RequestOutput, &AppState) -> Value + Send + 'static,
+    mut choice_of: impl FnMut(usize, &RequestOutput, &AppState) -> Option<Value> + Send + 'static,
 ) -> Response {
     let mut rx = pump(state, streams);
     let (tx, events) = mpsc::channel(64);
@@ -223,11 +224,10 @@ fn sse_response(
             if piece.token_ids.is_empty() && piece.text.is_empty() && piece.finish_reason.is_none() {
                 continue;
             }
-            if tx
-                .send(sse_event(&chunk(json!([choice_of(i, &piece, &st)]))))
-                .await
-                .is_err()
-            {
+            let Some(choice) = choice_of(i, &piece, &st) else {
+                continue;
+            };
+            if tx.send(sse_event(&chunk(json!([choice])))).await.is_err() {
                 return;
             }
         }
@@ -290,66 +290,7 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Resu
             if want_token_ids {
                 choice["token_ids"] = json!(piece.token_ids);
             }
-            choice
-        },
-    ))
-}
-
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
-    let body = read_body(&state, body).await?;
-    let req: ChatRequest = parse_body(&body)?;
-    state.check_model(&req.model)?;
-    let template = state.chat_template.as_ref().ok_or_else(|| {
-        ApiError::bad_request("this model has no chat template; use /v1/completions", Some("messages"))
-    })?;
-    let rendered = template
-        .render(&req.messages, true)
-        .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
-    let prompt = state.encode(&rendered)?;
-    let n = req.sampling.n()?;
-    let request = req.to_engine_request(prompt, state.max_model_len)?;
-    state.check_capacity(n)?;
-    let streams = state.submit(&request, n)?;
-    let id = format!("chatcmpl-{}", streams[0].id.0);
-    let created = now_secs();
-    let want_logprobs = req.logprobs;
-    if !req.sampling.stream {
-        let choices = collect(&state, streams).await?;
-        let tok = state.tokenizer.as_deref();
-        let body = json!({
-            "id": id, "object": "chat.completion", "created": created, "model": state.model_name,
-            "choices": choices.iter().enumerate().map(|(i, c)| json!({
-                "index": i,
-                "message": { "role": "assistant", "content": c.text },
-                "finish_reason": c.finish_reason,
-                "logprobs": if want_logprobs { chat_logprobs(&c.logprobs, tok) } else { Value::Null },
-            })).collect::<Vec<_>>(),
-            "usage": total_usage(&choices),
-        });
-        return Ok(Json(body).into_response());
-    }
-    let envelope =
-        json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": state.model_name });
-    let opening = (0..n as usize)
-        .map(|i| json!({ "index": i, "delta": { "role": "assistant", "content": "" }, "finish_reason": null, "logprobs": null }))
-        .collect();
-    Ok(sse_response(
-        &state,
-        streams,
-        envelope,
-        opening,
-        req.sampling.include_usage(),
-        move |i, piece, st| {
-            let delta = if piece.finish_reason.is_some() && piece.text.is_empty() {
-                json!({})
-            } else {
-                json!({ "content": piece.text })
-            };
-            json!({
-                "index": i, "delta": delta,
-                "finish_reason": piece.finish_reason.map(|r| r.as_str()),
-                "logprobs": if want_logprobs { chat_logprobs(&piece.logprobs, st.tokenizer.as_deref()) } else { Value::Null },
-            })
+            Some(choice)
         },
     ))
 }

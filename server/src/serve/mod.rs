@@ -2,7 +2,9 @@
 //! and built options (the CLI's `cli::serve` makes them from flags); the engine keeps its own
 //! thread, and handlers talk to it through its submit/abort API and per-request channels.
 
+pub mod agent;
 mod anthropic;
+mod chat;
 pub mod error;
 mod handlers;
 mod listener;
@@ -39,6 +41,8 @@ pub struct ServedModel {
     /// Cache bytes a token keeps over all layers (the model's KV-cache spec), for /metrics.
     pub kv_bytes_per_token: usize,
     pub block_size: usize,
+    /// How outputs are read for tools, reasoning and structured outputs.
+    pub agent: agent::AgentConfig,
 }
 
 /// How the HTTP server listens and what it lets clients do.
@@ -73,6 +77,7 @@ pub struct AppState {
     pub body_read_timeout: Duration,
     pub started: u64,
     pub metrics: Metrics,
+    pub agent: agent::AgentConfig,
 }
 
 /// Compares secrets in time independent of where they differ.
@@ -155,7 +160,7 @@ async fn method_not_allowed() -> Response {
 pub fn router(state: Arc<AppState>, public_metrics: bool) -> Router {
     let mut protected = Router::new()
         .route("/v1/completions", post(handlers::completions))
-        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(handlers::models));
@@ -219,6 +224,7 @@ pub fn run(model: ServedModel, options: ServerOptions) -> anyhow::Result<()> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         metrics: Metrics::new(model.kv_bytes_per_token, model.block_size),
+        agent: model.agent,
     });
     let addr = options.addr;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

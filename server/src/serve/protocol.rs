@@ -75,6 +75,13 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<u32>,
+    /// OpenAI tool definitions, checked by `agent::AgentRequest`.
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    pub response_format: Option<Value>,
+    /// Extra chat-template variables (`enable_thinking`, `thinking`, ...), as vLLM takes them.
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
