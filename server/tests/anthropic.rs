@@ -156,3 +156,76 @@ async fn messages_whole_and_streamed_agree_and_errors_take_anthropics_shape() {
         "authentication_error"
     );
 }
+
+fn weather_tool() -> Value {
+    json!({"name": "get_weather", "description": "Weather for a city.", "input_schema": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 6}, "days": {"type": "integer", "minimum": 1, "maximum": 14}},
+        "required": ["city", "days"], "additionalProperties": false}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_forced_calls_tool_results_and_thinking() {
+    let server = Server::start(&[]);
+    // The Messages API has no seed: five unseeded samples at temperature 1.
+    let forced = || {
+        body(json!({"max_tokens": 80, "temperature": 1.0,
+            "tools": [weather_tool()], "tool_choice": {"type": "tool", "name": "get_weather"}}))
+    };
+    for _ in 0..5 {
+        let (status, v) = server.post_json("/v1/messages", &forced()).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["stop_reason"], "tool_use", "{v}");
+        let block = v["content"].as_array().unwrap().iter().find(|b| b["type"] == "tool_use").unwrap().clone();
+        assert_eq!(block["name"], "get_weather");
+        assert!(block["id"].as_str().unwrap().starts_with("toolu_"));
+        let input = &block["input"];
+        assert!(input["city"].as_str().is_some_and(|c| c.chars().count() <= 6), "{input}");
+        assert!(input["days"].as_i64().is_some_and(|d| (1..=14).contains(&d)), "{input}");
+    }
+
+    // The streamed forced call: a tool_use block whose input_json_delta pieces parse to an
+    // object of the same shape, and stop_reason tool_use.
+    let mut streamed = forced();
+    streamed["stream"] = json!(true);
+    let text = server.post("/v1/messages", &streamed).await.text().await.unwrap();
+    let evs = events(&text);
+    let start = evs.iter().find(|(n, _)| n == "content_block_start").unwrap();
+    assert_eq!(start.1["content_block"]["type"], "tool_use", "{text}");
+    let partial: String = evs
+        .iter()
+        .filter(|(n, d)| n == "content_block_delta" && d["delta"]["type"] == "input_json_delta")
+        .map(|(_, d)| d["delta"]["partial_json"].as_str().unwrap().to_string())
+        .collect();
+    let input: Value = serde_json::from_str(&partial).unwrap_or_else(|e| panic!("{partial:?}: {e}"));
+    assert!(input["days"].is_i64(), "{input}");
+    let delta = evs.iter().find(|(n, _)| n == "message_delta").unwrap();
+    assert_eq!(delta.1["delta"]["stop_reason"], "tool_use");
+
+    // A conversation carrying a tool use and its result (and earlier thinking) renders.
+    let conversation = json!([
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Call the tool.", "signature": ""},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo", "days": 2}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}, {"type": "text", "text": "Thanks"}]}
+    ]);
+    let ok = body(json!({"messages": conversation, "tools": [weather_tool()], "thinking": {"type": "enabled", "budget_tokens": 1024}}));
+    let (status, v) = server.post_json("/v1/messages", &ok).await;
+    assert_eq!(status, 200, "{v}");
+
+    let mut unknown = conversation.clone();
+    unknown[2]["content"][0]["tool_use_id"] = json!("toolu_9");
+    let cases = [
+        (body(json!({"messages": unknown, "tools": [weather_tool()]})), "messages.2.content.0.tool_use_id"),
+        (body(json!({"tools": [weather_tool()], "tool_choice": {"type": "tool", "name": "nope"}})), "tool_choice"),
+        (body(json!({"tools": [{"name": "f", "input_schema": {"type": "objekt"}}]})), "tools.0.input_schema.type"),
+        (body(json!({"thinking": {"type": "sometimes"}})), "thinking.type"),
+        (body(json!({"tool_choice": {"type": "any"}})), "tool_choice"),
+    ];
+    for (b, field) in cases {
+        let (status, v) = server.post_json("/v1/messages", &b).await;
+        assert_eq!(status, 400, "{b}: {v}");
+        assert_eq!(v["type"], "error");
+        assert!(v["error"]["message"].as_str().unwrap().contains(field), "{field}: {v}");
+    }
+}

@@ -91,15 +91,8 @@ pub struct ServeArgs {
     pub enable_auto_tool_choice: bool,
 }
 
-/// The output parsers and the structured-output compiler for the served model.
-fn agent_config(
-    args: &ServeArgs,
-    template: Option<&ChatTemplate>,
-    tokenizer: Option<&Arc<TextTokenizer>>,
-    vocab_size: usize,
-    eos_ids: &[u32],
-) -> anyhow::Result<AgentConfig> {
-    let source = template.map(ChatTemplate::source).unwrap_or_default();
+/// The tool-call and reasoning formats the flags pick (`auto`: from the template `source`).
+fn parser_formats(args: &ServeArgs, source: &str) -> anyhow::Result<(Option<ToolCallFormat>, Option<ReasoningFormat>)> {
     let tool_format = match args.tool_call_parser.as_str() {
         "auto" => ToolCallFormat::detect(source),
         "none" => None,
@@ -115,6 +108,18 @@ fn agent_config(
             format!("--reasoning-parser {name:?} is not one of auto, none, {}", REASONING_PARSERS.join(", "))
         })?),
     };
+    Ok((tool_format, reasoning))
+}
+
+/// The output parsers and the structured-output compiler for the served model.
+fn agent_config(
+    args: &ServeArgs,
+    template: Option<&ChatTemplate>,
+    tokenizer: Option<&Arc<TextTokenizer>>,
+    vocab_size: usize,
+    eos_ids: &[u32],
+) -> anyhow::Result<AgentConfig> {
+    let (tool_format, reasoning) = parser_formats(args, template.map(ChatTemplate::source).unwrap_or_default())?;
     let grammars = match tokenizer {
         Some(t) => match GrammarCompiler::new(t.clone(), vocab_size, eos_ids) {
             Ok(c) => Some(Arc::new(c)),
@@ -142,6 +147,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("--host {} --port {} is not a socket address", args.host, args.port))?;
+    // Refuse a misspelt parser before spending minutes loading weights.
+    parser_formats(&args, "")?;
     let loaded = args.model.load()?;
     let chat_template = match &loaded.files {
         Some(files) => ChatTemplate::from_model_dir(&files.dir).context("reading the chat template")?,
