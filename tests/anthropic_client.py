@@ -109,7 +109,61 @@ def main():
             return "401 authentication_error"
         raise AssertionError("a wrong key was accepted")
 
+    tool = {
+        "name": "get_weather",
+        "description": "Weather for a city.",
+        "input_schema": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 6}, "days": {"type": "integer", "minimum": 1, "maximum": 14}},
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    }
+    tool_kw = dict(
+        model=SERVED_NAME, max_tokens=80, messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[tool], tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"temperature": 1.0},
+    )
+
+    def check_input(inp):
+        assert set(inp) == {"city", "days"}, inp
+        assert isinstance(inp["city"], str) and len(inp["city"]) <= 6, inp
+        assert isinstance(inp["days"], int) and 1 <= inp["days"] <= 14, inp
+
+    def tool_use():
+        m = client.messages.create(**tool_kw)
+        assert m.stop_reason == "tool_use", m.stop_reason
+        uses = [b for b in m.content if b.type == "tool_use"]
+        assert len(uses) == 1 and uses[0].name == "get_weather", m.content
+        check_input(uses[0].input)
+        return f"input {uses[0].input}"
+
+    def tool_use_stream():
+        with client.messages.stream(**tool_kw) as s:
+            for _ in s:
+                pass
+            final = s.get_final_message()
+        uses = [b for b in final.content if b.type == "tool_use"]
+        assert final.stop_reason == "tool_use" and len(uses) == 1, final
+        check_input(uses[0].input)
+        return f"input {uses[0].input}"
+
+    def tool_result_history():
+        msgs = [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo", "days": 2}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]},
+        ]
+        m = client.messages.create(model=SERVED_NAME, max_tokens=4, messages=msgs, tools=[tool])
+        assert m.role == "assistant", m
+
     checks.run("messages.create", create)
+    checks.run("tools: forced tool_use fits the schema", tool_use)
+    checks.run("tools: streamed tool_use (SDK accumulates input_json_delta)", tool_use_stream)
+    checks.run("tool_use + tool_result in history", tool_result_history)
+    checks.run(
+        "tool_result for an unknown id -> BadRequestError",
+        bad_request(messages=[{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "x"}]}]),
+    )
     checks.run("messages.stream == whole", stream)
     checks.run("stop_sequences -> stop_reason stop_sequence", stop_sequence)
     checks.run("messages.count_tokens", count_tokens)

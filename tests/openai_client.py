@@ -243,6 +243,7 @@ def main():
     checks.run("max_tokens=0 -> BadRequestError", bad_request("max_tokens", max_tokens=0))
     checks.run("top_p=0 -> BadRequestError", bad_request("top_p", top_p=0, max_tokens=4))
     checks.run("unknown model -> model_not_found", unknown_model)
+    agent_checks(client, model, checks)
 
     if server is not None:
 
@@ -263,6 +264,93 @@ def main():
             family_checks(args.moe, name, checks)
     print(f"{checks.passed} passed, {checks.failed} failed")
     sys.exit(1 if checks.failed else 0)
+
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 6},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.", "parameters": WEATHER_SCHEMA}}]
+
+
+def check_weather(args):
+    assert set(args) == {"city", "days"}, args
+    assert isinstance(args["city"], str) and len(args["city"]) <= 6, args
+    assert isinstance(args["days"], int) and 1 <= args["days"] <= 14, args
+
+
+def agent_checks(client, model, checks):
+    """Tools, streamed tool calls and response_format through the official client."""
+    import json
+
+    ask = [{"role": "user", "content": "Weather in Oslo for three days?"}]
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+
+    def forced_call():
+        r = client.chat.completions.create(model=model, messages=ask, tools=TOOLS, tool_choice=forced, max_tokens=80, seed=3, temperature=1.0)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls", choice.finish_reason
+        call = choice.message.tool_calls[0]
+        assert call.type == "function" and call.function.name == "get_weather", call
+        check_weather(json.loads(call.function.arguments))
+        return call.function.arguments
+
+    def streamed_call():
+        kw = dict(model=model, messages=ask, tools=TOOLS, tool_choice=forced, max_tokens=80, seed=4, temperature=1.0)
+        whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+        name, args, ids = "", "", set()
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            for d in chunk.choices[0].delta.tool_calls or []:
+                assert d.index == 0, d
+                ids.add(d.id) if d.id else None
+                name += d.function.name or ""
+                args += d.function.arguments or ""
+        assert name == whole.function.name and args == whole.function.arguments, (name, args, whole)
+        assert len(ids) == 1, ids
+        return f"{len(args)} chars of arguments"
+
+    def required_call():
+        r = client.chat.completions.create(model=model, messages=ask, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=80, seed=5, temperature=1.0)
+        calls = r.choices[0].message.tool_calls
+        assert len(calls) == 1, calls
+        check_weather(json.loads(calls[0].function.arguments))
+
+    def json_schema():
+        for seed in range(5):
+            r = client.chat.completions.create(
+                model=model, messages=ask, max_tokens=80, seed=seed, temperature=1.0,
+                response_format={"type": "json_schema", "json_schema": {"name": "weather", "strict": True, "schema": WEATHER_SCHEMA}},
+            )
+            check_weather(json.loads(r.choices[0].message.content))
+        return "5 seeds"
+
+    def tool_history():
+        msgs = ask + [
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 3}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ]
+        r = client.chat.completions.create(model=model, messages=msgs, tools=TOOLS, max_tokens=4)
+        assert r.choices[0].message.role == "assistant"
+
+    def bad_tool_choice():
+        try:
+            client.chat.completions.create(model=model, messages=ask, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}, max_tokens=4)
+        except openai.BadRequestError as e:
+            assert e.body.get("param") == "tool_choice", e.body
+            return "400 param=tool_choice"
+        raise AssertionError("an unknown tool_choice was accepted")
+
+    checks.run("tools: forced call parses and fits the schema", forced_call)
+    checks.run("tools: streamed call == whole", streamed_call)
+    checks.run("tools: tool_choice=required", required_call)
+    checks.run("response_format json_schema", json_schema)
+    checks.run("tool call + tool result in history", tool_history)
+    checks.run("tool_choice naming no tool -> BadRequestError", bad_tool_choice)
 
 
 def family_checks(moe, name, checks):
