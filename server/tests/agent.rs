@@ -166,3 +166,56 @@ async fn bad_tools_schemas_and_messages_are_400s_naming_the_field() {
     let (status, v) = server.post_json("/v1/chat/completions", &body).await;
     assert_eq!(status, 200, "{v}");
 }
+
+/// The tiny fixture's weights and tokenizer behind a real chat template (`templates/<name>`).
+fn fixture_with_template(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = model_dir();
+    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"] {
+        std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let template = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/templates");
+    std::fs::copy(format!("{template}/{name}/chat_template.jinja"), dir.path().join("chat_template.jinja")).unwrap();
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+/// GLM-4.7-Flash's template opens `<think>` at the end of the prompt, so everything the model
+/// writes (it never closes the block) is reasoning; `enable_thinking: false` closes it in the
+/// prompt, and the same text comes back as content. Streamed deltas assemble the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_is_split_by_the_real_template_and_kwargs_reach_it() {
+    let dir = fixture_with_template("glm-4.7-flash");
+    let server = Server::start_model(dir.path(), &["--served-model-name", NAME]);
+    let ask = |extra: Value| {
+        let mut b = json!({"model": NAME, "max_tokens": 16, "temperature": 0, "messages": [{"role": "user", "content": "2+2?"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let thinking = server.ok("/v1/chat/completions", &ask(json!({}))).await;
+    let m = &thinking["choices"][0]["message"];
+    let reasoning = m["reasoning_content"].as_str().unwrap_or_else(|| panic!("no reasoning: {thinking}"));
+    assert!(!reasoning.is_empty());
+    assert_eq!(m["content"], "", "{thinking}");
+
+    let mut streamed = ask(json!({}));
+    streamed["stream"] = json!(true);
+    let text = server.post("/v1/chat/completions", &streamed).await.text().await.unwrap();
+    let (mut r, mut c) = (String::new(), String::new());
+    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|l| *l != "[DONE]") {
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        r += chunk["choices"][0]["delta"]["reasoning_content"].as_str().unwrap_or_default();
+        c += chunk["choices"][0]["delta"]["content"].as_str().unwrap_or_default();
+    }
+    assert_eq!((r.as_str(), c.as_str()), (reasoning, ""));
+
+    let plain = server.ok("/v1/chat/completions", &ask(json!({"chat_template_kwargs": {"enable_thinking": false}}))).await;
+    let m = &plain["choices"][0]["message"];
+    assert!(m.get("reasoning_content").is_none(), "{plain}");
+    assert!(!m["content"].as_str().unwrap().is_empty(), "{plain}");
+    assert_ne!(plain["usage"]["prompt_tokens"], thinking["usage"]["prompt_tokens"], "the kwarg did not reach the template");
+}
