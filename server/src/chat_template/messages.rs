@@ -178,7 +178,8 @@ pub(super) fn validate(messages: &[ChatMessage]) -> Result<(), ChatTemplateError
             )));
         }
         let calls = m.tool_calls.as_deref().unwrap_or_default();
-        if m.content.is_none() && !(m.role == "assistant" && !calls.is_empty()) {
+        let calls_tools = m.role == "assistant" && !calls.is_empty();
+        if m.content.is_none() && !calls_tools {
             return Err(invalid(format!(
                 "messages[{i}].content is required for a {} message",
                 m.role

@@ -191,7 +191,7 @@ impl MessagesRequest {
         let on = match t.get("type").and_then(Value::as_str) {
             Some("enabled") => {
                 if let Some(b) = t.get("budget_tokens") {
-                    if !b.as_u64().is_some_and(|b| b >= 1) {
+                    if b.as_u64().is_none_or(|b| b == 0) {
                         return Err(bad("budget_tokens must be a positive integer", "thinking.budget_tokens"));
                     }
                 }
