@@ -75,7 +75,8 @@ pub struct ServeArgs {
     pub gpu_memory_utilization: f32,
 
     /// How tool calls are read out of the model's output: `auto` (from the chat template's
-    /// markup), `none`, or one of deepseek_v3, deepseek_v31, deepseek_r1, kimi_k2, glm45,
+    /// markup), `none`, or one of deepseek_v3, deepseek_v31, deepseek_r1, deepseek_v32,
+    /// deepseek_v4, kimi_k2, glm45,
     /// glm47, minimax_m2, hermes, qwen3, qwen3_coder.
     #[arg(long, default_value = "auto")]
     pub tool_call_parser: String,

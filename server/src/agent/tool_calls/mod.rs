@@ -9,7 +9,7 @@
 //! known and its arguments as they extend. Formats whose arguments are JSON
 //! written by the model (DeepSeek, Kimi) stream them as fragments; formats
 //! that spell arguments as XML-like key/value pairs (GLM, MiniMax,
-//! Qwen3-Coder) report them, converted to a JSON object, when the call closes.
+//! DeepSeek's DSML, Qwen3-Coder) report them, converted to a JSON object, when the call closes.
 
 mod json_formats;
 mod xml_formats;
@@ -26,6 +26,8 @@ pub enum ToolCallFormat {
     /// DeepSeek V3 / R1 (`function<｜tool▁sep｜>name` + fenced JSON) and V3.1 /
     /// V3.2 (`name<｜tool▁sep｜>{json}`), inside `<｜tool▁calls▁begin｜>`.
     DeepSeek,
+    /// DeepSeek V3.2 and V4 (DSML): `<｜DSML｜invoke name="f"><｜DSML｜parameter name="k" string="true">v`.
+    DeepSeekDsml,
     /// Kimi K2 / K2.5: `<|tool_call_begin|>functions.name:0<|tool_call_argument_begin|>{json}`.
     Kimi,
     /// GLM-4.5 and later: `<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>`.
@@ -43,6 +45,8 @@ pub const TOOL_CALL_PARSERS: &[(&str, ToolCallFormat)] = &[
     ("deepseek_v3", ToolCallFormat::DeepSeek),
     ("deepseek_v31", ToolCallFormat::DeepSeek),
     ("deepseek_r1", ToolCallFormat::DeepSeek),
+    ("deepseek_v32", ToolCallFormat::DeepSeekDsml),
+    ("deepseek_v4", ToolCallFormat::DeepSeekDsml),
     ("kimi_k2", ToolCallFormat::Kimi),
     ("glm45", ToolCallFormat::Glm),
     ("glm47", ToolCallFormat::Glm),
@@ -61,7 +65,9 @@ impl ToolCallFormat {
     /// markers (checked most specific first).
     pub fn detect(template_source: &str) -> Option<Self> {
         let t = template_source;
-        if t.contains("<｜tool▁calls▁begin｜>") {
+        if t.contains("｜DSML｜") {
+            Some(Self::DeepSeekDsml)
+        } else if t.contains("<｜tool▁calls▁begin｜>") {
             Some(Self::DeepSeek)
         } else if t.contains("<|tool_calls_section_begin|>") {
             Some(Self::Kimi)
@@ -82,6 +88,7 @@ impl ToolCallFormat {
     fn section_starts(self) -> &'static [&'static str] {
         match self {
             Self::DeepSeek => &["<｜tool▁calls▁begin｜>"],
+            Self::DeepSeekDsml => &["<｜DSML｜function_calls>", "<｜DSML｜tool_calls>"],
             Self::Kimi => &["<|tool_calls_section_begin|>", "<|tool_call_section_begin|>"],
             Self::Glm | Self::Hermes | Self::Qwen3Coder => &["<tool_call>"],
             Self::MiniMax => &["<minimax:tool_call>"],
@@ -96,6 +103,7 @@ impl ToolCallFormat {
             Self::Hermes => json_formats::scan_hermes(section),
             Self::Glm => xml_formats::scan_glm(section, schemas),
             Self::MiniMax => xml_formats::scan_minimax(section, schemas),
+            Self::DeepSeekDsml => xml_formats::scan_dsml(section, schemas),
             Self::Qwen3Coder => xml_formats::scan_qwen3_coder(section, schemas),
         }
     }

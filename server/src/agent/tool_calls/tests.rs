@@ -105,6 +105,21 @@ fn minimax_invokes() {
 }
 
 #[test]
+fn deepseek_dsml_invokes_with_typed_parameters() {
+    // V3.2 spells the section `function_calls`, V4 `tool_calls`; `string` decides the value type.
+    for section in ["function_calls", "tool_calls"] {
+        let text = format!(
+            "Let me check.\n\n<｜DSML｜{section}>\n<｜DSML｜invoke name=\"get_weather\">\n<｜DSML｜parameter name=\"city\" string=\"true\">New <York></｜DSML｜parameter>\n<｜DSML｜parameter name=\"zip\" string=\"true\">007</｜DSML｜parameter>\n<｜DSML｜parameter name=\"days\" string=\"false\">5</｜DSML｜parameter>\n</｜DSML｜invoke>\n<｜DSML｜invoke name=\"search\">\n<｜DSML｜parameter name=\"filters\" string=\"false\">{{\"k\": [1, \"a\"]}}</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜{section}>"
+        );
+        let out = parse(ToolCallFormat::DeepSeekDsml, &text, None);
+        assert_eq!(out.content, "Let me check.\n\n");
+        assert_eq!(out.tool_calls.len(), 2, "{section}");
+        assert_eq!(out.tool_calls[0].arguments, r#"{"city":"New <York>","zip":"007","days":5}"#);
+        assert_eq!(args(&out.tool_calls[1]), json!({"filters": {"k": [1, "a"]}}));
+    }
+}
+
+#[test]
 fn hermes_json_calls_after_reasoning() {
     let text = "<think>\nThe user wants weather; call the tool.\n</think>\n\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\", \"days\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"search\", \"arguments\": {\"query\": \"</tool\"}}\n</tool_call>";
     let out = parse(ToolCallFormat::Hermes, text, Some("<|im_start|>assistant\n"));
@@ -161,5 +176,7 @@ fn names_and_detection() {
     assert_eq!(ToolCallFormat::detect("<tool_call>\\n{{ tool_call.name }}<arg_key>"), Some(ToolCallFormat::Glm));
     assert_eq!(ToolCallFormat::detect("<tool_call>\\n<function="), Some(ToolCallFormat::Qwen3Coder));
     assert_eq!(ToolCallFormat::detect("<tool_call>\\n{\"name\""), Some(ToolCallFormat::Hermes));
+    assert_eq!(ToolCallFormat::detect("<｜DSML｜invoke"), Some(ToolCallFormat::DeepSeekDsml));
+    assert_eq!(ToolCallFormat::from_name("deepseek_v32"), Some(ToolCallFormat::DeepSeekDsml));
     assert_eq!(ToolCallFormat::detect("plain"), None);
 }

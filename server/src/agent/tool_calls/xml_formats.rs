@@ -89,30 +89,61 @@ pub(super) fn scan_glm(section: &str, schemas: &ToolSchemas) -> SectionScan {
     scan
 }
 
+/// The tags of an invoke-style format (MiniMax-M2, DeepSeek's DSML).
+struct InvokeTags {
+    section_ends: &'static [&'static str],
+    invoke: &'static str,
+    invoke_end: &'static str,
+    parameter: &'static str,
+    parameter_end: &'static str,
+}
+
+const MINIMAX: InvokeTags = InvokeTags {
+    section_ends: &["</minimax:tool_call>"],
+    invoke: "<invoke name=",
+    invoke_end: "</invoke>",
+    parameter: "<parameter name=",
+    parameter_end: "</parameter>",
+};
+
+const DSML: InvokeTags = InvokeTags {
+    section_ends: &["</｜DSML｜function_calls>", "</｜DSML｜tool_calls>"],
+    invoke: "<｜DSML｜invoke name=",
+    invoke_end: "</｜DSML｜invoke>",
+    parameter: "<｜DSML｜parameter name=",
+    parameter_end: "</｜DSML｜parameter>",
+};
+
 /// MiniMax-M2: `<minimax:tool_call>` then `<invoke name="NAME"><parameter name="K">V</parameter></invoke>`
 /// repeated, closed by `</minimax:tool_call>`.
 pub(super) fn scan_minimax(section: &str, schemas: &ToolSchemas) -> SectionScan {
-    const SECTION_END: &str = "</minimax:tool_call>";
-    const INVOKE: &str = "<invoke name=";
-    const INVOKE_END: &str = "</invoke>";
+    scan_invokes(section, schemas, &MINIMAX)
+}
+
+/// DeepSeek V3.2 / V4 (DSML): `<｜DSML｜function_calls>` (V4: `tool_calls`) then
+/// `<｜DSML｜invoke name="NAME"><｜DSML｜parameter name="K" string="true|false">V</｜DSML｜parameter></｜DSML｜invoke>`;
+/// `string="true"` values are text as written, `"false"` ones JSON.
+pub(super) fn scan_dsml(section: &str, schemas: &ToolSchemas) -> SectionScan {
+    scan_invokes(section, schemas, &DSML)
+}
+
+fn scan_invokes(section: &str, schemas: &ToolSchemas, tags: &InvokeTags) -> SectionScan {
     let mut scan = SectionScan::default();
-    let end = section.find(SECTION_END);
-    let inner = &section[..end.unwrap_or(section.len())];
+    let end = tags
+        .section_ends
+        .iter()
+        .filter_map(|e| section.find(e).map(|at| (at, e.len())))
+        .min();
+    let inner = &section[..end.map_or(section.len(), |(at, _)| at)];
     let mut rest = inner;
-    while let Some(at) = rest.find(INVOKE) {
-        let after = &rest[at + INVOKE.len()..];
+    while let Some(at) = rest.find(tags.invoke) {
+        let after = &rest[at + tags.invoke.len()..];
         let Some(close) = after.find('>') else { break };
         let name = after[..close].trim().trim_matches(['"', '\'']).to_owned();
         let body = &after[close + 1..];
-        let call_end = body.find(INVOKE_END);
+        let call_end = body.find(tags.invoke_end);
         let arguments = match call_end {
-            Some(e) => {
-                let pairs: Vec<(String, String)> = tagged_pairs_named(&body[..e])
-                    .into_iter()
-                    .map(|(k, v)| (k, strip_one_newline(&v).to_owned()))
-                    .collect();
-                json_object(&name, &pairs, schemas)
-            }
+            Some(e) => invoke_arguments(&name, &body[..e], schemas, tags),
             None => String::new(),
         };
         if name.is_empty() {
@@ -125,30 +156,53 @@ pub(super) fn scan_minimax(section: &str, schemas: &ToolSchemas) -> SectionScan 
             complete: call_end.is_some(),
         });
         match call_end {
-            Some(e) => rest = &body[e + INVOKE_END.len()..],
+            Some(e) => rest = &body[e + tags.invoke_end.len()..],
             None => break,
         }
     }
-    scan.end = end.map(|e| e + SECTION_END.len());
+    scan.end = end.map(|(at, len)| at + len);
     scan
 }
 
-/// `<parameter name="K">V</parameter>` pairs.
-fn tagged_pairs_named(body: &str) -> Vec<(String, String)> {
-    const OPEN: &str = "<parameter name=";
-    const CLOSE: &str = "</parameter>";
-    let mut pairs = Vec::new();
+/// The parameters of one invoke as a JSON object. A parameter head is
+/// `"K"` or `"K" string="true|false"`; the attribute, when there, decides
+/// string or JSON over the schema.
+fn invoke_arguments(tool: &str, body: &str, schemas: &ToolSchemas, tags: &InvokeTags) -> String {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut kinds: Vec<Option<&'static str>> = Vec::new();
     let mut rest = body;
-    while let Some(at) = rest.find(OPEN) {
-        let after = &rest[at + OPEN.len()..];
+    while let Some(at) = rest.find(tags.parameter) {
+        let after = &rest[at + tags.parameter.len()..];
         let Some(gt) = after.find('>') else { break };
-        let key = after[..gt].trim().trim_matches(['"', '\'']).to_owned();
+        let head = &after[..gt];
+        let (key, attrs) = match head.trim_start().strip_prefix('"').and_then(|h| h.split_once('"')) {
+            Some((k, attrs)) => (k.to_owned(), attrs),
+            None => (head.trim().trim_matches('\'').to_owned(), ""),
+        };
+        let kind = if attrs.contains("string=\"true\"") {
+            Some("string")
+        } else if attrs.contains("string=\"false\"") {
+            Some("json")
+        } else {
+            None
+        };
         let value_and_rest = &after[gt + 1..];
-        let Some(close) = value_and_rest.find(CLOSE) else { break };
-        pairs.push((key, value_and_rest[..close].to_owned()));
-        rest = &value_and_rest[close + CLOSE.len()..];
+        let Some(close) = value_and_rest.find(tags.parameter_end) else { break };
+        pairs.push((key, strip_one_newline(&value_and_rest[..close]).to_owned()));
+        kinds.push(kind);
+        rest = &value_and_rest[close + tags.parameter_end.len()..];
     }
-    pairs
+    let mut out = String::from("{");
+    for (i, ((k, v), kind)) in pairs.iter().zip(kinds).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::Value::String(k.clone()).to_string());
+        out.push(':');
+        out.push_str(&typed_value(v, kind.or_else(|| schemas.param_type(tool, k))));
+    }
+    out.push('}');
+    out
 }
 
 /// Qwen3-Coder: `<tool_call><function=NAME><parameter=K>\nV\n</parameter></function></tool_call>`.
