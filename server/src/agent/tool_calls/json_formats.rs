@@ -2,7 +2,7 @@
 //! Kimi (arguments streamed as they grow) and Qwen3's Hermes-style
 //! `<tool_call>{"name", "arguments"}</tool_call>` (reported when closed).
 
-use super::super::markup::partial_marker_len;
+use super::super::markup::{find_first, partial_marker_len};
 use super::{CallProgress, SectionScan};
 
 const DS_CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
@@ -48,10 +48,25 @@ fn streamed_args(body: &str, terminators: &[&str]) -> String {
     }
 }
 
+/// Where a call's body stops: at its own end marker, at the section's end
+/// marker when the model skipped the call's, or at the end of the text once
+/// no more will come. `(offset in body, Some(section end marker))`.
+fn call_stop<'m>(body: &str, call_end: &str, section_ends: &[&'m str], at_eof: bool) -> Option<(usize, Option<&'m str>)> {
+    let own = body.find(call_end);
+    let section = find_first(body, section_ends);
+    match (own, section) {
+        (Some(c), Some((s, m))) if s < c => Some((s, Some(m))),
+        (Some(c), _) => Some((c, None)),
+        (None, Some((s, m))) => Some((s, Some(m))),
+        (None, None) if at_eof => Some((body.len(), None)),
+        (None, None) => None,
+    }
+}
+
 /// DeepSeek: `<｜tool▁call▁begin｜>HEAD<｜tool▁sep｜>BODY<｜tool▁call▁end｜>` repeated,
 /// closed by `<｜tool▁calls▁end｜>`. V3 / R1 write HEAD `function` and BODY
 /// `name\n```json\n{...}\n````; V3.1 and later write HEAD `name` and BODY `{...}`.
-pub(super) fn scan_deepseek(section: &str) -> SectionScan {
+pub(super) fn scan_deepseek(section: &str, at_eof: bool) -> SectionScan {
     let mut scan = SectionScan::default();
     let mut pos = 0;
     loop {
@@ -68,7 +83,8 @@ pub(super) fn scan_deepseek(section: &str) -> SectionScan {
         let head = section[head_start..head_start + sep].trim();
         let body_start = head_start + sep + DS_SEP.len();
         let body = &section[body_start..];
-        let call_end = body.find(DS_CALL_END);
+        let stop = call_stop(body, DS_CALL_END, &[DS_SECTION_END], at_eof);
+        let call_end = stop.map(|(at, _)| at);
         let before_end = &body[..call_end.unwrap_or(body.len())];
         let fenced = head == "function" && !before_end.trim_start().is_empty() && !before_end.trim_start().starts_with('{');
         let (name, args) = if fenced {
@@ -79,7 +95,7 @@ pub(super) fn scan_deepseek(section: &str) -> SectionScan {
             let after_name = &before_end[newline + 1..];
             let args = match after_name.find("```") {
                 Some(fence) => match after_name[fence..].find('\n') {
-                    Some(nl) => streamed_args(&after_name[fence + nl + 1..], &["```", DS_CALL_END]),
+                    Some(nl) => streamed_args(&after_name[fence + nl + 1..], &["```", DS_CALL_END, DS_SECTION_END]),
                     None => String::new(),
                 },
                 None => String::new(),
@@ -89,7 +105,11 @@ pub(super) fn scan_deepseek(section: &str) -> SectionScan {
             if before_end.trim().is_empty() && call_end.is_none() {
                 return scan;
             }
-            (head.to_owned(), streamed_args(body, &[DS_CALL_END]))
+            let args = match call_end {
+                Some(_) => before_end.trim().to_owned(),
+                None => streamed_args(body, &[DS_CALL_END, DS_SECTION_END]),
+            };
+            (head.to_owned(), args)
         };
         if name.is_empty() {
             return scan;
@@ -100,9 +120,13 @@ pub(super) fn scan_deepseek(section: &str) -> SectionScan {
             arguments: args,
             complete: call_end.is_some(),
         });
-        match call_end {
-            Some(e) => pos = body_start + e + DS_CALL_END.len(),
-            None => return scan,
+        match stop {
+            Some((e, Some(section_end))) => {
+                scan.end = Some(body_start + e + section_end.len());
+                return scan;
+            }
+            Some((e, None)) if e < body.len() => pos = body_start + e + DS_CALL_END.len(),
+            _ => return scan,
         }
     }
 }
@@ -110,7 +134,7 @@ pub(super) fn scan_deepseek(section: &str) -> SectionScan {
 /// Kimi K2: `<|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{...}<|tool_call_end|>`
 /// repeated, closed by `<|tool_calls_section_end|>`. The id is the model's own
 /// `functions.NAME:IDX`, as Kimi's template expects it back.
-pub(super) fn scan_kimi(section: &str) -> SectionScan {
+pub(super) fn scan_kimi(section: &str, at_eof: bool) -> SectionScan {
     let mut scan = SectionScan::default();
     let mut pos = 0;
     loop {
@@ -127,21 +151,29 @@ pub(super) fn scan_kimi(section: &str) -> SectionScan {
         let id = section[head_start..head_start + args_at].trim().to_owned();
         let body_start = head_start + args_at + KIMI_ARGS_BEGIN.len();
         let body = &section[body_start..];
-        let call_end = body.find(KIMI_CALL_END);
+        let stop = call_stop(body, KIMI_CALL_END, KIMI_SECTION_ENDS, at_eof);
         let without_prefix = id.split_once('.').map_or(id.as_str(), |(_, rest)| rest);
         let name = without_prefix.rsplit_once(':').map_or(without_prefix, |(n, _)| n).to_owned();
         if name.is_empty() {
             return scan;
         }
+        let arguments = match stop {
+            Some((e, _)) => body[..e].trim().to_owned(),
+            None => streamed_args(body, &[&[KIMI_CALL_END], KIMI_SECTION_ENDS].concat()),
+        };
         scan.calls.push(CallProgress {
             name,
             id: Some(id),
-            arguments: streamed_args(body, &[KIMI_CALL_END]),
-            complete: call_end.is_some(),
+            arguments,
+            complete: stop.is_some(),
         });
-        match call_end {
-            Some(e) => pos = body_start + e + KIMI_CALL_END.len(),
-            None => return scan,
+        match stop {
+            Some((e, Some(section_end))) => {
+                scan.end = Some(body_start + e + section_end.len());
+                return scan;
+            }
+            Some((e, None)) if e < body.len() => pos = body_start + e + KIMI_CALL_END.len(),
+            _ => return scan,
         }
     }
 }

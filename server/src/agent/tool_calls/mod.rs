@@ -96,15 +96,19 @@ impl ToolCallFormat {
     }
 
     /// Reads the calls in `section` (the text after the opening marker).
-    fn scan(self, section: &str, schemas: &ToolSchemas) -> SectionScan {
+    /// Once the section is closed (its end marker is there, or `at_eof`: no
+    /// more text will come) a call still open ends where the section does,
+    /// with the arguments written so far; so a whole text and the same text
+    /// in pieces read alike.
+    fn scan(self, section: &str, schemas: &ToolSchemas, at_eof: bool) -> SectionScan {
         match self {
-            Self::DeepSeek => json_formats::scan_deepseek(section),
-            Self::Kimi => json_formats::scan_kimi(section),
+            Self::DeepSeek => json_formats::scan_deepseek(section, at_eof),
+            Self::Kimi => json_formats::scan_kimi(section, at_eof),
             Self::Hermes => json_formats::scan_hermes(section),
-            Self::Glm => xml_formats::scan_glm(section, schemas),
-            Self::MiniMax => xml_formats::scan_minimax(section, schemas),
-            Self::DeepSeekDsml => xml_formats::scan_dsml(section, schemas),
-            Self::Qwen3Coder => xml_formats::scan_qwen3_coder(section, schemas),
+            Self::Glm => xml_formats::scan_glm(section, schemas, at_eof),
+            Self::MiniMax => xml_formats::scan_minimax(section, schemas, at_eof),
+            Self::DeepSeekDsml => xml_formats::scan_dsml(section, schemas, at_eof),
+            Self::Qwen3Coder => xml_formats::scan_qwen3_coder(section, schemas, at_eof),
         }
     }
 }
@@ -286,7 +290,7 @@ impl ToolCallParser {
                     return;
                 }
                 Mode::Section { opened_with } => {
-                    let scan = self.format.scan(&self.buf, &self.schemas);
+                    let scan = self.format.scan(&self.buf, &self.schemas, last);
                     let closed = scan.end.is_some() || last;
                     let calls: Vec<&CallProgress> = if closed {
                         // A closed section keeps what was reported plus its complete calls.

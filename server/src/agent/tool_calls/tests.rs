@@ -180,3 +180,30 @@ fn names_and_detection() {
     assert_eq!(ToolCallFormat::from_name("deepseek_v32"), Some(ToolCallFormat::DeepSeekDsml));
     assert_eq!(ToolCallFormat::detect("plain"), None);
 }
+
+#[test]
+fn a_call_missing_its_own_end_marker_ends_with_its_section() {
+    // MiniMax without `</invoke>`, Qwen3-Coder without `</function>`, Kimi and DeepSeek
+    // without the call-end marker: the section's end closes the call, in every chunking.
+    let cases = [
+        (ToolCallFormat::MiniMax, "<minimax:tool_call>\n<invoke name=\"get_weather\">\n<parameter name=\"city\">Oslo</parameter>\n</minimax:tool_call>"),
+        (ToolCallFormat::Qwen3Coder, "<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</tool_call>"),
+        (ToolCallFormat::Kimi, "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{\"city\": \"Oslo\"}<|tool_calls_section_end|>"),
+        (ToolCallFormat::DeepSeek, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"Oslo\"}<｜tool▁calls▁end｜>"),
+    ];
+    for (format, text) in cases {
+        let out = parse(format, &format!("{text}Done."), None);
+        assert_eq!(out.tool_calls.len(), 1, "{format:?}");
+        assert_eq!(args(&out.tool_calls[0]), json!({"city": "Oslo"}), "{format:?}");
+        assert_eq!(out.content, "Done.", "{format:?}");
+    }
+}
+
+#[test]
+fn a_call_cut_off_mid_arguments_still_has_json_arguments() {
+    let out = parse(ToolCallFormat::Glm, "<tool_call>get_weather\n<arg_key>city</arg_key><arg_value>Par", None);
+    assert_eq!(out.tool_calls.len(), 1);
+    assert_eq!(out.tool_calls[0].arguments, "{}");
+    let out = parse(ToolCallFormat::MiniMax, "<minimax:tool_call>\n<invoke name=\"get_weather\">\n<parameter name=\"days\">3</parameter>\n<parameter name=\"ci", None);
+    assert_eq!(args(&out.tool_calls[0]), json!({"days": 3}));
+}

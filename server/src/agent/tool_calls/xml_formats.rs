@@ -62,17 +62,17 @@ fn tagged_pairs(body: &str, key: (&str, &str), value: (&str, &str)) -> Vec<(Stri
 
 /// GLM: `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>`
 /// (GLM-4.5 puts newlines between the parts; GLM-4.7 none).
-pub(super) fn scan_glm(section: &str, schemas: &ToolSchemas) -> SectionScan {
+pub(super) fn scan_glm(section: &str, schemas: &ToolSchemas, at_eof: bool) -> SectionScan {
     let mut scan = SectionScan::default();
     let end = section.find(TOOL_CALL_END);
     let inner = &section[..end.unwrap_or(section.len())];
+    let complete = end.is_some() || at_eof;
     let name_end = inner.find(['<', '\n']);
     let name = inner[..name_end.unwrap_or(inner.len())].trim();
-    if name.is_empty() || (name_end.is_none() && end.is_none()) {
+    if name.is_empty() || (name_end.is_none() && !complete) {
         scan.end = end.map(|e| e + TOOL_CALL_END.len());
         return scan;
     }
-    let complete = end.is_some();
     let arguments = if complete {
         let pairs = tagged_pairs(inner, ("<arg_key>", "</arg_key>"), ("<arg_value>", "</arg_value>"));
         json_object(name, &pairs, schemas)
@@ -116,18 +116,18 @@ const DSML: InvokeTags = InvokeTags {
 
 /// MiniMax-M2: `<minimax:tool_call>` then `<invoke name="NAME"><parameter name="K">V</parameter></invoke>`
 /// repeated, closed by `</minimax:tool_call>`.
-pub(super) fn scan_minimax(section: &str, schemas: &ToolSchemas) -> SectionScan {
-    scan_invokes(section, schemas, &MINIMAX)
+pub(super) fn scan_minimax(section: &str, schemas: &ToolSchemas, at_eof: bool) -> SectionScan {
+    scan_invokes(section, schemas, &MINIMAX, at_eof)
 }
 
 /// DeepSeek V3.2 / V4 (DSML): `<｜DSML｜function_calls>` (V4: `tool_calls`) then
 /// `<｜DSML｜invoke name="NAME"><｜DSML｜parameter name="K" string="true|false">V</｜DSML｜parameter></｜DSML｜invoke>`;
 /// `string="true"` values are text as written, `"false"` ones JSON.
-pub(super) fn scan_dsml(section: &str, schemas: &ToolSchemas) -> SectionScan {
-    scan_invokes(section, schemas, &DSML)
+pub(super) fn scan_dsml(section: &str, schemas: &ToolSchemas, at_eof: bool) -> SectionScan {
+    scan_invokes(section, schemas, &DSML, at_eof)
 }
 
-fn scan_invokes(section: &str, schemas: &ToolSchemas, tags: &InvokeTags) -> SectionScan {
+fn scan_invokes(section: &str, schemas: &ToolSchemas, tags: &InvokeTags, at_eof: bool) -> SectionScan {
     let mut scan = SectionScan::default();
     let end = tags
         .section_ends
@@ -135,13 +135,16 @@ fn scan_invokes(section: &str, schemas: &ToolSchemas, tags: &InvokeTags) -> Sect
         .filter_map(|e| section.find(e).map(|at| (at, e.len())))
         .min();
     let inner = &section[..end.map_or(section.len(), |(at, _)| at)];
+    // A closed section ends its last invoke too.
+    let closing = end.is_some() || at_eof;
     let mut rest = inner;
     while let Some(at) = rest.find(tags.invoke) {
         let after = &rest[at + tags.invoke.len()..];
         let Some(close) = after.find('>') else { break };
         let name = after[..close].trim().trim_matches(['"', '\'']).to_owned();
         let body = &after[close + 1..];
-        let call_end = body.find(tags.invoke_end);
+        let own_end = body.find(tags.invoke_end);
+        let call_end = own_end.or(closing.then_some(body.len()));
         let arguments = match call_end {
             Some(e) => invoke_arguments(&name, &body[..e], schemas, tags),
             None => String::new(),
@@ -155,7 +158,7 @@ fn scan_invokes(section: &str, schemas: &ToolSchemas, tags: &InvokeTags) -> Sect
             arguments,
             complete: call_end.is_some(),
         });
-        match call_end {
+        match own_end {
             Some(e) => rest = &body[e + tags.invoke_end.len()..],
             None => break,
         }
@@ -206,19 +209,21 @@ fn invoke_arguments(tool: &str, body: &str, schemas: &ToolSchemas, tags: &Invoke
 }
 
 /// Qwen3-Coder: `<tool_call><function=NAME><parameter=K>\nV\n</parameter></function></tool_call>`.
-pub(super) fn scan_qwen3_coder(section: &str, schemas: &ToolSchemas) -> SectionScan {
+pub(super) fn scan_qwen3_coder(section: &str, schemas: &ToolSchemas, at_eof: bool) -> SectionScan {
     const FUNCTION: &str = "<function=";
     const FUNCTION_END: &str = "</function>";
     let mut scan = SectionScan::default();
     let end = section.find(TOOL_CALL_END);
     let inner = &section[..end.unwrap_or(section.len())];
+    let closing = end.is_some() || at_eof;
     let mut rest = inner;
     while let Some(at) = rest.find(FUNCTION) {
         let after = &rest[at + FUNCTION.len()..];
         let Some(gt) = after.find('>') else { break };
         let name = after[..gt].trim().to_owned();
         let body = &after[gt + 1..];
-        let call_end = body.find(FUNCTION_END);
+        let own_end = body.find(FUNCTION_END);
+        let call_end = own_end.or(closing.then_some(body.len()));
         let arguments = match call_end {
             Some(e) => {
                 let pairs: Vec<(String, String)> = coder_pairs(&body[..e]);
@@ -235,7 +240,7 @@ pub(super) fn scan_qwen3_coder(section: &str, schemas: &ToolSchemas) -> SectionS
             arguments,
             complete: call_end.is_some(),
         });
-        match call_end {
+        match own_end {
             Some(e) => rest = &body[e + FUNCTION_END.len()..],
             None => break,
         }
