@@ -190,17 +190,15 @@ pub enum ConstraintStep {
     Finished,
 }
 
-impl TokenConstraint {
-    /// Sets every token the grammar forbids next to `-inf` in `logits`
-    /// (`[vocab]`).
-    pub fn mask(&mut self, logits: &mut [f32]) -> Result<ConstraintStep> {
-        if self.matcher.is_stopped() {
-            return Ok(ConstraintStep::Finished);
-        }
-        let allowed = self
-            .matcher
-            .compute_mask()
-            .map_err(|e| EngineError::InvalidRequest(format!("constrained decoding failed: {e}")))?;
+/// The tokens a grammar allows next; `None` when it admits nothing more.
+pub struct TokenMask(Option<llguidance::toktrie::SimpleVob>);
+
+impl TokenMask {
+    /// Sets every forbidden token's logit (`logits`: `[vocab]`) to `-inf`.
+    pub fn apply(&self, logits: &mut [f32]) -> ConstraintStep {
+        let Some(allowed) = &self.0 else {
+            return ConstraintStep::Finished;
+        };
         let width = logits.len().min(allowed.len());
         allowed.iter_unset_entries(|i| {
             if i < width {
@@ -210,7 +208,26 @@ impl TokenConstraint {
         for l in logits.iter_mut().skip(width) {
             *l = f32::NEG_INFINITY;
         }
-        Ok(ConstraintStep::Sample)
+        ConstraintStep::Sample
+    }
+}
+
+impl TokenConstraint {
+    /// The mask for the next token. It depends only on the tokens accepted so
+    /// far, so the engine computes it while the forward pass runs.
+    pub fn compute_mask(&mut self) -> Result<TokenMask> {
+        if self.matcher.is_stopped() {
+            return Ok(TokenMask(None));
+        }
+        self.matcher
+            .compute_mask()
+            .map(|m| TokenMask(Some(m)))
+            .map_err(|e| EngineError::InvalidRequest(format!("constrained decoding failed: {e}")))
+    }
+
+    /// Computes the mask and applies it to `logits` (`[vocab]`).
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<ConstraintStep> {
+        Ok(self.compute_mask()?.apply(logits))
     }
 
     /// The token that ends a constrained output.

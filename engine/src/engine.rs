@@ -14,7 +14,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use moe_models::RoutingTrace;
 
-use crate::constraint::{ConstraintStep, TokenConstraint};
+use crate::constraint::{ConstraintStep, TokenConstraint, TokenMask};
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
@@ -365,6 +365,7 @@ impl Drop for Engine {
 /// (it exhausted llguidance's limits) ends only its own request.
 fn constrained_sample(
     constraint: &mut TokenConstraint,
+    mask: Result<TokenMask>,
     sampler: &Sampler,
     logits: &mut [f32],
     generated: &[u32],
@@ -379,7 +380,7 @@ fn constrained_sample(
             top_logprobs: Vec::new(),
         }
     };
-    match constraint.mask(logits) {
+    match mask.map(|m| m.apply(logits)) {
         Ok(ConstraintStep::Sample) => {}
         Ok(ConstraintStep::Finished) => return end(finish, constraint.eos_token()),
         Err(e) => {
@@ -471,7 +472,35 @@ impl StepLoop {
         self.totals.steps += 1;
         let counting = self.expert_load.lock().is_ok_and(|l| l.is_some());
         let trace = counting.then(RoutingTrace::default);
-        let logits = self.runner.execute(&plan, trace.as_ref())?;
+        // Grammar masks depend only on tokens already accepted: they are computed on a
+        // second thread while the forward pass runs, and only when a constrained request
+        // samples this step.
+        let constrained: Vec<RequestId> = plan
+            .scheduled
+            .iter()
+            .filter(|r| r.needs_sample && self.live.get(&r.id).is_some_and(|l| l.constraint.is_some()))
+            .map(|r| r.id)
+            .collect();
+        let (logits, mut masks) = if constrained.is_empty() {
+            (self.runner.execute(&plan, trace.as_ref())?, HashMap::new())
+        } else {
+            let (runner, live) = (&self.runner, &mut self.live);
+            let (logits, masks) = std::thread::scope(|s| {
+                let masking = s.spawn(move || {
+                    let mut masks = HashMap::new();
+                    for id in constrained {
+                        if let Some(c) = live.get_mut(&id).and_then(|l| l.constraint.as_mut()) {
+                            masks.insert(id, c.compute_mask());
+                        }
+                    }
+                    masks
+                });
+                let logits = runner.execute(&plan, trace.as_ref());
+                (logits, masking.join())
+            });
+            let masks = masks.map_err(|_| EngineError::InvalidRequest("the grammar thread panicked".into()))?;
+            (logits?, masks)
+        };
         if let (Some(trace), Ok(mut load)) = (trace, self.expert_load.lock()) {
             if let Some(load) = load.as_mut() {
                 for (layer, ids) in trace.take() {
@@ -488,7 +517,10 @@ impl StepLoop {
             let mut finish = None;
             let token = match live.constraint.as_mut() {
                 None => live.sampler.sample(&row, &live.generated, step),
-                Some(c) => constrained_sample(c, &live.sampler, &mut row, &live.generated, step, &mut finish),
+                Some(c) => {
+                    let mask = masks.remove(&id).unwrap_or_else(|| c.compute_mask());
+                    constrained_sample(c, mask, &live.sampler, &mut row, &live.generated, step, &mut finish)
+                }
             };
             live.generated.push(token.token);
             let mut text = String::new();

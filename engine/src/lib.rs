@@ -18,7 +18,7 @@ pub mod stop;
 pub mod tokenizer;
 
 pub use batch::{BatchBuilder, LogitRows, SeqChunk};
-pub use constraint::{ConstraintStep, Grammar, GrammarCompiler, TokenConstraint};
+pub use constraint::{ConstraintStep, Grammar, GrammarCompiler, TokenConstraint, TokenMask};
 pub use detokenizer::IncrementalDetokenizer;
 pub use engine::{Engine, EngineConfig, FinishReason, GenerationRequest, RequestOutput};
 pub use error::{EngineError, Result};

@@ -70,17 +70,28 @@ fn valid_tool_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-/// Structural checks of a JSON schema that llguidance would otherwise take
-/// on trust: an object whose `type`, `properties` and `required` have the
-/// right shapes.
+/// Structural checks of a JSON schema that llguidance would otherwise only
+/// meet when a grammar is compiled: every (sub)schema is an object or a
+/// boolean, its `type` names JSON types, `properties` maps names to schemas
+/// and `required` lists names; nested `properties`, `items`, `anyOf` /
+/// `oneOf` / `allOf`, `additionalProperties` and `$defs` are checked alike.
+/// (serde_json's nesting limit bounds the depth.)
 pub fn check_schema(schema: &Value, param: &str) -> Result<(), FieldError> {
+    check_subschema(schema, param, false)
+}
+
+fn check_subschema(schema: &Value, param: &str, nested: bool) -> Result<(), FieldError> {
+    if schema.is_boolean() && nested {
+        return Ok(());
+    }
     let Some(obj) = schema.as_object() else {
         return Err(field_error(format!("{param} must be a JSON schema object"), param));
     };
     if let Some(t) = obj.get("type") {
+        let known = |s: &str| ["object", "array", "string", "number", "integer", "boolean", "null"].contains(&s);
         let ok = match t {
-            Value::String(s) => ["object", "array", "string", "number", "integer", "boolean", "null"].contains(&s.as_str()),
-            Value::Array(ts) => ts.iter().all(|t| t.is_string()),
+            Value::String(s) => known(s),
+            Value::Array(ts) => ts.iter().all(|t| t.as_str().is_some_and(known)),
             _ => false,
         };
         if !ok {
@@ -92,17 +103,40 @@ pub fn check_schema(schema: &Value, param: &str) -> Result<(), FieldError> {
             return Err(field_error(format!("{param}.properties must be an object"), format!("{param}.properties")));
         };
         for (k, v) in props {
-            if !(v.is_object() || v.is_boolean()) {
-                return Err(field_error(
-                    format!("{param}.properties.{k} must be a schema object"),
-                    format!("{param}.properties.{k}"),
-                ));
-            }
+            check_subschema(v, &format!("{param}.properties.{k}"), true)?;
         }
     }
     if let Some(r) = obj.get("required") {
         if !r.as_array().is_some_and(|r| r.iter().all(Value::is_string)) {
             return Err(field_error(format!("{param}.required must be a list of names"), format!("{param}.required")));
+        }
+    }
+    for key in ["items", "additionalProperties", "not"] {
+        match obj.get(key) {
+            Some(Value::Array(list)) if key == "items" => {
+                for (i, v) in list.iter().enumerate() {
+                    check_subschema(v, &format!("{param}.items.{i}"), true)?;
+                }
+            }
+            Some(v) => check_subschema(v, &format!("{param}.{key}"), true)?,
+            None => {}
+        }
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        if let Some(v) = obj.get(key) {
+            let Some(list) = v.as_array() else {
+                return Err(field_error(format!("{param}.{key} must be a list of schemas"), format!("{param}.{key}")));
+            };
+            for (i, v) in list.iter().enumerate() {
+                check_subschema(v, &format!("{param}.{key}.{i}"), true)?;
+            }
+        }
+    }
+    for key in ["$defs", "definitions"] {
+        if let Some(defs) = obj.get(key).and_then(Value::as_object) {
+            for (k, v) in defs {
+                check_subschema(v, &format!("{param}.{key}.{k}"), true)?;
+            }
         }
     }
     Ok(())
@@ -170,9 +204,9 @@ impl AgentRequest {
                     ))
                 }
             },
-            Some(v) => match v.pointer("/function/name").and_then(Value::as_str) {
-                Some(name) => ToolChoice::Named(name.to_owned()),
-                None => return Err(field_error("tool_choice must name a function: {\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")),
+            Some(v) => match (v.get("type").and_then(Value::as_str), v.pointer("/function/name").and_then(Value::as_str)) {
+                (Some("function"), Some(name)) => ToolChoice::Named(name.to_owned()),
+                _ => return Err(field_error("tool_choice must name a function: {\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")),
             },
         };
         match &choice {
@@ -252,9 +286,10 @@ impl AgentRequest {
         }
     }
 
-    /// Compiles [`grammar`](Self::grammar) for the engine; a grammar llguidance
-    /// rejects is the client's error, naming `param_of_grammar`.
-    pub fn constraint(&self, config: &AgentConfig) -> Result<Option<moe_engine::TokenConstraint>, FieldError> {
+    /// Compiles [`grammar`](Self::grammar) for the engine, off the async
+    /// workers (a large schema takes milliseconds); a grammar llguidance
+    /// rejects is the client's error, naming the field it came from.
+    pub async fn constraint(&self, config: &AgentConfig) -> Result<Option<moe_engine::TokenConstraint>, FieldError> {
         let Some(grammar) = self.grammar() else {
             return Ok(None);
         };
@@ -268,7 +303,11 @@ impl AgentRequest {
                 param,
             ));
         };
-        compiler.compile(&grammar).map(Some).map_err(|e| {
+        let compiler = compiler.clone();
+        let compiled = tokio::task::spawn_blocking(move || compiler.compile(&grammar))
+            .await
+            .map_err(|e| field_error(format!("compiling the grammar failed: {e}"), param))?;
+        compiled.map(Some).map_err(|e| {
             let message = match e {
                 moe_engine::EngineError::InvalidRequest(m) => m,
                 other => other.to_string(),
@@ -307,7 +346,11 @@ impl AgentRequest {
                 Mode::Free(OutputParser::new(reasoning, tools))
             }
         };
-        ChoiceParser { mode, saw_calls: false }
+        ChoiceParser {
+            mode,
+            saw_calls: false,
+            one_call: !self.parallel_tool_calls,
+        }
     }
 }
 
@@ -323,6 +366,8 @@ enum Mode {
 pub struct ChoiceParser {
     mode: Mode,
     saw_calls: bool,
+    /// `parallel_tool_calls: false`: calls after the first are dropped.
+    one_call: bool,
 }
 
 impl ChoiceParser {
@@ -351,6 +396,13 @@ impl ChoiceParser {
                 OutputDelta::default()
             }
         };
+        self.limit(delta)
+    }
+
+    fn limit(&mut self, mut delta: OutputDelta) -> OutputDelta {
+        if self.one_call {
+            delta.tool_calls.retain(|c| c.index == 0);
+        }
         self.saw_calls |= !delta.tool_calls.is_empty();
         delta
     }
@@ -361,8 +413,7 @@ impl ChoiceParser {
             Mode::Named { .. } => self.push(""),
             Mode::Required { text, id_prefix } => required_calls(text, id_prefix),
         };
-        self.saw_calls |= !delta.tool_calls.is_empty();
-        delta
+        self.limit(delta)
     }
 
     /// Whether the output made tool calls (its finish reason is then `tool_calls`).
@@ -438,6 +489,12 @@ mod tests {
         assert_eq!(e.param, "response_format.json_schema.schema");
         let e = err(&tools, json!("sometimes"), None);
         assert_eq!(e.param, "tool_choice");
+        let e = err(&tools, json!({"type": "tool", "function": {"name": "get_weather"}}), None);
+        assert_eq!(e.param, "tool_choice");
+        let nested = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+            "properties": {"a": {"type": "array", "items": {"anyOf": [{"type": "strin"}]}}}}}}]);
+        let e = err(&nested, json!("auto"), None);
+        assert_eq!(e.param, "tools[0].function.parameters.properties.a.items.anyOf.0.type");
         let ok = AgentRequest::from_openai(Some(&tools), None, None, None).unwrap();
         assert_eq!(ok.choice, ToolChoice::Auto);
         assert!(ok.grammar().is_none());

@@ -77,9 +77,17 @@ impl BlockStream {
         ("content_block_delta", json!({"type": "content_block_delta", "index": self.index, "delta": delta}))
     }
 
-    /// Events for one delta of output.
+    /// Events for one delta of output. Within one delta, fragments of a call
+    /// already open come first (the text that closes a call follows it), then
+    /// reasoning, text, and calls that start here.
     pub(super) fn push(&mut self, d: &OutputDelta) -> Vec<BlockEvent> {
         let mut out = Vec::new();
+        let (continuing, starting): (Vec<_>, Vec<_>) = d.tool_calls.iter().partition(|c| c.id.is_none());
+        for call in continuing {
+            if self.open == Some(Open::Tool(call.index)) && !call.arguments.is_empty() {
+                out.push(self.delta(json!({"type": "input_json_delta", "partial_json": call.arguments})));
+            }
+        }
         if !d.reasoning.is_empty() {
             if self.open != Some(Open::Thinking) {
                 self.start(Open::Thinking, json!({"type": "thinking", "thinking": ""}), &mut out);
@@ -92,12 +100,10 @@ impl BlockStream {
             }
             out.push(self.delta(json!({"type": "text_delta", "text": d.content})));
         }
-        for call in &d.tool_calls {
-            if self.open != Some(Open::Tool(call.index)) {
-                let block = json!({"type": "tool_use", "id": call.id.clone().unwrap_or_default(),
-                                   "name": call.name.clone().unwrap_or_default(), "input": {}});
-                self.start(Open::Tool(call.index), block, &mut out);
-            }
+        for call in starting {
+            let block = json!({"type": "tool_use", "id": call.id.clone().unwrap_or_default(),
+                               "name": call.name.clone().unwrap_or_default(), "input": {}});
+            self.start(Open::Tool(call.index), block, &mut out);
             if !call.arguments.is_empty() {
                 out.push(self.delta(json!({"type": "input_json_delta", "partial_json": call.arguments})));
             }
@@ -158,6 +164,8 @@ mod tests {
 
     #[test]
     fn streamed_blocks_assemble_to_the_whole_response() {
+        // The last delta finishes call 0 and starts call 1 (text that closes one call and
+        // opens the next arrives in one piece).
         let deltas = vec![
             OutputDelta { reasoning: "Let me ".into(), ..Default::default() },
             OutputDelta { reasoning: "check.".into(), content: "Checking".into(), ..Default::default() },
@@ -182,8 +190,26 @@ mod tests {
         }
         events.extend(stream.finish());
         assert_eq!(assemble(&events), content_blocks(&whole));
+        assert!(events.iter().all(|(_, d)| d["content_block"]["id"] != ""), "a tool_use block without an id");
         let indices: Vec<u64> = events.iter().filter(|(n, _)| *n == "content_block_start").map(|(_, d)| d["index"].as_u64().unwrap()).collect();
         assert_eq!(indices, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn text_after_a_call_in_the_same_delta_does_not_split_the_call() {
+        let mut stream = BlockStream::default();
+        let mut events = stream.push(&OutputDelta {
+            tool_calls: vec![ToolCallDelta { index: 0, id: Some("toolu_0".into()), name: Some("f".into()), arguments: "{\"a\": ".into() }],
+            ..Default::default()
+        });
+        events.extend(stream.push(&OutputDelta {
+            content: "Done".into(),
+            tool_calls: vec![ToolCallDelta { index: 0, id: None, name: None, arguments: "1}".into() }],
+            ..Default::default()
+        }));
+        events.extend(stream.finish());
+        let blocks = assemble(&events);
+        assert_eq!(blocks, vec![json!({"type": "tool_use", "id": "toolu_0", "name": "f", "input": {"a": 1}}), json!({"type": "text", "text": "Done"})]);
     }
 
     #[test]

@@ -139,6 +139,7 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Body) -> Result<
     request.constraint = prepared
         .agent
         .constraint(&state.agent)
+        .await
         .map_err(|e| bad(e.message, if e.param == "response_format" { "tools" } else { &e.param }))?;
     let parser = prepared.agent.choice_parser(&state.agent, &prepared.rendered, tool_use_prefix());
     state.check_capacity(1)?;
