@@ -26,9 +26,24 @@ fn run(format: ToolCallFormat, pieces: &[String], reasoning_prompt: Option<&str>
     out
 }
 
-/// Parses `text` whole, per character and in chunks of 1..=7 characters; all must agree.
+/// The pieces the engine would stream for `text`: encoded with the tiny fixture's byte-level
+/// tokenizer (markers and multi-byte characters split across tokens) and decoded one token at
+/// a time by the incremental detokenizer.
+fn token_pieces(text: &str) -> Vec<String> {
+    let tokenizer = moe_tests::fixture_tokenizer();
+    let ids = tokenizer.encode_plain(text).unwrap();
+    let mut detok = moe_engine::IncrementalDetokenizer::new();
+    let mut pieces: Vec<String> = ids.iter().map(|&id| detok.push(&tokenizer, id).unwrap()).collect();
+    pieces.push(detok.finish(&tokenizer).unwrap());
+    assert_eq!(pieces.concat(), text, "the fixture tokenizer does not round-trip {text:?}");
+    pieces
+}
+
+/// Parses `text` whole, one token at a time, per character and in chunks of 2..=7
+/// characters; all must agree.
 fn parse(format: ToolCallFormat, text: &str, reasoning_prompt: Option<&str>) -> ParsedOutput {
     let whole = run(format, &[text.to_owned()], reasoning_prompt);
+    assert_eq!(run(format, &token_pieces(text), reasoning_prompt), whole, "token by token: {text:?}");
     let chars: Vec<String> = text.chars().map(String::from).collect();
     assert_eq!(run(format, &chars, reasoning_prompt), whole, "char by char: {text:?}");
     for width in [2usize, 3, 5, 7] {
