@@ -20,16 +20,21 @@ fn typed_value(raw: &str, ty: Option<&str>) -> String {
     }
 }
 
-/// `{"k":v,...}` in the given order.
-fn json_object(tool: &str, pairs: &[(String, String)], schemas: &ToolSchemas) -> String {
+/// `{"k":v,...}` in the given order; a pair's own kind (`string` / `json`),
+/// when the markup says it, wins over the schema's type.
+fn json_object<'a>(
+    tool: &str,
+    pairs: impl IntoIterator<Item = (&'a str, &'a str, Option<&'static str>)>,
+    schemas: &ToolSchemas,
+) -> String {
     let mut out = String::from("{");
-    for (i, (k, v)) in pairs.iter().enumerate() {
+    for (i, (k, v, kind)) in pairs.into_iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&serde_json::Value::String(k.clone()).to_string());
+        out.push_str(&serde_json::Value::String(k.to_owned()).to_string());
         out.push(':');
-        out.push_str(&typed_value(v, schemas.param_type(tool, k)));
+        out.push_str(&typed_value(v, kind.or_else(|| schemas.param_type(tool, k))));
     }
     out.push('}');
     out
@@ -75,7 +80,7 @@ pub(super) fn scan_glm(section: &str, schemas: &ToolSchemas, at_eof: bool) -> Se
     }
     let arguments = if complete {
         let pairs = tagged_pairs(inner, ("<arg_key>", "</arg_key>"), ("<arg_value>", "</arg_value>"));
-        json_object(name, &pairs, schemas)
+        json_object(name, pairs.iter().map(|(k, v)| (k.as_str(), v.as_str(), None)), schemas)
     } else {
         String::new()
     };
@@ -89,7 +94,7 @@ pub(super) fn scan_glm(section: &str, schemas: &ToolSchemas, at_eof: bool) -> Se
     scan
 }
 
-/// The tags of an invoke-style format (MiniMax-M2, DeepSeek's DSML).
+/// The tags of an invoke-style format (MiniMax-M2, DeepSeek's DSML, Qwen3-Coder).
 struct InvokeTags {
     section_ends: &'static [&'static str],
     invoke: &'static str,
@@ -195,76 +200,20 @@ fn invoke_arguments(tool: &str, body: &str, schemas: &ToolSchemas, tags: &Invoke
         kinds.push(kind);
         rest = &value_and_rest[close + tags.parameter_end.len()..];
     }
-    let mut out = String::from("{");
-    for (i, ((k, v), kind)) in pairs.iter().zip(kinds).enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&serde_json::Value::String(k.clone()).to_string());
-        out.push(':');
-        out.push_str(&typed_value(v, kind.or_else(|| schemas.param_type(tool, k))));
-    }
-    out.push('}');
-    out
+    json_object(tool, pairs.iter().zip(kinds).map(|((k, v), kind)| (k.as_str(), v.as_str(), kind)), schemas)
 }
+
+const QWEN3_CODER: InvokeTags = InvokeTags {
+    section_ends: &[TOOL_CALL_END],
+    invoke: "<function=",
+    invoke_end: "</function>",
+    parameter: "<parameter=",
+    parameter_end: "</parameter>",
+};
 
 /// Qwen3-Coder: `<tool_call><function=NAME><parameter=K>\nV\n</parameter></function></tool_call>`.
 pub(super) fn scan_qwen3_coder(section: &str, schemas: &ToolSchemas, at_eof: bool) -> SectionScan {
-    const FUNCTION: &str = "<function=";
-    const FUNCTION_END: &str = "</function>";
-    let mut scan = SectionScan::default();
-    let end = section.find(TOOL_CALL_END);
-    let inner = &section[..end.unwrap_or(section.len())];
-    let closing = end.is_some() || at_eof;
-    let mut rest = inner;
-    while let Some(at) = rest.find(FUNCTION) {
-        let after = &rest[at + FUNCTION.len()..];
-        let Some(gt) = after.find('>') else { break };
-        let name = after[..gt].trim().to_owned();
-        let body = &after[gt + 1..];
-        let own_end = body.find(FUNCTION_END);
-        let call_end = own_end.or(closing.then_some(body.len()));
-        let arguments = match call_end {
-            Some(e) => {
-                let pairs: Vec<(String, String)> = coder_pairs(&body[..e]);
-                json_object(&name, &pairs, schemas)
-            }
-            None => String::new(),
-        };
-        if name.is_empty() {
-            break;
-        }
-        scan.calls.push(CallProgress {
-            name,
-            id: None,
-            arguments,
-            complete: call_end.is_some(),
-        });
-        match own_end {
-            Some(e) => rest = &body[e + FUNCTION_END.len()..],
-            None => break,
-        }
-    }
-    scan.end = end.map(|e| e + TOOL_CALL_END.len());
-    scan
-}
-
-/// `<parameter=K>\nV\n</parameter>` pairs.
-fn coder_pairs(body: &str) -> Vec<(String, String)> {
-    const OPEN: &str = "<parameter=";
-    const CLOSE: &str = "</parameter>";
-    let mut pairs = Vec::new();
-    let mut rest = body;
-    while let Some(at) = rest.find(OPEN) {
-        let after = &rest[at + OPEN.len()..];
-        let Some(gt) = after.find('>') else { break };
-        let key = after[..gt].trim().to_owned();
-        let value_and_rest = &after[gt + 1..];
-        let Some(close) = value_and_rest.find(CLOSE) else { break };
-        pairs.push((key, strip_one_newline(&value_and_rest[..close]).to_owned()));
-        rest = &value_and_rest[close + CLOSE.len()..];
-    }
-    pairs
+    scan_invokes(section, schemas, &QWEN3_CODER, at_eof)
 }
 
 #[cfg(test)]
