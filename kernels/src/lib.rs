@@ -4,8 +4,10 @@
 //! expert MLP. Each op has a device-agnostic reference implementation here
 //! (candle ops, run on the CPU in tests); CUDA kernels slot in behind the same arguments
 //! (module [`cuda`], with the `cuda` feature).
+//! [`dense::matmul_nt`] is the dense projection, with a tiled CPU path for bf16/f16 weights.
 //! This crate knows nothing about models, configs or requests.
 
+pub mod dense;
 pub mod gqa;
 pub mod mla;
 pub mod moe;

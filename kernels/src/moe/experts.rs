@@ -7,6 +7,7 @@
 use candle_core::{bail, DType, Result, Tensor, D};
 
 use super::permute::ExpertPermutation;
+use crate::dense::matmul_nt;
 
 /// Stacked expert weights in the canonical layout.
 #[derive(Debug, Clone, Copy)]
@@ -56,11 +57,11 @@ pub fn grouped_expert_mlp(
         let token_ids: Vec<u32> = expert_slots.iter().map(|&s| s / top_k as u32).collect();
         let idx = Tensor::from_vec(token_ids, count, device)?;
         let xs = x.index_select(&idx, 0)?; // [n, H]
-        let gu = xs.matmul(&w.gate_up.get(e)?.t()?)?; // [n, 2I]
+        let gu = matmul_nt(&xs, &w.gate_up.get(e)?)?; // [n, 2I]
         let gate = gu.narrow(D::Minus1, 0, intermediate)?;
         let up = gu.narrow(D::Minus1, intermediate, intermediate)?;
         let h = (gate.silu()? * up)?;
-        let y = h.matmul(&w.down.get(e)?.t()?)?.to_dtype(DType::F32)?; // [n, H]
+        let y = matmul_nt(&h, &w.down.get(e)?)?.to_dtype(DType::F32)?; // [n, H]
         let wt: Vec<f32> = expert_slots.iter().map(|&s| slot_weights[s as usize]).collect();
         outputs.push(y.broadcast_mul(&Tensor::from_vec(wt, (count, 1), device)?)?);
         for &s in expert_slots {

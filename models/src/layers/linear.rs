@@ -33,7 +33,7 @@ impl Linear {
 impl Module for Linear {
     /// `x`: `[tokens, in]` -> `[tokens, out]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = moe_kernels::dense::matmul_nt(x, &self.weight)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
