@@ -23,12 +23,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(Into::into)
         .unwrap_or_else(|| moe_benches::fixture("deepseek-v3").join("tokenizer.json"));
     let tokenizer = Arc::new(TextTokenizer::load(&path, None, None)?);
-    let vocab = args.get(1).map(|v| v.parse()).transpose()?.unwrap_or(tokenizer.vocab_size());
+    let vocab = args
+        .get(1)
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(tokenizer.vocab_size());
     // Any id works as the end token here: the outputs end when the grammar completes.
     let eos = [vocab as u32 - 1];
     let t = Instant::now();
     let compiler = GrammarCompiler::new(tokenizer.clone(), vocab, &eos)?;
-    println!("tokenizer: {} ({vocab} tokens); compiler built in {:.1} ms", path.display(), t.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "tokenizer: {} ({vocab} tokens); compiler built in {:.1} ms",
+        path.display(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let grammars = [
         ("json_object", Grammar::JsonObject),
         (
@@ -39,7 +47,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "required": ["city", "days", "unit", "tags"], "additionalProperties": false})),
         ),
     ];
-    println!("{:<16} {:>12} {:>10} {:>12} {:>12}", "grammar", "compile ms", "tokens", "mean us/tok", "p99 us/tok");
+    println!(
+        "{:<16} {:>12} {:>10} {:>12} {:>12}",
+        "grammar", "compile ms", "tokens", "mean us/tok", "p99 us/tok"
+    );
     for (name, grammar) in grammars {
         let t = Instant::now();
         let template = compiler.compile(&grammar)?;
@@ -71,7 +82,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         per_token.sort_by(f64::total_cmp);
         let mean = per_token.iter().sum::<f64>() / per_token.len() as f64;
         let p99 = per_token[(per_token.len() * 99 / 100).min(per_token.len() - 1)];
-        println!("{name:<16} {compile_ms:>12.2} {:>10} {mean:>12.1} {p99:>12.1}", per_token.len());
+        println!(
+            "{name:<16} {compile_ms:>12.2} {:>10} {mean:>12.1} {p99:>12.1}",
+            per_token.len()
+        );
     }
     Ok(())
 }

@@ -56,7 +56,9 @@ impl Grammar {
             }
         };
         Ok(match self {
-            Grammar::JsonObject => TopLevelGrammar::from_json_schema(with_layout(&serde_json::json!({"type": "object"}))?),
+            Grammar::JsonObject => {
+                TopLevelGrammar::from_json_schema(with_layout(&serde_json::json!({"type": "object"}))?)
+            }
             Grammar::JsonSchema(schema) => TopLevelGrammar::from_json_schema(with_layout(schema)?),
             Grammar::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
         })
@@ -125,7 +127,9 @@ impl GrammarCompiler {
             words.push(w);
         }
         let Some(&first_eos) = eos_ids.first() else {
-            return Err(bad("constrained decoding needs an end-of-sequence token and the model has none".into()));
+            return Err(bad(
+                "constrained decoding needs an end-of-sequence token and the model has none".into(),
+            ));
         };
         let info = TokRxInfo::new(vocab_size as u32, first_eos);
         let trie = TokTrie::from(&info, &words).with_eos_tokens(eos_ids);

@@ -27,17 +27,29 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (n, k_w) = w.dims2()?;
     if k != k_w {
-        candle_core::bail!("matmul_nt: x {:?} and w {:?} disagree on the inner dimension", x.shape(), w.shape());
+        candle_core::bail!(
+            "matmul_nt: x {:?} and w {:?} disagree on the inner dimension",
+            x.shape(),
+            w.shape()
+        );
     }
-    let w = if w.layout().contiguous_offsets().is_some() { w.clone() } else { w.contiguous()? };
+    let w = if w.layout().contiguous_offsets().is_some() {
+        w.clone()
+    } else {
+        w.contiguous()?
+    };
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let (storage, layout) = w.storage_and_layout();
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("matmul_nt: weight not contiguous after contiguous()");
     };
     let out = match &*storage {
-        Storage::Cpu(CpuStorage::BF16(v)) => tiled(&xs, m, k, &v[start..end], n, |src, dst| src.convert_to_f32_slice(dst)),
-        Storage::Cpu(CpuStorage::F16(v)) => tiled(&xs, m, k, &v[start..end], n, |src, dst| src.convert_to_f32_slice(dst)),
+        Storage::Cpu(CpuStorage::BF16(v)) => {
+            tiled(&xs, m, k, &v[start..end], n, |src, dst| src.convert_to_f32_slice(dst))
+        }
+        Storage::Cpu(CpuStorage::F16(v)) => {
+            tiled(&xs, m, k, &v[start..end], n, |src, dst| src.convert_to_f32_slice(dst))
+        }
         _ => candle_core::bail!("matmul_nt: expected a bf16/f16 CPU weight"),
     };
     drop(storage);
@@ -106,8 +118,14 @@ mod tests {
     fn tiled_half_matmul_matches_candle() {
         let dev = Device::Cpu;
         for (m, k, n) in [(1, 64, 32), (3, 96, 70), (17, 128, 33), (64, 40, 130)] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
-            let stacked = Tensor::randn(0f32, 1.0, (3, n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
+            let stacked = Tensor::randn(0f32, 1.0, (3, n, k), &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap();
             let w = stacked.get(1).unwrap();
             let got = matmul_nt(&x, &w).unwrap().to_dtype(DType::F32).unwrap();
             let want = x
@@ -115,7 +133,14 @@ mod tests {
                 .unwrap()
                 .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
                 .unwrap();
-            let err: f32 = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let err: f32 = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
             // Both accumulate in f32; the only rounding that differs is the final bf16 one.
             assert!(err <= scale * 2f32.powi(-7), "{m}x{k}x{n}: err {err} at scale {scale}");
@@ -125,7 +150,14 @@ mod tests {
             let wf16 = w.to_dtype(DType::F16).unwrap();
             let got = matmul_nt(&xf, &wf16).unwrap();
             let want = xf.matmul(&wf16.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
-            let err: f32 = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let err: f32 = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             assert!(err <= 1e-3 * scale.max(1.0), "f16 {m}x{k}x{n}: err {err}");
         }
     }

@@ -30,8 +30,14 @@ fn assert_weather(v: &Value, what: &str) {
     let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
     keys.sort();
     assert_eq!(keys, ["city", "days", "unit"], "{what}: {v}");
-    assert!(obj["city"].as_str().is_some_and(|c| c.chars().count() <= 6), "{what}: {v}");
-    assert!(obj["days"].as_i64().is_some_and(|d| (1..=14).contains(&d)), "{what}: {v}");
+    assert!(
+        obj["city"].as_str().is_some_and(|c| c.chars().count() <= 6),
+        "{what}: {v}"
+    );
+    assert!(
+        obj["days"].as_i64().is_some_and(|d| (1..=14).contains(&d)),
+        "{what}: {v}"
+    );
     assert!(matches!(obj["unit"].as_str(), Some("c" | "f")), "{what}: {v}");
 }
 
@@ -69,9 +75,12 @@ async fn json_schema_and_forced_tool_calls_parse_for_every_seed() {
         let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
         assert_weather(&args, &format!("named tool seed {seed}"));
 
-        let body = chat(json!({"seed": seed, "tools": tools(), "tool_choice": "required", "parallel_tool_calls": false}));
+        let body =
+            chat(json!({"seed": seed, "tools": tools(), "tool_choice": "required", "parallel_tool_calls": false}));
         let r = server.ok("/v1/chat/completions", &body).await;
-        let calls = r["choices"][0]["message"]["tool_calls"].as_array().unwrap_or_else(|| panic!("seed {seed}: {r}"));
+        let calls = r["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap_or_else(|| panic!("seed {seed}: {r}"));
         assert_eq!(calls.len(), 1, "{r}");
         let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
         match calls[0]["function"]["name"].as_str().unwrap() {
@@ -80,7 +89,12 @@ async fn json_schema_and_forced_tool_calls_parse_for_every_seed() {
             other => panic!("unknown tool {other}"),
         }
     }
-    let r = server.ok("/v1/chat/completions", &chat(json!({"seed": 1, "response_format": {"type": "json_object"}}))).await;
+    let r = server
+        .ok(
+            "/v1/chat/completions",
+            &chat(json!({"seed": 1, "response_format": {"type": "json_object"}})),
+        )
+        .await;
     let content = r["choices"][0]["message"]["content"].as_str().unwrap();
     // A random model may run out of tokens inside an object; what it wrote is a JSON prefix.
     if r["choices"][0]["finish_reason"] == "stop" {
@@ -93,11 +107,18 @@ async fn json_schema_and_forced_tool_calls_parse_for_every_seed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_forced_call_assembles_to_the_whole_one_and_free_requests_are_unchanged() {
     let server = Server::start(&[]);
-    let forced = chat(json!({"seed": 7, "tools": tools(), "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}));
+    let forced = chat(
+        json!({"seed": 7, "tools": tools(), "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+    );
     let whole = server.ok("/v1/chat/completions", &forced).await;
     let mut streamed = forced.clone();
     streamed["stream"] = json!(true);
-    let text = server.post("/v1/chat/completions", &streamed).await.text().await.unwrap();
+    let text = server
+        .post("/v1/chat/completions", &streamed)
+        .await
+        .text()
+        .await
+        .unwrap();
     let (mut name, mut args, mut finish) = (String::new(), String::new(), String::new());
     for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
         if line == "[DONE]" {
@@ -112,7 +133,10 @@ async fn streamed_forced_call_assembles_to_the_whole_one_and_free_requests_are_u
                 args += c["function"]["arguments"].as_str().unwrap_or_default();
             }
         }
-        assert!(choice["delta"]["content"].as_str().unwrap_or_default().is_empty(), "content leaked: {line}");
+        assert!(
+            choice["delta"]["content"].as_str().unwrap_or_default().is_empty(),
+            "content leaked: {line}"
+        );
         if let Some(f) = choice["finish_reason"].as_str() {
             finish = f.to_owned();
         }
@@ -128,10 +152,14 @@ async fn streamed_forced_call_assembles_to_the_whole_one_and_free_requests_are_u
     let alone = server.ok("/v1/chat/completions", &free).await["choices"][0]["message"]["content"].clone();
     let mut jobs = Vec::new();
     for seed in 0..4u64 {
-        let body = chat(json!({"seed": seed, "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": weather_schema()}}}));
+        let body = chat(
+            json!({"seed": seed, "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": weather_schema()}}}),
+        );
         let client = reqwest::Client::new();
         let url = server.url("/v1/chat/completions");
-        jobs.push(tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap().status().as_u16() }));
+        jobs.push(tokio::spawn(async move {
+            client.post(url).json(&body).send().await.unwrap().status().as_u16()
+        }));
     }
     let batched = server.ok("/v1/chat/completions", &free).await["choices"][0]["message"]["content"].clone();
     for j in jobs {
@@ -144,15 +172,40 @@ async fn streamed_forced_call_assembles_to_the_whole_one_and_free_requests_are_u
 async fn bad_tools_schemas_and_messages_are_400s_naming_the_field() {
     let server = Server::start(&[]);
     let cases = [
-        (chat(json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]})), "tools[0].function.parameters.type"),
-        (chat(json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "missing"}}})), "tool_choice"),
-        (chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}}})), "response_format.json_schema.schema.properties.a.type"),
+        (
+            chat(json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]})),
+            "tools[0].function.parameters.type",
+        ),
+        (
+            chat(json!({"tools": tools(), "tool_choice": {"type": "function", "function": {"name": "missing"}}})),
+            "tool_choice",
+        ),
+        (
+            chat(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}}}),
+            ),
+            "response_format.json_schema.schema.properties.a.type",
+        ),
         // Well-formed, but llguidance cannot compile it: an unclosed regex group.
-        (chat(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(ab"}}}}}})), "response_format"),
-        (chat(json!({"response_format": {"type": "yaml"}})), "response_format.type"),
+        (
+            chat(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(ab"}}}}}}),
+            ),
+            "response_format",
+        ),
+        (
+            chat(json!({"response_format": {"type": "yaml"}})),
+            "response_format.type",
+        ),
         (json!({"model": NAME, "messages": [{"role": "user"}]}), "messages"),
-        (json!({"model": NAME, "messages": [{"role": "system", "content": null}, {"role": "user", "content": "x"}]}), "messages"),
-        (json!({"model": NAME, "messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "call_9", "content": "1"}]}), "messages"),
+        (
+            json!({"model": NAME, "messages": [{"role": "system", "content": null}, {"role": "user", "content": "x"}]}),
+            "messages",
+        ),
+        (
+            json!({"model": NAME, "messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "call_9", "content": "1"}]}),
+            "messages",
+        ),
     ];
     for (body, param) in cases {
         let (status, v) = server.post_json("/v1/chat/completions", &body).await;
@@ -173,12 +226,22 @@ async fn bad_tools_schemas_and_messages_are_400s_naming_the_field() {
 fn fixture_with_template(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let src = model_dir();
-    for f in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"] {
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ] {
         std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
     }
     let template = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/templates");
-    std::fs::copy(format!("{template}/{name}/chat_template.jinja"), dir.path().join("chat_template.jinja")).unwrap();
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap()).unwrap();
+    std::fs::copy(
+        format!("{template}/{name}/chat_template.jinja"),
+        dir.path().join("chat_template.jinja"),
+    )
+    .unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap()).unwrap();
     cfg.as_object_mut().unwrap().remove("chat_template");
     std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
     dir
@@ -200,24 +263,45 @@ async fn reasoning_is_split_by_the_real_template_and_kwargs_reach_it() {
     };
     let thinking = server.ok("/v1/chat/completions", &ask(json!({}))).await;
     let m = &thinking["choices"][0]["message"];
-    let reasoning = m["reasoning_content"].as_str().unwrap_or_else(|| panic!("no reasoning: {thinking}"));
+    let reasoning = m["reasoning_content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no reasoning: {thinking}"));
     assert!(!reasoning.is_empty());
     assert_eq!(m["content"], "", "{thinking}");
 
     let mut streamed = ask(json!({}));
     streamed["stream"] = json!(true);
-    let text = server.post("/v1/chat/completions", &streamed).await.text().await.unwrap();
+    let text = server
+        .post("/v1/chat/completions", &streamed)
+        .await
+        .text()
+        .await
+        .unwrap();
     let (mut r, mut c) = (String::new(), String::new());
-    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|l| *l != "[DONE]") {
+    for line in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+    {
         let chunk: Value = serde_json::from_str(line).unwrap();
-        r += chunk["choices"][0]["delta"]["reasoning_content"].as_str().unwrap_or_default();
+        r += chunk["choices"][0]["delta"]["reasoning_content"]
+            .as_str()
+            .unwrap_or_default();
         c += chunk["choices"][0]["delta"]["content"].as_str().unwrap_or_default();
     }
     assert_eq!((r.as_str(), c.as_str()), (reasoning, ""));
 
-    let plain = server.ok("/v1/chat/completions", &ask(json!({"chat_template_kwargs": {"enable_thinking": false}}))).await;
+    let plain = server
+        .ok(
+            "/v1/chat/completions",
+            &ask(json!({"chat_template_kwargs": {"enable_thinking": false}})),
+        )
+        .await;
     let m = &plain["choices"][0]["message"];
     assert!(m.get("reasoning_content").is_none(), "{plain}");
     assert!(!m["content"].as_str().unwrap().is_empty(), "{plain}");
-    assert_ne!(plain["usage"]["prompt_tokens"], thinking["usage"]["prompt_tokens"], "the kwarg did not reach the template");
+    assert_ne!(
+        plain["usage"]["prompt_tokens"], thinking["usage"]["prompt_tokens"],
+        "the kwarg did not reach the template"
+    );
 }

@@ -175,11 +175,20 @@ async fn tools_forced_calls_tool_results_and_thinking() {
         let (status, v) = server.post_json("/v1/messages", &forced()).await;
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["stop_reason"], "tool_use", "{v}");
-        let block = v["content"].as_array().unwrap().iter().find(|b| b["type"] == "tool_use").unwrap().clone();
+        let block = v["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["type"] == "tool_use")
+            .unwrap()
+            .clone();
         assert_eq!(block["name"], "get_weather");
         assert!(block["id"].as_str().unwrap().starts_with("toolu_"));
         let input = &block["input"];
-        assert!(input["city"].as_str().is_some_and(|c| c.chars().count() <= 6), "{input}");
+        assert!(
+            input["city"].as_str().is_some_and(|c| c.chars().count() <= 6),
+            "{input}"
+        );
         assert!(input["days"].as_i64().is_some_and(|d| (1..=14).contains(&d)), "{input}");
     }
 
@@ -209,16 +218,27 @@ async fn tools_forced_calls_tool_results_and_thinking() {
             {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo", "days": 2}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}, {"type": "text", "text": "Thanks"}]}
     ]);
-    let ok = body(json!({"messages": conversation, "tools": [weather_tool()], "thinking": {"type": "enabled", "budget_tokens": 1024}}));
+    let ok = body(
+        json!({"messages": conversation, "tools": [weather_tool()], "thinking": {"type": "enabled", "budget_tokens": 1024}}),
+    );
     let (status, v) = server.post_json("/v1/messages", &ok).await;
     assert_eq!(status, 200, "{v}");
 
     let mut unknown = conversation.clone();
     unknown[2]["content"][0]["tool_use_id"] = json!("toolu_9");
     let cases = [
-        (body(json!({"messages": unknown, "tools": [weather_tool()]})), "messages.2.content.0.tool_use_id"),
-        (body(json!({"tools": [weather_tool()], "tool_choice": {"type": "tool", "name": "nope"}})), "tool_choice"),
-        (body(json!({"tools": [{"name": "f", "input_schema": {"type": "objekt"}}]})), "tools.0.input_schema.type"),
+        (
+            body(json!({"messages": unknown, "tools": [weather_tool()]})),
+            "messages.2.content.0.tool_use_id",
+        ),
+        (
+            body(json!({"tools": [weather_tool()], "tool_choice": {"type": "tool", "name": "nope"}})),
+            "tool_choice",
+        ),
+        (
+            body(json!({"tools": [{"name": "f", "input_schema": {"type": "objekt"}}]})),
+            "tools.0.input_schema.type",
+        ),
         (body(json!({"thinking": {"type": "sometimes"}})), "thinking.type"),
         (body(json!({"tool_choice": {"type": "any"}})), "tool_choice"),
     ];

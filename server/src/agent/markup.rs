@@ -41,7 +41,10 @@ mod tests {
         assert_eq!(partial_marker_len("hello <think>", &["<think>"]), 0);
         assert_eq!(partial_marker_len("a <", &["<think>", "</think>"]), 1);
         assert_eq!(partial_marker_len("a </", &["<think>", "</think>"]), 2);
-        assert_eq!(partial_marker_len("x<｜tool", &["<｜tool▁calls▁begin｜>"]), "<｜tool".len());
+        assert_eq!(
+            partial_marker_len("x<｜tool", &["<｜tool▁calls▁begin｜>"]),
+            "<｜tool".len()
+        );
         assert_eq!(partial_marker_len("", &["<a>"]), 0);
     }
 

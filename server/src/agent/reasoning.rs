@@ -51,7 +51,9 @@ enum State {
     /// Nothing decided yet: the output may open with the start tag.
     Opening,
     /// Inside the reasoning; `started` once its first non-space was seen.
-    Reasoning { started: bool },
+    Reasoning {
+        started: bool,
+    },
     /// After the end tag, skipping whitespace before the answer.
     AnswerLead,
     Answer,
@@ -191,7 +193,10 @@ mod tests {
 
     #[test]
     fn model_written_think_block_is_split_off() {
-        let (r, a) = split("<|im_start|>assistant\n", "<think>\nStep 1.\nStep 2.\n</think>\n\nThe answer is 4.");
+        let (r, a) = split(
+            "<|im_start|>assistant\n",
+            "<think>\nStep 1.\nStep 2.\n</think>\n\nThe answer is 4.",
+        );
         assert_eq!(r, "Step 1.\nStep 2.");
         assert_eq!(a, "The answer is 4.");
     }
@@ -205,9 +210,15 @@ mod tests {
 
     #[test]
     fn output_without_reasoning_is_all_answer() {
-        assert_eq!(split("x", "Hello <b>world</b>"), (String::new(), "Hello <b>world</b>".into()));
+        assert_eq!(
+            split("x", "Hello <b>world</b>"),
+            (String::new(), "Hello <b>world</b>".into())
+        );
         assert_eq!(split("x", "  <thin"), (String::new(), "  <thin".into()));
-        assert_eq!(split("<think>\n\n</think>\n\n", "Plain."), (String::new(), "Plain.".into()));
+        assert_eq!(
+            split("<think>\n\n</think>\n\n", "Plain."),
+            (String::new(), "Plain.".into())
+        );
     }
 
     #[test]

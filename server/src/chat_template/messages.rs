@@ -157,7 +157,6 @@ impl MessageContent {
     }
 }
 
-
 fn invalid(msg: String) -> ChatTemplateError {
     ChatTemplateError::InvalidMessage(msg)
 }
@@ -186,7 +185,9 @@ pub(super) fn validate(messages: &[ChatMessage]) -> Result<(), ChatTemplateError
             )));
         }
         if !calls.is_empty() && m.role != "assistant" {
-            return Err(invalid(format!("messages[{i}].tool_calls: only assistant messages make tool calls")));
+            return Err(invalid(format!(
+                "messages[{i}].tool_calls: only assistant messages make tool calls"
+            )));
         }
         for (j, call) in calls.iter().enumerate() {
             if call.function.name.is_empty() {
@@ -213,7 +214,11 @@ pub(super) fn validate(messages: &[ChatMessage]) -> Result<(), ChatTemplateError
         }
         if m.role == "tool" {
             match m.tool_call_id.as_deref() {
-                None => return Err(invalid(format!("messages[{i}].tool_call_id is required for a tool message"))),
+                None => {
+                    return Err(invalid(format!(
+                        "messages[{i}].tool_call_id is required for a tool message"
+                    )))
+                }
                 Some(id) if !call_ids.contains(id) => {
                     return Err(invalid(format!(
                         "messages[{i}].tool_call_id {id:?} answers no tool call of an earlier assistant message"
@@ -237,7 +242,10 @@ pub(super) fn template_value(i: usize, m: &ChatMessage, form: ArgumentsForm) -> 
         })?,
         None => String::new(),
     };
-    let mut fields = vec![("role", Value::from(m.role.as_str())), ("content", Value::from(content))];
+    let mut fields = vec![
+        ("role", Value::from(m.role.as_str())),
+        ("content", Value::from(content)),
+    ];
     if let Some(name) = &m.name {
         fields.push(("name", Value::from(name.as_str())));
     }
@@ -265,7 +273,10 @@ fn call_value(call: &ToolCall, form: ArgumentsForm) -> Value {
         (ArgumentsForm::Text, serde_json::Value::String(s)) => Value::from(s.as_str()),
         (ArgumentsForm::Text, _) => Value::from(parsed.to_string()),
     };
-    let function = OrderedMap(vec![("name", Value::from(call.function.name.as_str())), ("arguments", arguments)]);
+    let function = OrderedMap(vec![
+        ("name", Value::from(call.function.name.as_str())),
+        ("arguments", arguments),
+    ]);
     let mut fields = Vec::new();
     if let Some(id) = &call.id {
         fields.push(("id", Value::from(id.as_str())));

@@ -41,12 +41,12 @@ use std::sync::Arc;
 use minijinja::value::{Enumerator, Object, Value};
 use minijinja::{Environment, UndefinedBehavior};
 
-use filters::{describe, is_iterable, raise_exception, raised_message, strftime_now, tojson};
-pub use messages::{ArgumentsForm, ChatMessage, ContentPart, FunctionCall, MessageContent, ToolCall};
 #[cfg(test)]
 use filters::format_time;
+use filters::{describe, is_iterable, raise_exception, raised_message, strftime_now, tojson};
 #[cfg(test)]
 use messages::VALID_ROLES;
+pub use messages::{ArgumentsForm, ChatMessage, ContentPart, FunctionCall, MessageContent, ToolCall};
 
 /// Name under which the template is stored in its environment.
 const TEMPLATE_NAME: &str = "chat_template";
@@ -394,4 +394,3 @@ impl Object for OrderedMap {
         Enumerator::Iter(Box::new(keys.into_iter()))
     }
 }
-

@@ -16,14 +16,16 @@ fn templates_dir() -> PathBuf {
 fn load(name: &str) -> ChatTemplate {
     let dir = templates_dir().join(name);
     let source = std::fs::read_to_string(dir.join("chat_template.jinja")).unwrap();
-    let special: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("special_tokens.json")).unwrap()).unwrap();
+    let special: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("special_tokens.json")).unwrap()).unwrap();
     let token = |k: &str| special.get(k).and_then(Value::as_str).map(str::to_owned);
     ChatTemplate::new(&source, token("bos_token"), token("eos_token")).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 #[test]
 fn real_templates_render_like_transformers() {
-    let golden: Value = serde_json::from_str(&std::fs::read_to_string(templates_dir().join("golden.json")).unwrap()).unwrap();
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(templates_dir().join("golden.json")).unwrap()).unwrap();
     let mut checked = 0;
     for (name, cases) in golden.as_object().unwrap() {
         let Some(cases) = cases.as_array() else { continue };
@@ -41,7 +43,9 @@ fn real_templates_render_like_transformers() {
             if form.is_some_and(|f| f != template.arguments_form()) || label.ends_with("null_content_kept") {
                 continue;
             }
-            let Some(expected) = case["rendered"].as_str() else { continue };
+            let Some(expected) = case["rendered"].as_str() else {
+                continue;
+            };
             let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
             let tools: Option<Vec<Value>> = case["tools"].as_array().cloned();
             let kwargs = case["kwargs"].as_object().cloned();
@@ -50,7 +54,9 @@ fn real_templates_render_like_transformers() {
                 tools: tools.as_deref(),
                 kwargs: kwargs.as_ref(),
             };
-            let got = template.render_with(&messages, &opts).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let got = template
+                .render_with(&messages, &opts)
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
             assert_eq!(got, expected, "{label}");
             checked += 1;
         }

@@ -122,7 +122,10 @@ fn chat_template_list_of_parts_content() {
     .unwrap();
     assert_eq!(
         messages[0].content,
-        Some(MessageContent::Parts(vec![ContentPart::text("Hello, "), ContentPart::text("world")]))
+        Some(MessageContent::Parts(vec![
+            ContentPart::text("Hello, "),
+            ContentPart::text("world")
+        ]))
     );
     assert_eq!(messages[2].name.as_deref(), Some("bob"));
     assert_eq!(
@@ -413,7 +416,9 @@ fn conversations_that_break_the_rules_are_refused_naming_the_field() {
     assert!(m.contains("messages[0].content is required"), "{m}");
     let m = refused(serde_json::json!([{"role": "system", "content": null}, {"role": "user", "content": "x"}]));
     assert!(m.contains("messages[0].content"), "{m}");
-    let m = refused(serde_json::json!([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}]));
+    let m = refused(
+        serde_json::json!([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}]),
+    );
     assert!(m.contains("messages[1].tool_call_id") && m.contains("nope"), "{m}");
     let m = refused(serde_json::json!([{"role": "user", "content": "x"},
         {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]));

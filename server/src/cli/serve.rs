@@ -99,14 +99,20 @@ fn parser_formats(args: &ServeArgs, source: &str) -> anyhow::Result<(Option<Tool
         "none" => None,
         name => Some(ToolCallFormat::from_name(name).with_context(|| {
             let names: Vec<&str> = TOOL_CALL_PARSERS.iter().map(|(n, _)| *n).collect();
-            format!("--tool-call-parser {name:?} is not one of auto, none, {}", names.join(", "))
+            format!(
+                "--tool-call-parser {name:?} is not one of auto, none, {}",
+                names.join(", ")
+            )
         })?),
     };
     let reasoning = match args.reasoning_parser.as_str() {
         "auto" => ReasoningFormat::detect(source),
         "none" => None,
         name => Some(ReasoningFormat::from_name(name).with_context(|| {
-            format!("--reasoning-parser {name:?} is not one of auto, none, {}", REASONING_PARSERS.join(", "))
+            format!(
+                "--reasoning-parser {name:?} is not one of auto, none, {}",
+                REASONING_PARSERS.join(", ")
+            )
         })?),
     };
     Ok((tool_format, reasoning))
@@ -167,7 +173,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let kv_bytes_per_token = runner.model().config().kv_bytes_per_token(runner.model().dtype());
     let block_size = runner.block_size();
     let engine = Engine::start(runner, tokenizer.clone(), config)?;
-    let agent = agent_config(&args, chat_template.as_ref(), tokenizer.as_ref(), vocab_size, engine.eos_ids())?;
+    let agent = agent_config(
+        &args,
+        chat_template.as_ref(),
+        tokenizer.as_ref(),
+        vocab_size,
+        engine.eos_ids(),
+    )?;
     let model = ServedModel {
         engine,
         tokenizer,

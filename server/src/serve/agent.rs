@@ -95,12 +95,18 @@ fn check_subschema(schema: &Value, param: &str, nested: bool) -> Result<(), Fiel
             _ => false,
         };
         if !ok {
-            return Err(field_error(format!("{param}.type is not a JSON schema type: {t}"), format!("{param}.type")));
+            return Err(field_error(
+                format!("{param}.type is not a JSON schema type: {t}"),
+                format!("{param}.type"),
+            ));
         }
     }
     if let Some(p) = obj.get("properties") {
         let Some(props) = p.as_object() else {
-            return Err(field_error(format!("{param}.properties must be an object"), format!("{param}.properties")));
+            return Err(field_error(
+                format!("{param}.properties must be an object"),
+                format!("{param}.properties"),
+            ));
         };
         for (k, v) in props {
             check_subschema(v, &format!("{param}.properties.{k}"), true)?;
@@ -108,7 +114,10 @@ fn check_subschema(schema: &Value, param: &str, nested: bool) -> Result<(), Fiel
     }
     if let Some(r) = obj.get("required") {
         if !r.as_array().is_some_and(|r| r.iter().all(Value::is_string)) {
-            return Err(field_error(format!("{param}.required must be a list of names"), format!("{param}.required")));
+            return Err(field_error(
+                format!("{param}.required must be a list of names"),
+                format!("{param}.required"),
+            ));
         }
     }
     for key in ["items", "additionalProperties", "not"] {
@@ -125,7 +134,10 @@ fn check_subschema(schema: &Value, param: &str, nested: bool) -> Result<(), Fiel
     for key in ["anyOf", "oneOf", "allOf"] {
         if let Some(v) = obj.get(key) {
             let Some(list) = v.as_array() else {
-                return Err(field_error(format!("{param}.{key} must be a list of schemas"), format!("{param}.{key}")));
+                return Err(field_error(
+                    format!("{param}.{key} must be a list of schemas"),
+                    format!("{param}.{key}"),
+                ));
             };
             for (i, v) in list.iter().enumerate() {
                 check_subschema(v, &format!("{param}.{key}.{i}"), true)?;
@@ -168,7 +180,10 @@ impl AgentRequest {
                 }
             }
             let Some(f) = tool.get("function").and_then(Value::as_object) else {
-                return Err(field_error(format!("{at}.function must be an object"), format!("{at}.function")));
+                return Err(field_error(
+                    format!("{at}.function must be an object"),
+                    format!("{at}.function"),
+                ));
             };
             let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
             if !valid_tool_name(name) {
@@ -178,7 +193,10 @@ impl AgentRequest {
                 ));
             }
             if tools[..i].iter().any(|t| t["function"]["name"] == name) {
-                return Err(field_error(format!("{at}.function.name {name:?} is defined twice"), format!("{at}.function.name")));
+                return Err(field_error(
+                    format!("{at}.function.name {name:?} is defined twice"),
+                    format!("{at}.function.name"),
+                ));
             }
             if let Some(params) = f.get("parameters") {
                 check_schema(params, &format!("{at}.function.parameters"))?;
@@ -204,43 +222,55 @@ impl AgentRequest {
                     ))
                 }
             },
-            Some(v) => match (v.get("type").and_then(Value::as_str), v.pointer("/function/name").and_then(Value::as_str)) {
+            Some(v) => match (
+                v.get("type").and_then(Value::as_str),
+                v.pointer("/function/name").and_then(Value::as_str),
+            ) {
                 (Some("function"), Some(name)) => ToolChoice::Named(name.to_owned()),
-                _ => return Err(field_error("tool_choice must name a function: {\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")),
+                _ => {
+                    return Err(field_error(
+                        "tool_choice must name a function: {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                        "tool_choice",
+                    ))
+                }
             },
         };
         match &choice {
             ToolChoice::Named(name) if !names.contains(&name.as_str()) => {
-                return Err(field_error(format!("tool_choice names {name:?}, which is not among the tools"), "tool_choice"))
+                return Err(field_error(
+                    format!("tool_choice names {name:?}, which is not among the tools"),
+                    "tool_choice",
+                ))
             }
             ToolChoice::Required | ToolChoice::Auto if tools.is_empty() => {
                 return Err(field_error("tool_choice needs tools", "tool_choice"))
             }
             _ => {}
         }
-        let response_grammar = match response_format {
-            None | Some(Value::Null) => None,
-            Some(rf) => match rf.get("type").and_then(Value::as_str) {
-                Some("text") => None,
-                Some("json_object") => Some(Grammar::JsonObject),
-                Some("json_schema") => {
-                    let Some(schema) = rf.pointer("/json_schema/schema") else {
-                        return Err(field_error(
-                            "response_format.json_schema.schema is required",
-                            "response_format.json_schema.schema",
-                        ));
-                    };
-                    check_schema(schema, "response_format.json_schema.schema")?;
-                    Some(Grammar::JsonSchema(schema.clone()))
-                }
-                other => {
-                    return Err(field_error(
-                        format!("response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"),
+        let response_grammar =
+            match response_format {
+                None | Some(Value::Null) => None,
+                Some(rf) => match rf.get("type").and_then(Value::as_str) {
+                    Some("text") => None,
+                    Some("json_object") => Some(Grammar::JsonObject),
+                    Some("json_schema") => {
+                        let Some(schema) = rf.pointer("/json_schema/schema") else {
+                            return Err(field_error(
+                                "response_format.json_schema.schema is required",
+                                "response_format.json_schema.schema",
+                            ));
+                        };
+                        check_schema(schema, "response_format.json_schema.schema")?;
+                        Some(Grammar::JsonSchema(schema.clone()))
+                    }
+                    other => return Err(field_error(
+                        format!(
+                            "response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"
+                        ),
                         "response_format.type",
-                    ))
-                }
-            },
-        };
+                    )),
+                },
+            };
         Ok(AgentRequest {
             tools,
             choice,
@@ -357,9 +387,16 @@ impl AgentRequest {
 enum Mode {
     Free(OutputParser),
     /// The whole output is the named function's arguments.
-    Named { name: String, id: String, started: bool },
+    Named {
+        name: String,
+        id: String,
+        started: bool,
+    },
     /// The output is a JSON list of `{"name", "parameters"}`, read at the end.
-    Required { text: String, id_prefix: String },
+    Required {
+        text: String,
+        id_prefix: String,
+    },
 }
 
 /// Reads one choice's generated text, delta by delta.
@@ -479,17 +516,37 @@ mod tests {
         let e = err(&tools, json!({"type": "function", "function": {"name": "nope"}}), None);
         assert_eq!(e.param, "tool_choice");
         assert!(e.message.contains("nope"), "{}", e.message);
-        let e = err(&json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]), json!("auto"), None);
+        let e = err(
+            &json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]),
+            json!("auto"),
+            None,
+        );
         assert_eq!(e.param, "tools[0].function.parameters.type");
-        let e = err(&json!([{"type": "function", "function": {"name": "bad name!"}}]), json!("auto"), None);
+        let e = err(
+            &json!([{"type": "function", "function": {"name": "bad name!"}}]),
+            json!("auto"),
+            None,
+        );
         assert_eq!(e.param, "tools[0].function.name");
-        let e = err(&json!([{"type": "function", "function": {"name": "f", "parameters": {"properties": []}}}]), json!("auto"), None);
+        let e = err(
+            &json!([{"type": "function", "function": {"name": "f", "parameters": {"properties": []}}}]),
+            json!("auto"),
+            None,
+        );
         assert_eq!(e.param, "tools[0].function.parameters.properties");
-        let e = err(&tools, json!("auto"), Some(json!({"type": "json_schema", "json_schema": {"name": "x", "schema": 5}})));
+        let e = err(
+            &tools,
+            json!("auto"),
+            Some(json!({"type": "json_schema", "json_schema": {"name": "x", "schema": 5}})),
+        );
         assert_eq!(e.param, "response_format.json_schema.schema");
         let e = err(&tools, json!("sometimes"), None);
         assert_eq!(e.param, "tool_choice");
-        let e = err(&tools, json!({"type": "tool", "function": {"name": "get_weather"}}), None);
+        let e = err(
+            &tools,
+            json!({"type": "tool", "function": {"name": "get_weather"}}),
+            None,
+        );
         assert_eq!(e.param, "tool_choice");
         let nested = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
             "properties": {"a": {"type": "array", "items": {"anyOf": [{"type": "strin"}]}}}}}}]);
@@ -503,17 +560,30 @@ mod tests {
     #[test]
     fn forced_calls_are_read_from_json() {
         let tools = weather_tools();
-        let named = AgentRequest::from_openai(Some(&tools), Some(&json!({"type": "function", "function": {"name": "get_weather"}})), None, None).unwrap();
-        assert_eq!(named.grammar(), Some(Grammar::JsonSchema(tools[0]["function"]["parameters"].clone())));
+        let named = AgentRequest::from_openai(
+            Some(&tools),
+            Some(&json!({"type": "function", "function": {"name": "get_weather"}})),
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            named.grammar(),
+            Some(Grammar::JsonSchema(tools[0]["function"]["parameters"].clone()))
+        );
         let cfg = AgentConfig::default();
-        let (out, saw) = named.choice_parser(&cfg, "", "call_x_".into()).parse_all("{\"city\": \"Oslo\"}");
+        let (out, saw) = named
+            .choice_parser(&cfg, "", "call_x_".into())
+            .parse_all("{\"city\": \"Oslo\"}");
         assert!(saw);
         assert_eq!(out.tool_calls[0].name, "get_weather");
         assert_eq!(out.tool_calls[0].id, "call_x_0");
         assert_eq!(out.tool_calls[0].arguments, "{\"city\": \"Oslo\"}");
 
         let required = AgentRequest::from_openai(Some(&tools), Some(&json!("required")), Some(false), None).unwrap();
-        let Some(Grammar::JsonSchema(schema)) = required.grammar() else { panic!() };
+        let Some(Grammar::JsonSchema(schema)) = required.grammar() else {
+            panic!()
+        };
         assert_eq!(schema["maxItems"], 1);
         let (out, _) = required
             .choice_parser(&cfg, "", "c_".into())

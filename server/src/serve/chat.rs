@@ -45,7 +45,9 @@ fn message(out: &ParsedOutput) -> Value {
         m["tool_calls"] = out
             .tool_calls
             .iter()
-            .map(|c| json!({ "id": c.id, "type": "function", "function": { "name": c.name, "arguments": c.arguments } }))
+            .map(
+                |c| json!({ "id": c.id, "type": "function", "function": { "name": c.name, "arguments": c.arguments } }),
+            )
             .collect();
     }
     m
@@ -110,8 +112,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Body) ->
     let prompt = state.encode(&rendered)?;
     let n = req.sampling.n()?;
     let mut request = req.to_engine_request(prompt, state.max_model_len)?;
-    request.constraint = agent.constraint(&state.agent)
-        .await.map_err(openai_error)?;
+    request.constraint = agent.constraint(&state.agent).await.map_err(openai_error)?;
     state.check_capacity(n)?;
     let parsers: Vec<ChoiceParser> = (0..n)
         .map(|_| agent.choice_parser(&state.agent, &rendered, call_id_prefix()))

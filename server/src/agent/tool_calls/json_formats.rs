@@ -51,7 +51,12 @@ fn streamed_args(body: &str, terminators: &[&str]) -> String {
 /// Where a call's body stops: at its own end marker, at the section's end
 /// marker when the model skipped the call's, or at the end of the text once
 /// no more will come. `(offset in body, Some(section end marker))`.
-fn call_stop<'m>(body: &str, call_end: &str, section_ends: &[&'m str], at_eof: bool) -> Option<(usize, Option<&'m str>)> {
+fn call_stop<'m>(
+    body: &str,
+    call_end: &str,
+    section_ends: &[&'m str],
+    at_eof: bool,
+) -> Option<(usize, Option<&'m str>)> {
     let own = body.find(call_end);
     let section = find_first(body, section_ends);
     match (own, section) {
@@ -86,7 +91,8 @@ pub(super) fn scan_deepseek(section: &str, at_eof: bool) -> SectionScan {
         let stop = call_stop(body, DS_CALL_END, &[DS_SECTION_END], at_eof);
         let call_end = stop.map(|(at, _)| at);
         let before_end = &body[..call_end.unwrap_or(body.len())];
-        let fenced = head == "function" && !before_end.trim_start().is_empty() && !before_end.trim_start().starts_with('{');
+        let fenced =
+            head == "function" && !before_end.trim_start().is_empty() && !before_end.trim_start().starts_with('{');
         let (name, args) = if fenced {
             let Some(newline) = before_end.find('\n') else {
                 return scan;
@@ -153,7 +159,10 @@ pub(super) fn scan_kimi(section: &str, at_eof: bool) -> SectionScan {
         let body = &section[body_start..];
         let stop = call_stop(body, KIMI_CALL_END, KIMI_SECTION_ENDS, at_eof);
         let without_prefix = id.split_once('.').map_or(id.as_str(), |(_, rest)| rest);
-        let name = without_prefix.rsplit_once(':').map_or(without_prefix, |(n, _)| n).to_owned();
+        let name = without_prefix
+            .rsplit_once(':')
+            .map_or(without_prefix, |(n, _)| n)
+            .to_owned();
         if name.is_empty() {
             return scan;
         }

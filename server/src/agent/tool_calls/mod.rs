@@ -12,9 +12,9 @@
 //! DeepSeek's DSML, Qwen3-Coder) report them, converted to a JSON object, when the call closes.
 
 mod json_formats;
-mod xml_formats;
 #[cfg(test)]
 mod tests;
+mod xml_formats;
 
 use std::collections::HashMap;
 
@@ -151,7 +151,11 @@ fn property_types(schema: Option<&serde_json::Value>) -> HashMap<String, String>
         let ty = match v.get("type") {
             Some(serde_json::Value::String(t)) => Some(t.clone()),
             // ["string", "null"]: a string unless it parses as null.
-            Some(serde_json::Value::Array(ts)) => ts.iter().filter_map(|t| t.as_str()).find(|t| *t != "null").map(str::to_owned),
+            Some(serde_json::Value::Array(ts)) => ts
+                .iter()
+                .filter_map(|t| t.as_str())
+                .find(|t| *t != "null")
+                .map(str::to_owned),
             _ => None,
         };
         if let Some(ty) = ty {
@@ -211,7 +215,9 @@ enum Mode {
     Content,
     /// Inside a section; `opened_with` is its marker (given back as content if
     /// the section turns out to hold no call).
-    Section { opened_with: &'static str },
+    Section {
+        opened_with: &'static str,
+    },
 }
 
 pub struct ToolCallParser {

@@ -35,7 +35,11 @@ fn token_pieces(text: &str) -> Vec<String> {
     let mut detok = moe_engine::IncrementalDetokenizer::new();
     let mut pieces: Vec<String> = ids.iter().map(|&id| detok.push(&tokenizer, id).unwrap()).collect();
     pieces.push(detok.finish(&tokenizer).unwrap());
-    assert_eq!(pieces.concat(), text, "the fixture tokenizer does not round-trip {text:?}");
+    assert_eq!(
+        pieces.concat(),
+        text,
+        "the fixture tokenizer does not round-trip {text:?}"
+    );
     pieces
 }
 
@@ -43,12 +47,20 @@ fn token_pieces(text: &str) -> Vec<String> {
 /// characters; all must agree.
 fn parse(format: ToolCallFormat, text: &str, reasoning_prompt: Option<&str>) -> ParsedOutput {
     let whole = run(format, &[text.to_owned()], reasoning_prompt);
-    assert_eq!(run(format, &token_pieces(text), reasoning_prompt), whole, "token by token: {text:?}");
+    assert_eq!(
+        run(format, &token_pieces(text), reasoning_prompt),
+        whole,
+        "token by token: {text:?}"
+    );
     let chars: Vec<String> = text.chars().map(String::from).collect();
     assert_eq!(run(format, &chars, reasoning_prompt), whole, "char by char: {text:?}");
     for width in [2usize, 3, 5, 7] {
         let chunks: Vec<String> = chars.chunks(width).map(|c| c.concat()).collect();
-        assert_eq!(run(format, &chunks, reasoning_prompt), whole, "chunks of {width}: {text:?}");
+        assert_eq!(
+            run(format, &chunks, reasoning_prompt),
+            whole,
+            "chunks of {width}: {text:?}"
+        );
     }
     whole
 }
@@ -67,7 +79,10 @@ fn deepseek_v31_two_calls_with_nested_arguments() {
     assert_eq!(out.tool_calls[0].id, "call_t_0");
     assert_eq!(args(&out.tool_calls[0]), json!({"city": "Paris <｜x｜>", "days": 3}));
     assert_eq!(out.tool_calls[1].name, "search");
-    assert_eq!(args(&out.tool_calls[1]), json!({"query": "a\"b", "filters": {"lang": ["en", "fr"]}}));
+    assert_eq!(
+        args(&out.tool_calls[1]),
+        json!({"query": "a\"b", "filters": {"lang": ["en", "fr"]}})
+    );
 }
 
 #[test]
@@ -96,7 +111,10 @@ fn kimi_calls_keep_the_model_ids() {
     let clean = "I'll look.<|tool_calls_section_begin|>\n<|tool_call_begin|>functions.search:0<|tool_call_argument_begin|>{\"query\": \"q\", \"tags\": [1, {\"a\": null}]}<|tool_call_end|>\n<|tool_calls_section_end|>";
     let out = parse(ToolCallFormat::Kimi, clean, None);
     assert_eq!(out.content, "I'll look.");
-    assert_eq!(args(&out.tool_calls[0]), json!({"query": "q", "tags": [1, {"a": null}]}));
+    assert_eq!(
+        args(&out.tool_calls[0]),
+        json!({"query": "q", "tags": [1, {"a": null}]})
+    );
 }
 
 #[test]
@@ -105,9 +123,18 @@ fn glm_pairs_become_typed_json() {
     let out = parse(ToolCallFormat::Glm, text, None);
     assert_eq!(out.content, "");
     assert_eq!(out.tool_calls.len(), 2);
-    assert_eq!(args(&out.tool_calls[0]), json!({"city": "São Paulo", "days": 5, "zip": "01000"}));
-    assert_eq!(out.tool_calls[0].arguments, r#"{"city":"São Paulo","days":5,"zip":"01000"}"#);
-    assert_eq!(args(&out.tool_calls[1]), json!({"query": "a <b> & </c>", "filters": {"k": [1, 2]}}));
+    assert_eq!(
+        args(&out.tool_calls[0]),
+        json!({"city": "São Paulo", "days": 5, "zip": "01000"})
+    );
+    assert_eq!(
+        out.tool_calls[0].arguments,
+        r#"{"city":"São Paulo","days":5,"zip":"01000"}"#
+    );
+    assert_eq!(
+        args(&out.tool_calls[1]),
+        json!({"query": "a <b> & </c>", "filters": {"k": [1, 2]}})
+    );
 }
 
 #[test]
@@ -129,7 +156,10 @@ fn deepseek_dsml_invokes_with_typed_parameters() {
         let out = parse(ToolCallFormat::DeepSeekDsml, &text, None);
         assert_eq!(out.content, "Let me check.\n\n");
         assert_eq!(out.tool_calls.len(), 2, "{section}");
-        assert_eq!(out.tool_calls[0].arguments, r#"{"city":"New <York>","zip":"007","days":5}"#);
+        assert_eq!(
+            out.tool_calls[0].arguments,
+            r#"{"city":"New <York>","zip":"007","days":5}"#
+        );
         assert_eq!(args(&out.tool_calls[1]), json!({"filters": {"k": [1, "a"]}}));
     }
 }
@@ -150,14 +180,24 @@ fn qwen3_coder_parameters() {
     let text = "<tool_call>\n<function=search>\n<parameter=query>\nline one\nline two\n</parameter>\n<parameter=filters>\n{\"n\": 1}\n</parameter>\n</function>\n</tool_call>";
     let out = parse(ToolCallFormat::Qwen3Coder, text, None);
     assert_eq!(out.tool_calls.len(), 1);
-    assert_eq!(args(&out.tool_calls[0]), json!({"query": "line one\nline two", "filters": {"n": 1}}));
+    assert_eq!(
+        args(&out.tool_calls[0]),
+        json!({"query": "line one\nline two", "filters": {"n": 1}})
+    );
 }
 
 #[test]
 fn text_that_only_looks_like_a_call_stays_content() {
-    let out = parse(ToolCallFormat::Hermes, "Use <tool_call> tags like <tool_call>not json</tool_call> done", None);
+    let out = parse(
+        ToolCallFormat::Hermes,
+        "Use <tool_call> tags like <tool_call>not json</tool_call> done",
+        None,
+    );
     assert!(out.tool_calls.is_empty());
-    assert_eq!(out.content, "Use <tool_call> tags like <tool_call>not json</tool_call> done");
+    assert_eq!(
+        out.content,
+        "Use <tool_call> tags like <tool_call>not json</tool_call> done"
+    );
     let out = parse(ToolCallFormat::Glm, "a < b and <tool_ca", None);
     assert_eq!(out.content, "a < b and <tool_ca");
 }
@@ -174,7 +214,12 @@ fn a_cut_off_call_keeps_the_complete_ones() {
 fn json_arguments_stream_in_fragments() {
     let mut p = ToolCallParser::new(ToolCallFormat::DeepSeek, ToolSchemas::default(), "c");
     let mut fragments = Vec::new();
-    for piece in ["<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{\"a\"", ": 1, ", "\"b\": 2}", "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"] {
+    for piece in [
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{\"a\"",
+        ": 1, ",
+        "\"b\": 2}",
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+    ] {
         for d in p.push(piece).tool_calls {
             fragments.push(d.arguments);
         }
@@ -187,12 +232,30 @@ fn json_arguments_stream_in_fragments() {
 fn names_and_detection() {
     assert_eq!(ToolCallFormat::from_name("glm45"), Some(ToolCallFormat::Glm));
     assert_eq!(ToolCallFormat::from_name("bogus"), None);
-    assert_eq!(ToolCallFormat::detect("{{'<｜tool▁calls▁begin｜>'}}"), Some(ToolCallFormat::DeepSeek));
-    assert_eq!(ToolCallFormat::detect("<tool_call>\\n{{ tool_call.name }}<arg_key>"), Some(ToolCallFormat::Glm));
-    assert_eq!(ToolCallFormat::detect("<tool_call>\\n<function="), Some(ToolCallFormat::Qwen3Coder));
-    assert_eq!(ToolCallFormat::detect("<tool_call>\\n{\"name\""), Some(ToolCallFormat::Hermes));
-    assert_eq!(ToolCallFormat::detect("<｜DSML｜invoke"), Some(ToolCallFormat::DeepSeekDsml));
-    assert_eq!(ToolCallFormat::from_name("deepseek_v32"), Some(ToolCallFormat::DeepSeekDsml));
+    assert_eq!(
+        ToolCallFormat::detect("{{'<｜tool▁calls▁begin｜>'}}"),
+        Some(ToolCallFormat::DeepSeek)
+    );
+    assert_eq!(
+        ToolCallFormat::detect("<tool_call>\\n{{ tool_call.name }}<arg_key>"),
+        Some(ToolCallFormat::Glm)
+    );
+    assert_eq!(
+        ToolCallFormat::detect("<tool_call>\\n<function="),
+        Some(ToolCallFormat::Qwen3Coder)
+    );
+    assert_eq!(
+        ToolCallFormat::detect("<tool_call>\\n{\"name\""),
+        Some(ToolCallFormat::Hermes)
+    );
+    assert_eq!(
+        ToolCallFormat::detect("<｜DSML｜invoke"),
+        Some(ToolCallFormat::DeepSeekDsml)
+    );
+    assert_eq!(
+        ToolCallFormat::from_name("deepseek_v32"),
+        Some(ToolCallFormat::DeepSeekDsml)
+    );
     assert_eq!(ToolCallFormat::detect("plain"), None);
 }
 
@@ -216,7 +279,11 @@ fn a_call_missing_its_own_end_marker_ends_with_its_section() {
 
 #[test]
 fn a_call_cut_off_mid_arguments_still_has_json_arguments() {
-    let out = parse(ToolCallFormat::Glm, "<tool_call>get_weather\n<arg_key>city</arg_key><arg_value>Par", None);
+    let out = parse(
+        ToolCallFormat::Glm,
+        "<tool_call>get_weather\n<arg_key>city</arg_key><arg_value>Par",
+        None,
+    );
     assert_eq!(out.tool_calls.len(), 1);
     assert_eq!(out.tool_calls[0].arguments, "{}");
     let out = parse(ToolCallFormat::MiniMax, "<minimax:tool_call>\n<invoke name=\"get_weather\">\n<parameter name=\"days\">3</parameter>\n<parameter name=\"ci", None);

@@ -195,12 +195,21 @@ fn invoke_arguments(tool: &str, body: &str, schemas: &ToolSchemas, tags: &Invoke
             None
         };
         let value_and_rest = &after[gt + 1..];
-        let Some(close) = value_and_rest.find(tags.parameter_end) else { break };
+        let Some(close) = value_and_rest.find(tags.parameter_end) else {
+            break;
+        };
         pairs.push((key, strip_one_newline(&value_and_rest[..close]).to_owned()));
         kinds.push(kind);
         rest = &value_and_rest[close + tags.parameter_end.len()..];
     }
-    json_object(tool, pairs.iter().zip(kinds).map(|((k, v), kind)| (k.as_str(), v.as_str(), kind)), schemas)
+    json_object(
+        tool,
+        pairs
+            .iter()
+            .zip(kinds)
+            .map(|((k, v), kind)| (k.as_str(), v.as_str(), kind)),
+        schemas,
+    )
 }
 
 const QWEN3_CODER: InvokeTags = InvokeTags {
@@ -231,7 +240,11 @@ mod tests {
 
     #[test]
     fn glm_pairs_keep_the_model_order() {
-        let s = tagged_pairs("f<arg_key>z</arg_key><arg_value>1</arg_value>\n<arg_key>a</arg_key>\n<arg_value>x</arg_value>", ("<arg_key>", "</arg_key>"), ("<arg_value>", "</arg_value>"));
+        let s = tagged_pairs(
+            "f<arg_key>z</arg_key><arg_value>1</arg_value>\n<arg_key>a</arg_key>\n<arg_value>x</arg_value>",
+            ("<arg_key>", "</arg_key>"),
+            ("<arg_value>", "</arg_value>"),
+        );
         assert_eq!(s, vec![("z".into(), "1".into()), ("a".into(), "x".into())]);
     }
 }

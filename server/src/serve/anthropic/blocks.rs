@@ -68,13 +68,19 @@ impl BlockStream {
             if open == Open::Thinking {
                 out.push(self.delta(json!({"type": "signature_delta", "signature": ""})));
             }
-            out.push(("content_block_stop", json!({"type": "content_block_stop", "index": self.index})));
+            out.push((
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": self.index}),
+            ));
             self.index += 1;
         }
     }
 
     fn delta(&self, delta: Value) -> BlockEvent {
-        ("content_block_delta", json!({"type": "content_block_delta", "index": self.index, "delta": delta}))
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": self.index, "delta": delta}),
+        )
     }
 
     /// Events for one delta of output. Within one delta, fragments of a call
@@ -141,9 +147,19 @@ mod tests {
                     let b = blocks.last_mut().unwrap();
                     let d = &data["delta"];
                     match d["type"].as_str().unwrap() {
-                        "text_delta" => b["text"] = json!(format!("{}{}", b["text"].as_str().unwrap(), d["text"].as_str().unwrap())),
+                        "text_delta" => {
+                            b["text"] = json!(format!(
+                                "{}{}",
+                                b["text"].as_str().unwrap(),
+                                d["text"].as_str().unwrap()
+                            ))
+                        }
                         "thinking_delta" => {
-                            b["thinking"] = json!(format!("{}{}", b["thinking"].as_str().unwrap(), d["thinking"].as_str().unwrap()))
+                            b["thinking"] = json!(format!(
+                                "{}{}",
+                                b["thinking"].as_str().unwrap(),
+                                d["thinking"].as_str().unwrap()
+                            ))
                         }
                         "signature_delta" => b["signature"] = d["signature"].clone(),
                         "input_json_delta" => partial.push_str(d["partial_json"].as_str().unwrap()),
@@ -167,16 +183,38 @@ mod tests {
         // The last delta finishes call 0 and starts call 1 (text that closes one call and
         // opens the next arrives in one piece).
         let deltas = vec![
-            OutputDelta { reasoning: "Let me ".into(), ..Default::default() },
-            OutputDelta { reasoning: "check.".into(), content: "Checking".into(), ..Default::default() },
             OutputDelta {
-                tool_calls: vec![ToolCallDelta { index: 0, id: Some("toolu_0".into()), name: Some("get_weather".into()), arguments: "{\"city\": ".into() }],
+                reasoning: "Let me ".into(),
+                ..Default::default()
+            },
+            OutputDelta {
+                reasoning: "check.".into(),
+                content: "Checking".into(),
+                ..Default::default()
+            },
+            OutputDelta {
+                tool_calls: vec![ToolCallDelta {
+                    index: 0,
+                    id: Some("toolu_0".into()),
+                    name: Some("get_weather".into()),
+                    arguments: "{\"city\": ".into(),
+                }],
                 ..Default::default()
             },
             OutputDelta {
                 tool_calls: vec![
-                    ToolCallDelta { index: 0, id: None, name: None, arguments: "\"Oslo\"}".into() },
-                    ToolCallDelta { index: 1, id: Some("toolu_1".into()), name: Some("ping".into()), arguments: "{}".into() },
+                    ToolCallDelta {
+                        index: 0,
+                        id: None,
+                        name: None,
+                        arguments: "\"Oslo\"}".into(),
+                    },
+                    ToolCallDelta {
+                        index: 1,
+                        id: Some("toolu_1".into()),
+                        name: Some("ping".into()),
+                        arguments: "{}".into(),
+                    },
                 ],
                 ..Default::default()
             },
@@ -190,8 +228,15 @@ mod tests {
         }
         events.extend(stream.finish());
         assert_eq!(assemble(&events), content_blocks(&whole));
-        assert!(events.iter().all(|(_, d)| d["content_block"]["id"] != ""), "a tool_use block without an id");
-        let indices: Vec<u64> = events.iter().filter(|(n, _)| *n == "content_block_start").map(|(_, d)| d["index"].as_u64().unwrap()).collect();
+        assert!(
+            events.iter().all(|(_, d)| d["content_block"]["id"] != ""),
+            "a tool_use block without an id"
+        );
+        let indices: Vec<u64> = events
+            .iter()
+            .filter(|(n, _)| *n == "content_block_start")
+            .map(|(_, d)| d["index"].as_u64().unwrap())
+            .collect();
         assert_eq!(indices, [0, 1, 2, 3]);
     }
 
@@ -199,17 +244,33 @@ mod tests {
     fn text_after_a_call_in_the_same_delta_does_not_split_the_call() {
         let mut stream = BlockStream::default();
         let mut events = stream.push(&OutputDelta {
-            tool_calls: vec![ToolCallDelta { index: 0, id: Some("toolu_0".into()), name: Some("f".into()), arguments: "{\"a\": ".into() }],
+            tool_calls: vec![ToolCallDelta {
+                index: 0,
+                id: Some("toolu_0".into()),
+                name: Some("f".into()),
+                arguments: "{\"a\": ".into(),
+            }],
             ..Default::default()
         });
         events.extend(stream.push(&OutputDelta {
             content: "Done".into(),
-            tool_calls: vec![ToolCallDelta { index: 0, id: None, name: None, arguments: "1}".into() }],
+            tool_calls: vec![ToolCallDelta {
+                index: 0,
+                id: None,
+                name: None,
+                arguments: "1}".into(),
+            }],
             ..Default::default()
         }));
         events.extend(stream.finish());
         let blocks = assemble(&events);
-        assert_eq!(blocks, vec![json!({"type": "tool_use", "id": "toolu_0", "name": "f", "input": {"a": 1}}), json!({"type": "text", "text": "Done"})]);
+        assert_eq!(
+            blocks,
+            vec![
+                json!({"type": "tool_use", "id": "toolu_0", "name": "f", "input": {"a": 1}}),
+                json!({"type": "text", "text": "Done"})
+            ]
+        );
     }
 
     #[test]
@@ -217,6 +278,9 @@ mod tests {
         let mut stream = BlockStream::default();
         let events = stream.finish();
         assert_eq!(assemble(&events), vec![json!({"type": "text", "text": ""})]);
-        assert_eq!(content_blocks(&ParsedOutput::default()), vec![json!({"type": "text", "text": ""})]);
+        assert_eq!(
+            content_blocks(&ParsedOutput::default()),
+            vec![json!({"type": "text", "text": ""})]
+        );
     }
 }

@@ -113,7 +113,11 @@ fn prepare(state: &AppState, req: &MessagesRequest) -> Result<Prepared, Anthropi
         .render_with(&messages, &opts)
         .map_err(|e| bad(e.to_string(), "messages"))?;
     let prompt = state.encode(&rendered)?;
-    Ok(Prepared { rendered, prompt, agent })
+    Ok(Prepared {
+        rendered,
+        prompt,
+        agent,
+    })
 }
 
 /// Anthropic's stop reason for how a request ended.
@@ -136,12 +140,19 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Body) -> Result<
     let req: MessagesRequest = parse_body(&body)?;
     let prepared = prepare(&state, &req)?;
     let mut request = req.to_engine_request(prepared.prompt, state.max_model_len)?;
-    request.constraint = prepared
+    request.constraint = prepared.agent.constraint(&state.agent).await.map_err(|e| {
+        bad(
+            e.message,
+            if e.param == "response_format" {
+                "tools"
+            } else {
+                &e.param
+            },
+        )
+    })?;
+    let parser = prepared
         .agent
-        .constraint(&state.agent)
-        .await
-        .map_err(|e| bad(e.message, if e.param == "response_format" { "tools" } else { &e.param }))?;
-    let parser = prepared.agent.choice_parser(&state.agent, &prepared.rendered, tool_use_prefix());
+        .choice_parser(&state.agent, &prepared.rendered, tool_use_prefix());
     state.check_capacity(1)?;
     let mut streams = state.submit(&request, 1)?;
     let stream = streams.remove(0);

@@ -50,11 +50,17 @@ impl Content {
 }
 
 fn text_block(b: &Value, field: &str) -> Result<String, AnthropicError> {
-    match (b.get("type").and_then(Value::as_str), b.get("text").and_then(Value::as_str)) {
+    match (
+        b.get("type").and_then(Value::as_str),
+        b.get("text").and_then(Value::as_str),
+    ) {
         (Some("text"), Some(t)) => Ok(t.to_owned()),
         (Some("text"), None) => Err(bad("a text block needs a string `text`", &format!("{field}.text"))),
         (other, _) => Err(bad(
-            format!("content blocks of type {:?} are not supported here (only \"text\")", other.unwrap_or("")),
+            format!(
+                "content blocks of type {:?} are not supported here (only \"text\")",
+                other.unwrap_or("")
+            ),
             &format!("{field}.type"),
         )),
     }
@@ -89,7 +95,10 @@ pub struct MessagesRequest {
 /// An agent-layer error with its field spelled the Anthropic way
 /// (`tools[0].function.parameters` → `tools.0.input_schema`).
 fn anthropic_field(e: FieldError) -> AnthropicError {
-    let mut param = e.param.replace(".function.parameters", ".input_schema").replace(".function.name", ".name");
+    let mut param = e
+        .param
+        .replace(".function.parameters", ".input_schema")
+        .replace(".function.name", ".name");
     param = param.replace('[', ".").replace(']', "");
     bad(e.message.replace("function.parameters", "input_schema"), &param)
 }
@@ -145,9 +154,13 @@ impl MessagesRequest {
                         ));
                     }
                     let Some(schema) = t.get("input_schema") else {
-                        return Err(bad("a tool needs an `input_schema`", &format!("tools.{i}.input_schema")));
+                        return Err(bad(
+                            "a tool needs an `input_schema`",
+                            &format!("tools.{i}.input_schema"),
+                        ));
                     };
-                    let mut function = json!({"name": t.get("name").cloned().unwrap_or(Value::Null), "parameters": schema});
+                    let mut function =
+                        json!({"name": t.get("name").cloned().unwrap_or(Value::Null), "parameters": schema});
                     if let Some(d) = t.get("description") {
                         function["description"] = d.clone();
                     }
@@ -192,7 +205,10 @@ impl MessagesRequest {
             Some("enabled") => {
                 if let Some(b) = t.get("budget_tokens") {
                     if b.as_u64().is_none_or(|b| b == 0) {
-                        return Err(bad("budget_tokens must be a positive integer", "thinking.budget_tokens"));
+                        return Err(bad(
+                            "budget_tokens must be a positive integer",
+                            "thinking.budget_tokens",
+                        ));
                     }
                 }
                 true
@@ -212,7 +228,11 @@ impl MessagesRequest {
     }
 
     /// Validates the sampling fields into an engine request for `prompt`.
-    pub(super) fn to_engine_request(&self, prompt: Vec<u32>, max_model_len: usize) -> Result<GenerationRequest, AnthropicError> {
+    pub(super) fn to_engine_request(
+        &self,
+        prompt: Vec<u32>,
+        max_model_len: usize,
+    ) -> Result<GenerationRequest, AnthropicError> {
         let max_tokens = self
             .max_tokens
             .ok_or_else(|| bad("max_tokens is required", "max_tokens"))?;
