@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{:>6} {:>12} {:>10} {:>9}", "batch", "out tok/s", "seconds", "speed-up");
     let mut base = None;
     for batch in [1usize, 8, 32, 64] {
-        let weights = Weights::open(&files, DType::F32, &Device::Cpu)?;
+        let weights = Weights::open(&files, DType::F32, &Device::Cpu)?.for_config(&config);
         let model = load_model(&config, &weights, &LoadOptions::default())?;
         let blocks = batch * (PROMPT_LEN + OUTPUT_LEN).div_ceil(16) + 1;
         let runner = ModelRunner::new(model, blocks, 16)?;

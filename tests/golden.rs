@@ -35,6 +35,17 @@ const MODELS: &[&str] = &[
     "mixtral",
 ];
 
+/// Quantized copies as the Hub ships them (tests/fixtures/quantize.py): FP8 block-scaled
+/// (DeepSeek-V3 with whole and ragged blocks, MiniMax-M2) and INT4 packed experts (Kimi K2.5).
+/// Goldens: transformers' f32 forward on the dequantized weights, which the engine must
+/// reproduce while keeping the weights quantized (decoding exactly, a tile at a time).
+const QUANTIZED_MODELS: &[&str] = &[
+    "deepseek-v3-fp8",
+    "deepseek-v3-fp8-ragged",
+    "minimax-m2-fp8",
+    "kimi-k25-int4",
+];
+
 /// The fixtures stored in bf16 (goldens: f32 compute on the bf16 weights).
 const BF16_MODELS: &[&str] = &[
     "deepseek-v2-lite-bf16",
@@ -67,6 +78,14 @@ fn f32_logits_match_transformers_at_every_position() {
     for m in MODELS {
         // All prompts in one batch, whole prompts per step.
         check_logits(m, "f32", 16, usize::MAX);
+    }
+}
+
+#[test]
+fn quantized_checkpoints_match_transformers_on_their_dequantized_weights() {
+    for m in QUANTIZED_MODELS {
+        check_logits(m, "quantized on disk", 16, usize::MAX);
+        check_logits(m, "quantized on disk", 3, 5);
     }
 }
 
@@ -144,7 +163,7 @@ fn greedy_continuations_survive_preemption_in_every_family() {
     // 24 blocks of 4 tokens hold the longest request (70 + 12 tokens) alone but not all four
     // together: the scheduler must preempt, and the recomputed requests (partly from their
     // own cached prefix blocks) must continue exactly as transformers does.
-    for m in MODELS {
+    for m in MODELS.iter().chain(QUANTIZED_MODELS) {
         let dir = fixture(m);
         let g = golden(&dir);
         let requests = greedy_requests(&g.prompts, g.greedy[0].len());
@@ -158,7 +177,7 @@ fn greedy_continuations_survive_preemption_in_every_family() {
 
 #[test]
 fn greedy_continuations_are_identical_batched_and_alone() {
-    for m in MODELS.iter().chain(BF16_MODELS) {
+    for m in MODELS.iter().chain(BF16_MODELS).chain(QUANTIZED_MODELS) {
         let dir = fixture(m);
         let g = golden(&dir);
         let requests = greedy_requests(&g.prompts, g.greedy[0].len());
@@ -179,7 +198,7 @@ fn greedy_continuations_are_identical_batched_and_alone() {
 #[test]
 fn golden_argmax_is_consistent_with_the_first_greedy_token() {
     // Sanity of the fixtures themselves: the last-position argmax is the first greedy token.
-    for m in MODELS {
+    for m in MODELS.iter().chain(QUANTIZED_MODELS) {
         let g = golden(&fixture(m));
         for (logits, greedy) in g.logits.iter().zip(&g.greedy) {
             let last = logits.narrow(0, logits.dims()[0] - 1, 1).unwrap();

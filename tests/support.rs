@@ -56,7 +56,9 @@ pub fn golden(dir: &Path) -> Golden {
 pub fn load_model(dir: &Path, dtype: DType, options: &LoadOptions) -> Model {
     let files = ModelFiles::from_dir(dir).expect("model files");
     let config = ModelConfig::from_file(&files.config).expect("config");
-    let weights = Weights::open(&files, dtype, &Device::Cpu).expect("weights");
+    let weights = Weights::open(&files, dtype, &Device::Cpu)
+        .expect("weights")
+        .for_config(&config);
     build_model(&config, &weights, options).expect("model")
 }
 

@@ -10,10 +10,15 @@
 //! in cache) and multiplied by the `gemm` crate's f32 kernel; tiles run in
 //! parallel on rayon's pool. The weight is read once per call, at half the
 //! bytes of f32. Other devices and dtypes go through candle's matmul.
+//!
+//! [`Weight`] is a projection weight as models hold it: plain, or quantized
+//! ([`crate::quant`]), whose CPU tiles are decoded the same way inside the product.
 
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
+
+use crate::quant::QuantTensor;
 
 /// Weight rows per tile: 32 rows of a 2048-wide weight widen to 256 KiB of f32.
 pub const TILE_ROWS: usize = 32;
@@ -45,10 +50,16 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     };
     let out = match &*storage {
         Storage::Cpu(CpuStorage::BF16(v)) => {
-            tiled(&xs, m, k, &v[start..end], n, |src, dst| src.convert_to_f32_slice(dst))
+            let v = &v[start..end];
+            tiled(&xs, m, k, n, &|r0, rows, dst| {
+                v[r0 * k..(r0 + rows) * k].convert_to_f32_slice(dst)
+            })
         }
         Storage::Cpu(CpuStorage::F16(v)) => {
-            tiled(&xs, m, k, &v[start..end], n, |src, dst| src.convert_to_f32_slice(dst))
+            let v = &v[start..end];
+            tiled(&xs, m, k, n, &|r0, rows, dst| {
+                v[r0 * k..(r0 + rows) * k].convert_to_f32_slice(dst)
+            })
         }
         _ => candle_core::bail!("matmul_nt: expected a bf16/f16 CPU weight"),
     };
@@ -56,8 +67,89 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, (m, n), x.device())?.to_dtype(x.dtype())
 }
 
-/// `x` `[m, k]` f32 times the transpose of `w` `[n, k]` (rows widened by `widen`), as `[m, n]`.
-fn tiled<T: Sync>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, widen: fn(&[T], &mut [f32])) -> Vec<f32> {
+/// A projection weight `[n, k]` (or a stack `[E, n, k]` of expert weights): a plain tensor in
+/// the compute dtype, or one kept in its shipped quantized format.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Quant(QuantTensor),
+}
+
+impl Weight {
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Weight::Dense(t) => t.dims(),
+            Weight::Quant(q) => q.dims(),
+        }
+    }
+
+    /// Matrix `e` of a stack.
+    pub fn get(&self, e: usize) -> Result<Weight> {
+        Ok(match self {
+            Weight::Dense(t) => Weight::Dense(t.get(e)?),
+            Weight::Quant(q) => Weight::Quant(q.get(e)?),
+        })
+    }
+
+    /// The plain tensor, when this weight is one.
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(t) => Some(t),
+            Weight::Quant(_) => None,
+        }
+    }
+
+    /// The weight as a plain tensor in `dtype` (a quantized one decoded exactly).
+    pub fn to_dense(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => t.to_dtype(dtype),
+            Weight::Quant(q) => q.dequantize(dtype),
+        }
+    }
+
+    /// Bytes the weight holds in memory.
+    pub fn resident_bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Quant(q) => q.resident_bytes(),
+        }
+    }
+
+    /// `x Wᵀ`: `x` `[m, k]` -> `[m, n]` in `x`'s dtype.
+    pub fn matmul_nt(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => matmul_nt(x, t),
+            Weight::Quant(q) => quant_matmul_nt(x, q),
+        }
+    }
+}
+
+/// `x Wᵀ` for a quantized `[n, k]` weight: on the CPU each tile of [`TILE_ROWS`] rows is
+/// decoded to f32 inside the product (never the whole matrix); elsewhere the weight is
+/// decoded whole first (the GPU path dequantizes at load instead, see the models' loader).
+pub fn quant_matmul_nt(x: &Tensor, w: &QuantTensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let &[n, k_w] = w.dims() else {
+        candle_core::bail!("quant_matmul_nt: weight {:?} is not a matrix", w.dims());
+    };
+    if k != k_w {
+        candle_core::bail!(
+            "quant_matmul_nt: x {:?} and w {:?} disagree on the inner dimension",
+            x.shape(),
+            w.dims()
+        );
+    }
+    if !w.device().is_cpu() || !x.device().is_cpu() {
+        return x.matmul(&w.dequantize(x.dtype())?.t()?);
+    }
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let out = crate::quant::with_rows(w, |decode| tiled(&xs, m, k, n, decode))?;
+    Tensor::from_vec(out, (m, n), x.device())?.to_dtype(x.dtype())
+}
+
+/// `x` `[m, k]` f32 times the transpose of a `[n, k]` weight whose rows `r0..r0 + rows`
+/// `widen` writes as f32 into its buffer, as `[m, n]`.
+fn tiled(x: &[f32], m: usize, k: usize, n: usize, widen: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> Vec<f32> {
     let tiles = n.div_ceil(TILE_ROWS);
     let parts: Vec<Vec<f32>> = (0..tiles)
         .into_par_iter()
@@ -65,7 +157,7 @@ fn tiled<T: Sync>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, widen: fn(&[
             let r0 = t * TILE_ROWS;
             let rows = TILE_ROWS.min(n - r0);
             buf.resize(rows * k, 0.0);
-            widen(&w[r0 * k..(r0 + rows) * k], buf);
+            widen(r0, rows, &mut buf[..rows * k]);
             let mut dst = vec![0f32; m * rows];
             // SAFETY: dst is m x rows (row stride `rows`), x is m x k (row stride k), and the
             // right-hand side is the tile read as a k x rows matrix (column j = weight row j,
@@ -170,5 +262,70 @@ mod tests {
         let got = matmul_nt(&x, &w).unwrap().to_vec2::<f32>().unwrap();
         let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(got, want);
+    }
+}
+
+#[cfg(test)]
+mod quant_tests {
+    use super::*;
+    use crate::quant::{QuantScheme, QuantTensor};
+    use candle_core::Device;
+
+    /// Deterministic bytes; FP8 bytes avoid the two NaN codes.
+    fn bytes(len: usize, salt: u64, fp8: bool) -> Vec<u8> {
+        let mut s = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let b = (s >> 24) as u8;
+                if fp8 && b & 0x7f == 0x7f {
+                    b & 0xf0
+                } else {
+                    b
+                }
+            })
+            .collect()
+    }
+
+    /// The tiled quantized product equals candle's f32 matmul on the decoded weights, for FP8
+    /// and INT4 (bf16 scales), with widths that are not tile or group multiples and for a
+    /// matrix of an expert stack.
+    #[test]
+    fn quantized_tiles_match_the_dequantized_matmul() {
+        let dev = Device::Cpu;
+        for (m, k, n, group) in [(1usize, 64usize, 32usize, 16usize), (5, 100, 70, 32), (17, 40, 33, 8)] {
+            for scheme in [QuantScheme::Fp8E4m3 { group }, QuantScheme::Int4 { group }] {
+                let experts = 3;
+                let rb = scheme.row_bytes(k);
+                let data = Tensor::from_vec(bytes(experts * n * rb, k as u64, true), (experts, n, rb), &dev).unwrap();
+                let groups = scheme.groups(k);
+                let scales = (Tensor::rand(0.5f32, 2.0, (experts, n, groups), &dev).unwrap() * 0.01)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
+                let stack = QuantTensor::new(scheme, data, scales, &[experts, n, k]).unwrap();
+                let w = Weight::Quant(stack).get(1).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                let got = w.matmul_nt(&x).unwrap();
+                let dense = w.to_dense(DType::F32).unwrap();
+                let want = x.matmul(&dense.t().unwrap()).unwrap();
+                let err: f32 = (got - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                // The same f32 products, summed in another order.
+                assert!(
+                    err <= 1e-5 * scale.max(1.0),
+                    "{scheme:?} {m}x{k}x{n}: err {err} at {scale}"
+                );
+            }
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! expert MLP. Each op has a device-agnostic reference implementation here
 //! (candle ops, run on the CPU in tests); CUDA kernels slot in behind the same arguments
 //! (module [`cuda`], with the `cuda` feature).
-//! [`dense::matmul_nt`] is the dense projection, with a tiled CPU path for bf16/f16 weights.
+//! [`dense::matmul_nt`] is the dense projection, with a tiled CPU path for bf16/f16 weights;
+//! [`dense::Weight`] adds weights kept quantized (FP8, INT4; [`quant`]).
 //! This crate knows nothing about models, configs or requests.
 
 pub mod dense;
@@ -12,6 +13,7 @@ pub mod gqa;
 pub mod mla;
 pub mod moe;
 pub mod paged;
+pub mod quant;
 pub mod reference;
 
 #[cfg(feature = "cuda")]

@@ -19,6 +19,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use moe_kernels::cuda::{moe_experts, moe_permute, moe_route, TILE_ROWS};
+use moe_kernels::dense::Weight;
 use moe_kernels::moe::{
     grouped_expert_mlp, permute_by_expert, route, ExpertWeights, RoutingMethod, RoutingParams, Scoring,
 };
@@ -260,7 +261,11 @@ fn check_experts(
     let dev = gpu();
     let l = layer(rng, tokens, experts, hidden, inter)?;
     let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
-    let (x32, gu32, d32) = (f32_of(&l.x)?, f32_of(&l.gate_up)?, f32_of(&l.down)?);
+    let (x32, gu32, d32) = (
+        f32_of(&l.x)?,
+        Weight::Dense(f32_of(&l.gate_up)?),
+        Weight::Dense(f32_of(&l.down)?),
+    );
     let (xg, gug, dg) = (
         l.x.to_device(&dev)?,
         l.gate_up.to_device(&dev)?,
@@ -318,7 +323,10 @@ fn shared_output_is_added_before_the_single_rounding() -> Result<()> {
     let shared =
         Tensor::from_vec(rng.vec(tokens * hidden, 2.0), (tokens, hidden), &Device::Cpu)?.to_dtype(DType::BF16)?;
     let perm = permute_by_expert(&ids, experts, 1);
-    let (gu32, d32) = (l.gate_up.to_dtype(DType::F32)?, l.down.to_dtype(DType::F32)?);
+    let (gu32, d32) = (
+        Weight::Dense(l.gate_up.to_dtype(DType::F32)?),
+        Weight::Dense(l.down.to_dtype(DType::F32)?),
+    );
     let routed = grouped_expert_mlp(
         &l.x.to_dtype(DType::F32)?,
         ExpertWeights {
@@ -355,7 +363,10 @@ fn routing_then_experts_on_device_matches_host_routing() -> Result<()> {
     let bias = grid_logits(&mut rng, 1, experts, 0.001);
     let (ids, weights) = route(&logits, experts, Some(&bias), &p);
     let perm = permute_by_expert(&ids, experts, 1);
-    let (gu32, d32) = (l.gate_up.to_dtype(DType::F32)?, l.down.to_dtype(DType::F32)?);
+    let (gu32, d32) = (
+        Weight::Dense(l.gate_up.to_dtype(DType::F32)?),
+        Weight::Dense(l.down.to_dtype(DType::F32)?),
+    );
     let w = ExpertWeights {
         gate_up: &gu32,
         down: &d32,

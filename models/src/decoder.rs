@@ -102,7 +102,7 @@ impl Decoder {
         }
         let lm_head = if cfg.tie_word_embeddings {
             Linear {
-                weight: embed_tokens.clone(),
+                weight: moe_kernels::dense::Weight::Dense(embed_tokens.clone()),
                 bias: None,
             }
         } else {

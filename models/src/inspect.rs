@@ -138,6 +138,88 @@ pub fn model_sizes(cfg: &ModelConfig) -> ModelSizes {
     }
 }
 
+/// What the loaded weights occupy, by the checkpoint's format, estimated from the config.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct WeightBytes {
+    /// `bf16`, `fp8` or `int4` (the format of the quantized projections; `plain` without).
+    pub format: String,
+    /// Parameters stored quantized.
+    pub quantized_params: u64,
+    /// Bytes of the quantized projections: packed weights plus their scales as the engine
+    /// keeps them (FP8: one f32 per row and block column; INT4: one bf16 per group).
+    pub quantized_bytes: u64,
+    /// Everything else, in the compute dtype.
+    pub plain_bytes: u64,
+    pub resident_bytes: u64,
+}
+
+/// [`WeightBytes`] of `cfg` with plain weights in a dtype of `plain_bytes_per_param`. A
+/// projection counts as quantized when the config's `quantization_config` covers the first
+/// layer's module of its kind (FP8 checkpoints keep embeddings and `lm_head` plain).
+pub fn weight_bytes(cfg: &ModelConfig, plain_bytes_per_param: u64) -> WeightBytes {
+    use crate::config::ModuleQuant;
+    let sizes = model_sizes(cfg);
+    let Some(q) = &cfg.quantization else {
+        let plain = product(&[sizes.total_params, plain_bytes_per_param]);
+        return WeightBytes {
+            format: "plain".into(),
+            quantized_params: 0,
+            quantized_bytes: 0,
+            plain_bytes: plain,
+            resident_bytes: plain,
+        };
+    };
+    let n = |x: usize| x as u64;
+    let h = n(cfg.hidden_size);
+    let root = cfg.names.model;
+    let first_moe = (0..cfg.num_hidden_layers).find(|&l| cfg.is_moe_layer(l));
+    let first_dense = (0..cfg.num_hidden_layers).find(|&l| !cfg.is_moe_layer(l));
+    // (a representative module, its parameters over the whole model)
+    let mut kinds: Vec<(String, u64)> = vec![(
+        format!("{root}.layers.0.self_attn.o_proj"),
+        product(&[sizes.attention_params_per_layer, n(cfg.num_hidden_layers)]),
+    )];
+    if let (Some(m), Some(l)) = (&cfg.moe, first_moe) {
+        let block = format!("{root}.layers.{l}.{}", m.names.block);
+        kinds.push((
+            format!("{block}.experts.0.{}", m.names.experts.gate),
+            sizes.routed_expert_params,
+        ));
+        let shared = product(&[
+            3,
+            h,
+            n(m.moe_intermediate_size),
+            n(m.n_shared_experts),
+            n(sizes.moe_layers),
+        ]);
+        kinds.push((format!("{block}.{}.gate_proj", m.names.shared_experts), shared));
+    }
+    if let Some(l) = first_dense {
+        let dense = product(&[3, h, n(cfg.intermediate_size), n(sizes.dense_layers)]);
+        kinds.push((format!("{root}.layers.{l}.mlp.gate_proj"), dense));
+    }
+    let (mut qparams, mut qbytes) = (0u64, 0u64);
+    for (module, params) in kinds {
+        let per_1024 = match q.scheme_for(&module) {
+            None => continue,
+            // 1 byte a weight + 4 bytes per row per block column.
+            Some(ModuleQuant::Fp8 { block_cols, .. }) => 1024 + 4096 / block_cols.max(1) as u64,
+            // Half a byte a weight + a bf16 scale per group.
+            Some(ModuleQuant::Int4 { group_size }) => 512 + 2048 / group_size.max(1) as u64,
+        };
+        qparams = sum(&[qparams, params]);
+        qbytes = sum(&[qbytes, product(&[params, per_1024]) / 1024]);
+    }
+    let plain = product(&[sizes.total_params.saturating_sub(qparams), plain_bytes_per_param]);
+    WeightBytes {
+        format: q.format_name().into(),
+        quantized_params: qparams,
+        quantized_bytes: qbytes,
+        plain_bytes: plain,
+        resident_bytes: sum(&[qbytes, plain]),
+    }
+}
+
 /// Product of counts, saturating at `u64::MAX`.
 fn product(factors: &[u64]) -> u64 {
     factors.iter().fold(1, |acc, &x| acc.saturating_mul(x))

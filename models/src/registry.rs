@@ -88,12 +88,10 @@ pub fn parse_config(value: &Value) -> Result<ModelConfig> {
 
 /// Builds the model `config` describes from `weights`, reading only the tensors it uses.
 pub fn load_model(config: &ModelConfig, weights: &Weights, options: &LoadOptions) -> Result<Model> {
-    if let Some(method) = &config.quantization {
-        return Err(ModelError::UnsupportedValue {
-            field: "quantization_config".into(),
-            value: format!("{method:?}"),
-            reason: "quantized checkpoints are not supported yet; use a bf16/f16/f32 checkpoint".into(),
-        });
+    if config.quantization.as_ref() != weights.quantization() {
+        return Err(ModelError::Input(
+            "the weights were opened without the config's quantization_config (Weights::set_quantization)".into(),
+        ));
     }
     let family = FAMILIES
         .iter()

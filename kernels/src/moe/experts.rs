@@ -7,15 +7,15 @@
 use candle_core::{bail, DType, Result, Tensor, D};
 
 use super::permute::ExpertPermutation;
-use crate::dense::matmul_nt;
+use crate::dense::Weight;
 
-/// Stacked expert weights in the canonical layout.
+/// Stacked expert weights in the canonical layout, plain or quantized.
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertWeights<'a> {
     /// `[E, 2I, H]`: the gate projection's `I` rows, then the up projection's.
-    pub gate_up: &'a Tensor,
+    pub gate_up: &'a Weight,
     /// `[E, H, I]`.
-    pub down: &'a Tensor,
+    pub down: &'a Weight,
 }
 
 /// `x`: `[T, H]`; `perm`: the grouping of the `T * top_k` slots; `slot_weights`: `[T * top_k]`
@@ -29,14 +29,16 @@ pub fn grouped_expert_mlp(
     top_k: usize,
 ) -> Result<Tensor> {
     let (tokens, hidden) = x.dims2()?;
-    let (num_experts, two_i, h2) = w.gate_up.dims3()?;
+    let &[num_experts, two_i, h2] = w.gate_up.dims() else {
+        bail!("grouped_expert_mlp: gate_up {:?} is not a stack", w.gate_up.dims());
+    };
     let intermediate = two_i / 2;
-    if h2 != hidden || w.down.dims3()? != (num_experts, hidden, intermediate) || perm.counts.len() != num_experts {
+    if h2 != hidden || w.down.dims() != [num_experts, hidden, intermediate] || perm.counts.len() != num_experts {
         bail!(
             "grouped_expert_mlp: x {:?}, gate_up {:?}, down {:?}, {} experts routed",
             x.shape(),
-            w.gate_up.shape(),
-            w.down.shape(),
+            w.gate_up.dims(),
+            w.down.dims(),
             perm.counts.len()
         );
     }
@@ -57,11 +59,11 @@ pub fn grouped_expert_mlp(
         let token_ids: Vec<u32> = expert_slots.iter().map(|&s| s / top_k as u32).collect();
         let idx = Tensor::from_vec(token_ids, count, device)?;
         let xs = x.index_select(&idx, 0)?; // [n, H]
-        let gu = matmul_nt(&xs, &w.gate_up.get(e)?)?; // [n, 2I]
+        let gu = w.gate_up.get(e)?.matmul_nt(&xs)?; // [n, 2I]
         let gate = gu.narrow(D::Minus1, 0, intermediate)?;
         let up = gu.narrow(D::Minus1, intermediate, intermediate)?;
         let h = (gate.silu()? * up)?;
-        let y = matmul_nt(&h, &w.down.get(e)?)?.to_dtype(DType::F32)?; // [n, H]
+        let y = w.down.get(e)?.matmul_nt(&h)?.to_dtype(DType::F32)?; // [n, H]
         let wt: Vec<f32> = expert_slots.iter().map(|&s| slot_weights[s as usize]).collect();
         outputs.push(y.broadcast_mul(&Tensor::from_vec(wt, (count, 1), device)?)?);
         for &s in expert_slots {
@@ -108,8 +110,8 @@ mod tests {
         let wts: Vec<f32> = (0..t * k).map(|n| 0.1 + n as f32 * 0.05).collect();
         let dev = Device::Cpu;
         let x = Tensor::from_vec(xv.clone(), (t, h), &dev)?;
-        let gate_up = Tensor::from_vec(guv.clone(), (e, 2 * i, h), &dev)?;
-        let down = Tensor::from_vec(dv.clone(), (e, h, i), &dev)?;
+        let gate_up = Weight::Dense(Tensor::from_vec(guv.clone(), (e, 2 * i, h), &dev)?);
+        let down = Weight::Dense(Tensor::from_vec(dv.clone(), (e, h, i), &dev)?);
         let perm = permute_by_expert(&ids, e, 4);
         let got = grouped_expert_mlp(
             &x,

@@ -5,6 +5,7 @@
 use serde_json::Value;
 
 use super::fields::{Fields, MAX_COUNT, MAX_DIM};
+use super::quant::QuantConfig;
 use super::rope::{parse_rope, RopeDefaults};
 use super::{AttentionConfig, DecoderNames, GqaConfig, ModelConfig, MoeConfig, QkNorm, RopeConfig, TopkMethod};
 use crate::error::Result;
@@ -32,7 +33,7 @@ pub struct CommonFields {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub saved_dtype: Option<String>,
-    pub quantization: Option<String>,
+    pub quantization: Option<QuantConfig>,
 }
 
 /// The family-specific parts of a [`ModelConfig`].
@@ -121,17 +122,9 @@ pub fn saved_dtype(f: &Fields<'_>) -> Result<Option<String>> {
     })
 }
 
-/// The `quant_method` of a `quantization_config`, if the config has one. Parsing accepts it
-/// (so `moe inspect` describes shipped FP8/INT4 configs); loading such weights is refused.
-pub fn quant_method(f: &Fields<'_>) -> Result<Option<String>> {
-    let Some(q) = f.get("quantization_config") else {
-        return Ok(None);
-    };
-    let method = q
-        .get("quant_method")
-        .and_then(Value::as_str)
-        .ok_or_else(|| f.unsupported("quantization_config", q, "expected an object with a quant_method"))?;
-    Ok(Some(method.to_string()))
+/// The checkpoint's `quantization_config`, validated (see [`super::quant`]).
+pub fn quant_method(f: &Fields<'_>) -> Result<Option<QuantConfig>> {
+    super::quant::parse(f)
 }
 
 /// Non-SiLU MLPs are refused with the field named.

@@ -8,12 +8,14 @@
 
 pub mod common;
 pub mod fields;
+pub mod quant;
 pub mod rope;
 
 use std::path::Path;
 
 use serde_json::Value;
 
+pub use quant::{ModuleQuant, QuantConfig};
 pub use rope::{yarn_mscale, RopeConfig, RopeDefaults, YarnScaling};
 
 use crate::error::{ModelError, Result};
@@ -260,9 +262,8 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The dtype the checkpoint says it was saved in (`torch_dtype` or `dtype`), if any.
     pub saved_dtype: Option<String>,
-    /// `quantization_config.quant_method` (e.g. `fp8`, `compressed-tensors`), if the weights
-    /// ship quantized. Such configs parse, but their weights do not load yet.
-    pub quantization: Option<String>,
+    /// `quantization_config`, when the weights ship quantized (FP8 blocks or INT4 groups).
+    pub quantization: Option<QuantConfig>,
 }
 
 impl ModelConfig {

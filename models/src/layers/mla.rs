@@ -65,10 +65,14 @@ impl Mla {
             },
         };
         let r = cfg.kv_lora_rank;
-        let kv_b = w.get(
-            &format!("{prefix}.kv_b_proj.weight"),
-            &[heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), r],
-        )?;
+        // The absorbed form needs W_UK and W_UV as plain matrices: a quantized kv_b_proj
+        // (FP8 checkpoints) is decoded once here (0.1-2% of a model's weights).
+        let kv_b = w
+            .matrix(
+                &format!("{prefix}.kv_b_proj"),
+                [heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), r],
+            )?
+            .to_dense(w.dtype())?;
         let kv_b = kv_b.reshape((heads, cfg.qk_nope_head_dim + cfg.v_head_dim, r))?;
         let w_uk = kv_b.narrow(1, 0, cfg.qk_nope_head_dim)?.contiguous()?;
         let w_uv_t = kv_b

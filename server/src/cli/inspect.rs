@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Args;
 use moe_models::config::{AttentionConfig, QkNorm, ScoringFunc};
-use moe_models::inspect::model_sizes;
+use moe_models::inspect::{model_sizes, weight_bytes};
 use moe_models::layers::moe::router::build_router;
 use moe_models::ModelConfig;
 
@@ -28,11 +28,20 @@ fn human(n: u64) -> String {
     }
 }
 
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.2} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     // A local directory needs only its config.json (weights may be absent).
     let local_config = std::path::Path::new(&args.model.model).join("config.json");
     let (model_dir, cfg) = if let Some(name) = moe_models::synthetic::synthetic_name(&args.model.model) {
-        let cfg = moe_models::synthetic::synthetic_config(name, args.model.num_layers)?;
+        let cfg = args.model.synthetic(name)?;
         (std::path::PathBuf::from(&args.model.model), cfg)
     } else if local_config.is_file() {
         let cfg =
@@ -44,6 +53,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     };
     let dtype = args.model.dtype()?;
     let sizes = model_sizes(&cfg);
+    let weights = weight_bytes(&cfg, dtype.size_in_bytes() as u64);
     let router = match &cfg.moe {
         Some(m) => Some(build_router(m, args.model.router()?.as_ref())?.describe()),
         None => None,
@@ -59,7 +69,8 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             "family": cfg.family,
             "dtype": args.model.dtype,
             "saved_dtype": cfg.saved_dtype,
-            "quantization": cfg.quantization,
+            "quantization": cfg.quantization.as_ref().map(|q| q.describe()),
+            "weights": weights,
             "layers": cfg.num_hidden_layers,
             "hidden_size": cfg.hidden_size,
             "attention_heads": cfg.attention.num_heads(),
@@ -87,8 +98,16 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         args.model.dtype,
         cfg.saved_dtype.as_deref().unwrap_or("?"),
         cfg.quantization
-            .as_deref()
-            .map_or(String::new(), |q| format!(", quantized: {q}, not loadable yet"))
+            .as_ref()
+            .map_or(String::new(), |q| format!(", quantized: {}", q.describe()))
+    );
+    println!(
+        "weights:       {} resident ({} of {} parameters quantized as {}; the rest in {})",
+        human_bytes(weights.resident_bytes),
+        human(weights.quantized_params),
+        human(sizes.total_params),
+        weights.format,
+        args.model.dtype
     );
     println!(
         "parameters:    {} total, {} active per token ({} embedding)",

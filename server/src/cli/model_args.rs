@@ -7,6 +7,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::Args;
 use moe_engine::TextTokenizer;
+use moe_models::config::QuantConfig;
 use moe_models::synthetic::{synthetic_config, synthetic_name};
 use moe_models::{
     load_model, parse_dtype, LoadOptions, LoadProgress, Model, ModelConfig, ModelFiles, RouterSpec, Weights,
@@ -46,6 +47,13 @@ pub struct ModelArgs {
     /// per-expert matmuls, the CPU path; for A/B comparisons). Same on the CPU.
     #[arg(long, default_value = "grouped", value_parser = ["grouped", "reference"])]
     pub expert_backend: String,
+
+    /// Make a synthetic model's projections in a shipped quantized format: fp8 (e4m3 with
+    /// 128x128 block scales, as DeepSeek-V3 ships; routers and lm_head plain) or int4
+    /// (symmetric groups of 32, routed experts only, as Kimi K2.5 ships). Checkpoints say
+    /// their own format in config.json.
+    #[arg(long, value_parser = ["fp8", "int4"])]
+    pub quantization: Option<String>,
 }
 
 pub struct LoadedModel {
@@ -89,27 +97,45 @@ impl ModelArgs {
     /// checkpoint's.
     pub fn config(&self) -> anyhow::Result<ModelConfig> {
         match synthetic_name(&self.model) {
-            Some(name) => {
-                Ok(synthetic_config(name, self.num_layers).with_context(|| format!("--model {}", self.model))?)
+            Some(name) => self.synthetic(name),
+            None => {
+                self.check_real_model_flags()?;
+                Ok(self.resolve()?.1)
             }
-            None => Ok(self.resolve()?.1),
         }
+    }
+
+    /// A synthetic model's config, in the `--quantization` format.
+    pub fn synthetic(&self, name: &str) -> anyhow::Result<ModelConfig> {
+        let mut config = synthetic_config(name, self.num_layers).with_context(|| format!("--model {}", self.model))?;
+        config.quantization = self.quantization.as_deref().and_then(QuantConfig::synthetic);
+        Ok(config)
+    }
+
+    fn check_real_model_flags(&self) -> anyhow::Result<()> {
+        if self.num_layers.is_some() {
+            anyhow::bail!("--num-layers applies to synthetic:NAME models only");
+        }
+        if self.quantization.is_some() {
+            anyhow::bail!(
+                "--quantization applies to synthetic:NAME models only (a checkpoint's config.json says its format)"
+            );
+        }
+        Ok(())
     }
 
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let (dtype, device, router) = (self.dtype()?, self.device()?, self.router()?);
         let (files, config, weights) = match synthetic_name(&self.model) {
             Some(name) => {
-                let config =
-                    synthetic_config(name, self.num_layers).with_context(|| format!("--model {}", self.model))?;
-                (None, config, Weights::random(dtype, &device, 0))
+                let config = self.synthetic(name)?;
+                let weights = Weights::random(dtype, &device, 0).for_config(&config);
+                (None, config, weights)
             }
             None => {
-                if self.num_layers.is_some() {
-                    anyhow::bail!("--num-layers applies to synthetic:NAME models only");
-                }
+                self.check_real_model_flags()?;
                 let (files, config) = self.resolve()?;
-                let weights = Weights::open(&files, dtype, &device)?;
+                let weights = Weights::open(&files, dtype, &device)?.for_config(&config);
                 (Some(files), config, weights)
             }
         };

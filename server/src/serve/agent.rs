@@ -247,30 +247,31 @@ impl AgentRequest {
             }
             _ => {}
         }
-        let response_grammar =
-            match response_format {
-                None | Some(Value::Null) => None,
-                Some(rf) => match rf.get("type").and_then(Value::as_str) {
-                    Some("text") => None,
-                    Some("json_object") => Some(Grammar::JsonObject),
-                    Some("json_schema") => {
-                        let Some(schema) = rf.pointer("/json_schema/schema") else {
-                            return Err(field_error(
-                                "response_format.json_schema.schema is required",
-                                "response_format.json_schema.schema",
-                            ));
-                        };
-                        check_schema(schema, "response_format.json_schema.schema")?;
-                        Some(Grammar::JsonSchema(schema.clone()))
-                    }
-                    other => return Err(field_error(
+        let response_grammar = match response_format {
+            None | Some(Value::Null) => None,
+            Some(rf) => match rf.get("type").and_then(Value::as_str) {
+                Some("text") => None,
+                Some("json_object") => Some(Grammar::JsonObject),
+                Some("json_schema") => {
+                    let Some(schema) = rf.pointer("/json_schema/schema") else {
+                        return Err(field_error(
+                            "response_format.json_schema.schema is required",
+                            "response_format.json_schema.schema",
+                        ));
+                    };
+                    check_schema(schema, "response_format.json_schema.schema")?;
+                    Some(Grammar::JsonSchema(schema.clone()))
+                }
+                other => {
+                    return Err(field_error(
                         format!(
                             "response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {other:?}"
                         ),
                         "response_format.type",
-                    )),
-                },
-            };
+                    ))
+                }
+            },
+        };
         Ok(AgentRequest {
             tools,
             choice,

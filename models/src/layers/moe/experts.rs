@@ -5,6 +5,7 @@
 //! lives in `router`). Experts that receive no tokens cost nothing.
 
 use candle_core::Tensor;
+use moe_kernels::dense::Weight;
 use moe_kernels::moe::{grouped_expert_mlp, permute_by_expert, ExpertWeights};
 
 use super::router::Routing;
@@ -14,10 +15,10 @@ use crate::loader::Weights;
 
 #[derive(Debug, Clone)]
 pub struct Experts {
-    /// `[E, 2I, H]`.
-    pub gate_up: Tensor,
-    /// `[E, H, I]`.
-    pub down: Tensor,
+    /// `[E, 2I, H]`, plain or quantized.
+    pub gate_up: Weight,
+    /// `[E, H, I]`, plain or quantized.
+    pub down: Weight,
     pub num_experts: usize,
     pub intermediate: usize,
 }
@@ -26,7 +27,8 @@ impl Experts {
     /// Loads `{prefix}.experts`: either per-expert `{prefix}.experts.{e}.{gate,up,down}.weight`
     /// under the family's projection names (the Hub's layout) or fused
     /// `{prefix}.experts.gate_up_proj` / `down_proj` (`[E,2I,H]`, `[E,H,I]`, the in-memory
-    /// layout of transformers 5).
+    /// layout of transformers 5). Quantized per-expert projections are read straight into
+    /// one packed stack.
     pub fn load(
         w: &Weights,
         prefix: &str,
@@ -38,23 +40,22 @@ impl Experts {
         let fused = format!("{prefix}.experts.gate_up_proj");
         let (gate_up, down) = if w.contains(&fused) {
             (
-                w.get(&fused, &[num_experts, 2 * intermediate, hidden])?,
-                w.get(
+                Weight::Dense(w.get(&fused, &[num_experts, 2 * intermediate, hidden])?),
+                Weight::Dense(w.get(
                     &format!("{prefix}.experts.down_proj"),
                     &[num_experts, hidden, intermediate],
-                )?,
+                )?),
             )
         } else {
-            let mut gate_up = Vec::with_capacity(num_experts);
-            let mut down = Vec::with_capacity(num_experts);
-            for e in 0..num_experts {
-                let p = format!("{prefix}.experts.{e}");
-                let gate = w.get(&format!("{p}.{}.weight", names.gate), &[intermediate, hidden])?;
-                let up = w.get(&format!("{p}.{}.weight", names.up), &[intermediate, hidden])?;
-                gate_up.push(Tensor::cat(&[gate, up], 0)?);
-                down.push(w.get(&format!("{p}.{}.weight", names.down), &[hidden, intermediate])?);
-            }
-            (Tensor::stack(&gate_up, 0)?, Tensor::stack(&down, 0)?)
+            let expert = |e: usize, name: &str| format!("{prefix}.experts.{e}.{name}");
+            let gate_up: Vec<Vec<String>> = (0..num_experts)
+                .map(|e| vec![expert(e, names.gate), expert(e, names.up)])
+                .collect();
+            let down: Vec<Vec<String>> = (0..num_experts).map(|e| vec![expert(e, names.down)]).collect();
+            (
+                w.stacked(&gate_up, &[intermediate, intermediate], hidden)?,
+                w.stacked(&down, &[hidden], intermediate)?,
+            )
         };
         Ok(Experts {
             gate_up,

@@ -100,8 +100,12 @@ impl MoeBlock {
         let device_routing = self
             .router
             .kernel_params()
-            .filter(|p| !self.reference_experts && grouped_moe_applies(x, &self.experts.gate_up, p));
-        if let Some(routing) = device_routing {
+            .filter(|_| !self.reference_experts)
+            .and_then(|p| {
+                let (gate_up, down) = (self.experts.gate_up.as_dense()?, self.experts.down.as_dense()?);
+                grouped_moe_applies(x, gate_up, &p).then_some((p, gate_up, down))
+            });
+        if let Some((routing, gate_up, down)) = device_routing {
             let shared = match &self.shared {
                 Some(s) => Some(s.forward(x)?.contiguous()?),
                 None => None,
@@ -111,8 +115,8 @@ impl MoeBlock {
                 gate: &self.gate,
                 correction_bias: self.correction_bias.as_ref().map(|(_, device)| device),
                 routing: &routing,
-                gate_up: &self.experts.gate_up,
-                down: &self.experts.down,
+                gate_up,
+                down,
             };
             let (out, ids) = grouped_moe(&inputs, shared.as_ref())?;
             // The only host copy: the expert ids, when someone asks for them.
