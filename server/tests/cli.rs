@@ -285,18 +285,38 @@ fn inspect_counts_every_family_exactly_and_sizes_its_cache_by_its_spec() {
 }
 
 #[test]
-fn a_quantized_config_is_described_but_its_weights_are_refused() {
+fn quantized_checkpoints_are_described_run_and_checked_against_their_config() {
+    // Inspect names the format and the resident bytes; generate runs the packed weights.
+    let dir = fixture("kimi-k25-int4");
+    let o = moe(&["inspect", "--model", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(v["quantization"].as_str().unwrap().starts_with("int4"), "{v}");
+    assert_eq!(v["weights"]["format"], "int4");
+    assert!(v["weights"]["quantized_params"].as_u64().unwrap() > 0);
+    for name in ["kimi-k25-int4", "deepseek-v3-fp8"] {
+        let o = moe(&[
+            "generate",
+            "--model",
+            fixture(name).to_str().unwrap(),
+            "--prompt-ids",
+            "5,6,7",
+            "--max-tokens",
+            "3",
+        ]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+    }
+    // A config that says the experts are INT4 over plain f32 weights: one line naming the
+    // packed tensor it expected, exit 1.
     let tmp = copy_fixture("qwen3-moe");
     edit_config(tmp.path(), |c| {
         c.insert(
             "quantization_config".into(),
-            serde_json::json!({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}),
+            serde_json::json!({"quant_method": "compressed-tensors", "format": "pack-quantized",
+                "config_groups": {"g": {"targets": ["re:.*experts.*"],
+                    "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32, "symmetric": true}}}}),
         );
     });
-    let o = moe(&["inspect", "--model", tmp.path().to_str().unwrap(), "--json"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(v["quantization"], "fp8");
     let o = moe(&[
         "generate",
         "--model",
@@ -304,7 +324,17 @@ fn a_quantized_config_is_described_but_its_weights_are_refused() {
         "--prompt-ids",
         "1,2",
     ]);
-    assert_clean_failure(&o, &["quantization_config", "fp8"]);
+    assert_clean_failure(&o, &["weight_packed", "targets/ignore"]);
+    let o = moe(&[
+        "generate",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--quantization",
+        "fp8",
+        "--prompt-ids",
+        "1",
+    ]);
+    assert_clean_failure(&o, &["--quantization", "synthetic"]);
 }
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {

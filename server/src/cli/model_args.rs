@@ -164,6 +164,14 @@ impl ModelArgs {
         if let Some(b) = bar {
             b.finish_and_clear();
         }
+        tracing::info!(
+            "weights loaded: {} bytes resident{}",
+            weights.resident_bytes(),
+            config
+                .quantization
+                .as_ref()
+                .map_or(String::new(), |q| format!(" ({})", q.describe()))
+        );
         let tokenizer = match files.as_ref().and_then(|f| f.tokenizer.as_ref().map(|t| (f, t))) {
             Some((f, t)) => Some(TextTokenizer::load(
                 t,
