@@ -20,5 +20,5 @@ pub mod reference;
 pub mod cuda;
 
 pub use gqa::{paged_gqa_attention, write_kv_cache};
-pub use mla::{paged_mla_attention, write_latent_cache};
+pub use mla::{indexer_topk, paged_mla_attention, sparse_mla_attention, write_index_keys, write_latent_cache, TokenSelection};
 pub use paged::PagedSeq;
