@@ -33,6 +33,10 @@ const MODELS: &[&str] = &[
     "qwen3-moe-yarn",
     "glm4-moe-qknorm",
     "mixtral",
+    // DeepSeek Sparse Attention with index_topk 8: prompts of 1 and 7 tokens sit below it,
+    // 23 and 70 far above (tests/fixtures/dsa.py).
+    "deepseek-v32",
+    "glm5",
 ];
 
 /// Quantized copies as the Hub ships them (tests/fixtures/quantize.py): FP8 block-scaled
@@ -101,6 +105,8 @@ fn chunked_prefill_and_small_blocks_give_the_same_logits() {
         "minimax-m2",
         "qwen3-moe",
         "mixtral",
+        "deepseek-v32",
+        "glm5",
     ] {
         check_logits(m, "f32", 3, 5);
     }

@@ -87,7 +87,7 @@ impl Decoder {
             };
             layers.push(DecoderLayer {
                 input_layernorm: RmsNorm::load(weights, &format!("{p}.input_layernorm.weight"), h, eps)?,
-                self_attn: Attention::load(weights, &format!("{p}.self_attn"), &cfg.attention, h, eps)?,
+                self_attn: Attention::load(weights, &format!("{p}.self_attn"), &cfg.attention, h, eps, i)?,
                 post_attention_layernorm: RmsNorm::load(
                     weights,
                     &format!("{p}.post_attention_layernorm.weight"),
@@ -164,6 +164,8 @@ impl CausalLm for Decoder {
         }
         let cos_sin = self.rope.cos_sin(ctx.positions)?;
         let mut x = self.embed_tokens.index_select(ctx.token_ids, 0)?; // [T, H]
+                                                                       // DSA's selected positions, handed from a layer with an indexer to the shared ones.
+        let mut selection = None;
         for (layer, cache_layer) in self.layers.iter().zip(&cache.layers) {
             let attn = layer.self_attn.forward(
                 &layer.input_layernorm.forward(&x)?,
@@ -171,6 +173,7 @@ impl CausalLm for Decoder {
                 &self.rope,
                 &cos_sin,
                 cache_layer,
+                &mut selection,
             )?;
             x = (x + attn)?;
             let normed = layer.post_attention_layernorm.forward(&x)?;

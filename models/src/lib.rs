@@ -18,8 +18,10 @@ pub mod synthetic;
 
 // Model families: one folder each, plus one line in `registry::FAMILIES`.
 pub mod deepseek;
+pub mod deepseek_v32;
 pub mod glm4_moe;
 pub mod glm4_moe_lite;
+pub mod glm_moe_dsa;
 pub mod kimi_k25;
 pub mod minimax_m2;
 pub mod mixtral;
@@ -28,7 +30,7 @@ pub mod qwen3_moe;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use forward::{ForwardCtx, RoutingTrace};
-pub use kv_cache::{KvCache, KvCacheSpec};
+pub use kv_cache::{IndexKeys, KvCache, KvCacheSpec};
 pub use layers::moe::router::{Router, RouterSpec};
 pub use loader::{ModelFiles, Weights};
 pub use model::{CausalLm, LoadOptions, LoadProgress, Model};

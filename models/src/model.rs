@@ -33,6 +33,7 @@ pub trait CausalLm: Send + Sync {
         KvCache::new(
             self.kv_cache_spec(),
             self.config().num_hidden_layers,
+            &self.config().index_key_layers(),
             num_blocks,
             block_size,
             self.dtype(),

@@ -25,6 +25,8 @@ pub struct Family {
 /// Every family, in the order `moe inspect --help`-style listings show them.
 pub const FAMILIES: &[Family] = &[
     crate::deepseek::FAMILY,
+    crate::deepseek_v32::FAMILY,
+    crate::glm_moe_dsa::FAMILY,
     crate::kimi_k25::FAMILY,
     crate::glm4_moe_lite::FAMILY,
     crate::glm4_moe::FAMILY,

@@ -301,5 +301,11 @@ fn real_configs_parse_to_their_published_shapes() {
     assert_eq!(k.num_experts(), 384);
     let x = real("mixtral-8x7b");
     assert_eq!((gqa(&x).num_kv_heads, x.num_experts()), (8, 8));
-    assert_eq!(real("glm-4.7-flash").kv_cache_spec(), KvCacheSpec::Latent { dim: 576 });
+    assert_eq!(
+        real("glm-4.7-flash").kv_cache_spec(),
+        KvCacheSpec::Latent {
+            dim: 576,
+            index_keys: None
+        }
+    );
 }

@@ -132,10 +132,7 @@ pub fn indexer_topk(
         while start < seq.query_len {
             let n = SCORE_ROWS.min(seq.query_len - start);
             let row0 = seq.query_start + start;
-            let q_rows = q
-                .narrow(0, row0, n)?
-                .to_dtype(DType::F32)?
-                .reshape((n * heads, dim))?;
+            let q_rows = q.narrow(0, row0, n)?.to_dtype(DType::F32)?.reshape((n * heads, dim))?;
             let per_head = (q_rows.matmul(&keys_t)? * scale)?.relu()?; // [n*H, L]
             let per_head = per_head.reshape((n, heads, seq.context_len))?;
             let w = weights.narrow(0, row0, n)?.to_dtype(DType::F32)?.unsqueeze(2)?;
@@ -197,8 +194,15 @@ pub fn sparse_mla_attention(
         let offset = seq.context_len - seq.query_len;
         for i in 0..seq.query_len {
             let visible = offset + i + 1;
-            if let Some(&bad) = selection.of(seq.query_start + i).iter().find(|&&p| p as usize >= visible) {
-                bail!("sparse_mla_attention: row {} selects position {bad}, past its own", seq.query_start + i);
+            if let Some(&bad) = selection
+                .of(seq.query_start + i)
+                .iter()
+                .find(|&&p| p as usize >= visible)
+            {
+                bail!(
+                    "sparse_mla_attention: row {} selects position {bad}, past its own",
+                    seq.query_start + i
+                );
             }
         }
         let rows = rows_flat

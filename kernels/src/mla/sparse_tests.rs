@@ -50,9 +50,7 @@ fn batch(
             context_len: ctx,
             block_table: free.drain(..ctx.div_ceil(block_size)).collect(),
         };
-        let r: Vec<Vec<f32>> = (0..ctx)
-            .map(|p| values(dim, seed + (n * 1000 + p) as u32))
-            .collect();
+        let r: Vec<Vec<f32>> = (0..ctx).map(|p| values(dim, seed + (n * 1000 + p) as u32)).collect();
         if ctx > 0 {
             let slots: Vec<u32> = (0..ctx).map(|p| seq.slot(p, block_size) as u32).collect();
             let src = Tensor::from_vec(r.concat(), (ctx, dim), &dev).unwrap();
@@ -108,7 +106,10 @@ fn indexer_topk_matches_scoring_every_pair_and_sorting() {
             dropped += visible.saturating_sub(topk);
         }
     }
-    assert!(dropped > 1000, "the plans must make the indexer drop positions ({dropped})");
+    assert!(
+        dropped > 1000,
+        "the plans must make the indexer drop positions ({dropped})"
+    );
 }
 
 /// Softmax over exactly `chosen` of `rows` for one query head.

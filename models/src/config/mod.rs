@@ -19,7 +19,7 @@ pub use quant::{ModuleQuant, QuantConfig};
 pub use rope::{yarn_mscale, RopeConfig, RopeDefaults, YarnScaling};
 
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCacheSpec;
+use crate::kv_cache::{IndexKeys, KvCacheSpec};
 
 /// How router logits become expert scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +119,32 @@ pub struct MlaConfig {
     /// Biases on `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj`.
     pub bias: bool,
     pub softmax_scale: f64,
+    /// DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): each query attends only to the
+    /// positions the lightning indexer picks.
+    pub sparse: Option<DsaConfig>,
+}
+
+/// The lightning indexer of DeepSeek Sparse Attention (`self_attn.indexer.*`): per query,
+/// `index_n_heads` heads of `index_head_dim` score every earlier position against one shared
+/// key, and the `index_topk` best are attended to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DsaConfig {
+    pub index_n_heads: usize,
+    pub index_head_dim: usize,
+    pub index_topk: usize,
+    /// The indexer rotates the first `qk_rope_head_dim` values of its q and k in interleaved
+    /// pairs (GLM-5) or half-split pairs (DeepSeek-V3.2).
+    pub rope_interleaved: bool,
+    /// `[num_hidden_layers]`: the layer runs its own indexer (`false`: it reuses the
+    /// selection of the layer before it, GLM-5's `"shared"` layers).
+    pub own_indexer: Vec<bool>,
+}
+
+impl DsaConfig {
+    /// Layers that run an indexer (and keep indexer keys).
+    pub fn indexer_layers(&self) -> usize {
+        self.own_indexer.iter().filter(|&&o| o).count()
+    }
 }
 
 impl MlaConfig {
@@ -188,6 +214,10 @@ impl AttentionConfig {
         match self {
             AttentionConfig::Mla(m) => KvCacheSpec::Latent {
                 dim: m.kv_lora_rank.saturating_add(m.qk_rope_head_dim),
+                index_keys: m.sparse.as_ref().map(|d| IndexKeys {
+                    dim: d.index_head_dim,
+                    layers: d.indexer_layers(),
+                }),
             },
             AttentionConfig::Gqa(g) => KvCacheSpec::PerHead {
                 kv_heads: g.num_kv_heads,
@@ -293,6 +323,14 @@ impl ModelConfig {
     /// What one token of one layer keeps in the paged cache.
     pub fn kv_cache_spec(&self) -> KvCacheSpec {
         self.attention.kv_cache_spec()
+    }
+
+    /// `[num_hidden_layers]` (empty without DSA): which layers keep indexer keys.
+    pub fn index_key_layers(&self) -> Vec<bool> {
+        match &self.attention {
+            AttentionConfig::Mla(MlaConfig { sparse: Some(d), .. }) => d.own_indexer.clone(),
+            _ => Vec::new(),
+        }
     }
 
     /// Cache bytes one token occupies across all layers in `dtype`.

@@ -153,6 +153,7 @@ pub fn parse_text_config(
         v_head_dim: f.positive("v_head_dim", MAX_DIM)?,
         bias: f.bool_or("attention_bias", false)?,
         softmax_scale: 0.0,
+        sparse: None,
     };
     mla.softmax_scale = mla_softmax_scale(&mla, &rope);
     let (moe, moe_layers) = parse_moe(f, version, d, common.num_hidden_layers)?;

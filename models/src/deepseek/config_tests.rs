@@ -105,7 +105,13 @@ fn fixtures_in_both_spellings_parse_to_the_same_config() {
     assert_eq!((c.hidden_size, mla.num_heads, c.num_hidden_layers), (64, 4, 3));
     assert_eq!((mla.q_lora_rank, mla.kv_lora_rank), (Some(48), 32));
     assert_eq!(mla.qk_head_dim(), 16 + 8);
-    assert_eq!(c.kv_cache_spec(), crate::KvCacheSpec::Latent { dim: 32 + 8 });
+    assert_eq!(
+        c.kv_cache_spec(),
+        crate::KvCacheSpec::Latent {
+            dim: 32 + 8,
+            index_keys: None
+        }
+    );
     assert_eq!((c.bos_token_id, c.eos_token_ids.as_slice()), (Some(0), &[1u32][..]));
     assert_eq!(c.rope.theta, 10000.0);
     assert!(c.rope.interleaved);

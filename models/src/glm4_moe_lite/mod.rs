@@ -36,27 +36,35 @@ fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
     // transformers places MoE layers by `mlp_layer_types` alone (`first_k_dense_replace` is
     // not read); without it, layer 0 is dense and the rest are MoE.
     cfg.moe_layers = (0..cfg.num_hidden_layers).map(|l| l > 0).collect();
-    if let Some(types) = f.get("mlp_layer_types") {
-        let reason = format!(
-            "expected a list of \"dense\" / \"sparse\", one per layer ({})",
-            cfg.num_hidden_layers
-        );
-        let bad = || f.unsupported("mlp_layer_types", types, &reason);
-        let list = types
-            .as_array()
-            .filter(|a| a.len() == cfg.num_hidden_layers)
-            .ok_or_else(bad)?;
-        cfg.moe_layers = list
-            .iter()
-            .map(|t| match t.as_str() {
-                Some("sparse") => Ok(true),
-                Some("dense") => Ok(false),
-                _ => Err(bad()),
-            })
-            .collect::<Result<_>>()?;
-        if cfg.moe.is_none() && cfg.moe_layers.iter().any(|&m| m) {
-            return Err(f.missing("n_routed_experts"));
-        }
-    }
+    read_mlp_layer_types(f, &mut cfg)?;
     Ok(cfg)
+}
+
+/// Applies `mlp_layer_types` (`"dense"` / `"sparse"` per layer) to `cfg.moe_layers` when the
+/// config has it (GLM-4.7-Flash, DeepSeek-V3.2, GLM-5).
+pub fn read_mlp_layer_types(f: &Fields<'_>, cfg: &mut ModelConfig) -> Result<()> {
+    let Some(types) = f.get("mlp_layer_types").filter(|t| !t.is_null()) else {
+        return Ok(());
+    };
+    let reason = format!(
+        "expected a list of \"dense\" / \"sparse\", one per layer ({})",
+        cfg.num_hidden_layers
+    );
+    let bad = || f.unsupported("mlp_layer_types", types, &reason);
+    let list = types
+        .as_array()
+        .filter(|a| a.len() == cfg.num_hidden_layers)
+        .ok_or_else(bad)?;
+    cfg.moe_layers = list
+        .iter()
+        .map(|t| match t.as_str() {
+            Some("sparse") => Ok(true),
+            Some("dense") => Ok(false),
+            _ => Err(bad()),
+        })
+        .collect::<Result<_>>()?;
+    if cfg.moe.is_none() && cfg.moe_layers.iter().any(|&m| m) {
+        return Err(f.missing("n_routed_experts"));
+    }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! reads and writes. One implementation per kind ([`Mla`], [`Gqa`]), shared by every family.
 
 use candle_core::Tensor;
+use moe_kernels::TokenSelection;
 
 use super::gqa::Gqa;
 use super::mla::Mla;
@@ -19,15 +20,23 @@ pub enum Attention {
 }
 
 impl Attention {
-    /// Loads `{prefix}.*` (`prefix` = `model.layers.{i}.self_attn`).
-    pub fn load(w: &Weights, prefix: &str, cfg: &AttentionConfig, hidden: usize, eps: f64) -> Result<Self> {
+    /// Loads `{prefix}.*` (`prefix` = `model.layers.{layer}.self_attn`).
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        cfg: &AttentionConfig,
+        hidden: usize,
+        eps: f64,
+        layer: usize,
+    ) -> Result<Self> {
         Ok(match cfg {
-            AttentionConfig::Mla(m) => Attention::Mla(Mla::load(w, prefix, m, hidden)?),
+            AttentionConfig::Mla(m) => Attention::Mla(Mla::load(w, prefix, m, hidden, layer)?),
             AttentionConfig::Gqa(g) => Attention::Gqa(Gqa::load(w, prefix, g, hidden, eps)?),
         })
     }
 
     /// `x`: `[tokens, hidden]` (normed) -> `[tokens, hidden]`, writing this layer's cache.
+    /// `selection` carries DSA's chosen positions from layer to layer (untouched otherwise).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -35,9 +44,12 @@ impl Attention {
         rope: &Rope,
         cos_sin: &(Tensor, Tensor),
         cache: &LayerCache,
+        selection: &mut Option<TokenSelection>,
     ) -> Result<Tensor> {
         match (self, cache) {
-            (Attention::Mla(a), LayerCache::Latent(c)) => a.forward(x, ctx, rope, cos_sin, c),
+            (Attention::Mla(a), LayerCache::Latent { latent, index_keys }) => {
+                a.forward(x, ctx, rope, cos_sin, latent, index_keys.as_ref(), selection)
+            }
             (Attention::Gqa(a), LayerCache::PerHead { k, v }) => a.forward(x, ctx, rope, cos_sin, k, v),
             _ => Err(ModelError::Input(
                 "the KV cache layout does not match the model's attention".into(),

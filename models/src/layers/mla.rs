@@ -5,16 +5,19 @@
 //! attends in absorbed form: `q_nope · W_UK` turns each head's query into the latent space, so
 //! attention is MQA over the cache rows (key dim `kv_lora_rank + rope`, value dim
 //! `kv_lora_rank`), and the result goes through `W_UV` and `o_proj`. It never expands the
-//! cache into per-head keys and values.
+//! cache into per-head keys and values. With DeepSeek Sparse Attention ([`super::dsa`]) each
+//! query attends only to the positions its layer's indexer (or, in GLM-5's shared layers, the
+//! previous layer's) selected.
 
 use candle_core::{DType, Module, Tensor};
-use moe_kernels::{paged_mla_attention, write_latent_cache};
+use moe_kernels::{paged_mla_attention, sparse_mla_attention, write_latent_cache, TokenSelection};
 
+use super::dsa::Indexer;
 use super::linear::Linear;
 use super::norm::RmsNorm;
 use super::rope::Rope;
 use crate::config::MlaConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::forward::ForwardCtx;
 use crate::loader::Weights;
 
@@ -30,8 +33,16 @@ enum QueryProj {
     LowRank { a: Linear, norm: RmsNorm, b: Linear },
 }
 
+/// DSA in one layer: its own indexer, or none (it reuses the selection of the layer before).
+#[derive(Debug, Clone)]
+struct Sparse {
+    indexer: Option<Indexer>,
+    topk: usize,
+}
+
 #[derive(Debug, Clone)]
 pub struct Mla {
+    sparse: Option<Sparse>,
     q: QueryProj,
     /// `[kv_lora_rank + rope_dim, hidden]`.
     kv_a_proj_with_mqa: Linear,
@@ -50,9 +61,9 @@ pub struct Mla {
 }
 
 impl Mla {
-    /// Loads `{prefix}.*` (`prefix` = `model.layers.{i}.self_attn`) for a model of width
+    /// Loads `{prefix}.*` (`prefix` = `model.layers.{layer}.self_attn`) for a model of width
     /// `hidden`.
-    pub fn load(w: &Weights, prefix: &str, cfg: &MlaConfig, hidden: usize) -> Result<Self> {
+    pub fn load(w: &Weights, prefix: &str, cfg: &MlaConfig, hidden: usize, layer: usize) -> Result<Self> {
         let heads = cfg.num_heads;
         let qk = cfg.qk_head_dim();
         let bias = cfg.bias;
@@ -63,6 +74,21 @@ impl Mla {
                 norm: RmsNorm::load(w, &format!("{prefix}.q_a_layernorm.weight"), rank, LORA_NORM_EPS)?,
                 b: Linear::load(w, &format!("{prefix}.q_b_proj"), rank, heads * qk, false)?,
             },
+        };
+        let sparse = match &cfg.sparse {
+            None => None,
+            Some(d) => Some(Sparse {
+                indexer: match (d.own_indexer.get(layer).copied().unwrap_or(true), cfg.q_lora_rank) {
+                    (false, _) => None,
+                    (true, Some(rank)) => Some(Indexer::load(w, prefix, d, hidden, rank, cfg.qk_rope_head_dim)?),
+                    (true, None) => {
+                        return Err(ModelError::Input(
+                            "DSA's indexer reads the query's low-rank residual: q_lora_rank must be set".into(),
+                        ))
+                    }
+                },
+                topk: d.index_topk,
+            }),
         };
         let r = cfg.kv_lora_rank;
         // The absorbed form needs W_UK and W_UV as plain matrices: a quantized kv_b_proj
@@ -80,6 +106,7 @@ impl Mla {
             .transpose(1, 2)?
             .contiguous()?;
         Ok(Mla {
+            sparse,
             q,
             kv_a_proj_with_mqa: Linear::load(
                 w,
@@ -104,6 +131,11 @@ impl Mla {
     /// `x`: `[tokens, hidden]` (normed) -> `[tokens, hidden]`. Writes the tokens' latents into
     /// `cache` (`[num_blocks, block_size, kv_lora_rank + rope]`) at `ctx.slot_mapping` first, so
     /// each token attends to itself and everything cached before it in its sequence.
+    ///
+    /// With DSA, `index_keys` is this layer's indexer key cache (a layer with its own
+    /// indexer), and `selection` carries the positions picked from layer to layer: a layer
+    /// with an indexer replaces it, a shared layer reads it.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &Tensor,
@@ -111,12 +143,17 @@ impl Mla {
         rope: &Rope,
         cos_sin: &(Tensor, Tensor),
         cache: &Tensor,
+        index_keys: Option<&Tensor>,
+        selection: &mut Option<TokenSelection>,
     ) -> Result<Tensor> {
         let tokens = x.dims2()?.0;
         let dtype = x.dtype();
-        let q = match &self.q {
-            QueryProj::Direct(p) => p.forward(x)?,
-            QueryProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+        let (q, q_resid) = match &self.q {
+            QueryProj::Direct(p) => (p.forward(x)?, None),
+            QueryProj::LowRank { a, norm, b } => {
+                let resid = norm.forward(&a.forward(x)?)?;
+                (b.forward(&resid)?, Some(resid))
+            }
         };
         let q = q.reshape((tokens, self.heads, self.nope_dim + self.rope_dim))?;
         let q_nope = q.narrow(2, 0, self.nope_dim)?;
@@ -142,7 +179,28 @@ impl Mla {
             .matmul(&self.w_uk)?
             .transpose(0, 1)?;
         let q_full = Tensor::cat(&[q_latent.to_dtype(DType::F32)?, q_pe.to_dtype(DType::F32)?], 2)?;
-        let attn = paged_mla_attention(&q_full, cache, ctx.seqs, self.kv_lora_rank, self.scale)?; // [T, H, r] f32
+        let attn = match &self.sparse {
+            None => paged_mla_attention(&q_full, cache, ctx.seqs, self.kv_lora_rank, self.scale)?,
+            Some(sparse) => {
+                if let Some(indexer) = &sparse.indexer {
+                    let (Some(keys), Some(resid)) = (index_keys, q_resid.as_ref()) else {
+                        return Err(ModelError::Input(
+                            "a DSA layer needs its indexer key cache and a low-rank query".into(),
+                        ));
+                    };
+                    *selection = Some(indexer.forward(x, resid, ctx, rope, cos_sin, keys)?);
+                }
+                let chosen = selection.as_ref().ok_or_else(|| {
+                    ModelError::Input("a shared DSA layer needs the selection of an earlier layer".into())
+                })?;
+                if ctx.seqs.iter().all(|s| s.context_len <= sparse.topk) {
+                    // Every query keeps every visible position: dense attention is the same set.
+                    paged_mla_attention(&q_full, cache, ctx.seqs, self.kv_lora_rank, self.scale)?
+                } else {
+                    sparse_mla_attention(&q_full, cache, ctx.seqs, chosen, self.kv_lora_rank, self.scale)?
+                }
+            }
+        }; // [T, H, r] f32
 
         // Apply W_UV: [heads, tokens, r] x [heads, r, v] -> [tokens, heads * v].
         let out = attn

@@ -1,6 +1,7 @@
 //! Building blocks shared by every model family: one implementation each.
 
 pub mod attention;
+pub mod dsa;
 pub mod gqa;
 pub mod linear;
 pub mod mla;

@@ -72,7 +72,13 @@ impl Rope {
     /// Rotates `x`: `[tokens, heads, dim]` (any float dtype) with tables from [`Rope::cos_sin`].
     /// Computed in f32, returned in `x`'s dtype and layout.
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        Ok(moe_kernels::reference::rope(x, cos, sin, self.interleaved)?)
+        self.apply_pairs(x, cos, sin, self.interleaved)
+    }
+
+    /// [`Rope::apply`] with the pair layout given (DSA's indexer rotates its own way,
+    /// whatever the attention does).
+    pub fn apply_pairs(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+        Ok(moe_kernels::reference::rope(x, cos, sin, interleaved)?)
     }
 }
 
