@@ -69,6 +69,27 @@ fn attention_params(cfg: &ModelConfig) -> u64 {
     }
 }
 
+/// Parameters of layer `layer`'s DSA indexer (`wq_b`, `wk`, `k_norm`, `weights_proj`), 0
+/// without one.
+fn indexer_params(cfg: &ModelConfig, layer: usize) -> u64 {
+    let n = |x: usize| x as u64;
+    match &cfg.attention {
+        AttentionConfig::Mla(m) => match (&m.sparse, m.q_lora_rank) {
+            (Some(d), Some(rank)) if d.own_indexer.get(layer).copied().unwrap_or(false) => {
+                let (heads, dim, h) = (n(d.index_n_heads), n(d.index_head_dim), n(cfg.hidden_size));
+                sum(&[
+                    product(&[n(rank), heads, dim]),
+                    product(&[h, dim]),
+                    product(&[2, dim]),
+                    product(&[h, heads]),
+                ])
+            }
+            _ => 0,
+        },
+        AttentionConfig::Gqa(_) => 0,
+    }
+}
+
 /// Sizes of the model `cfg` describes. Counts saturate at `u64::MAX` (and `usize::MAX`):
 /// a config may claim sizes no machine holds, which must read as huge, never wrap around.
 pub fn model_sizes(cfg: &ModelConfig) -> ModelSizes {
@@ -92,7 +113,7 @@ pub fn model_sizes(cfg: &ModelConfig) -> ModelSizes {
     let mut routed = 0u64;
     let (mut dense_layers, mut moe_layers) = (0, 0);
     for layer in 0..cfg.num_hidden_layers {
-        total = sum(&[total, attn, norms]);
+        total = sum(&[total, attn, indexer_params(cfg, layer), norms]);
         match (&cfg.moe, cfg.is_moe_layer(layer)) {
             (Some(m), true) => {
                 moe_layers += 1;
@@ -248,6 +269,10 @@ mod tests {
             ("deepseek-v2-lite", 15.7, 2.4, 576),
             ("deepseek-v2", 236.0, 21.0, 576),
             ("deepseek-v3", 671.0, 37.0, 576),
+            // DSA: the latent plus a 128-value indexer key (V3.2's card says 685B with the
+            // 14B MTP module, which is never loaded).
+            ("deepseek-v3.2", 671.0, 37.0, 576 + 128),
+            ("glm-5", 744.0, 40.0, 576 + 128),
             ("kimi-k2", 1040.0, 32.0, 576),
             ("kimi-k2.5", 1040.0, 32.0, 576),
             ("moonlight-16b-a3b", 16.0, 3.0, 576),

@@ -18,6 +18,8 @@ pub const SYNTHETIC_MODELS: &[(&str, &str)] = &[
     ),
     ("deepseek-v2", include_str!("../configs/deepseek-v2/config.json")),
     ("deepseek-v3", include_str!("../configs/deepseek-v3/config.json")),
+    ("deepseek-v3.2", include_str!("../configs/deepseek-v3.2/config.json")),
+    ("glm-5", include_str!("../configs/glm-5/config.json")),
     ("kimi-k2", include_str!("../configs/kimi-k2/config.json")),
     ("kimi-k2.5", include_str!("../configs/kimi-k2.5/config.json")),
     (
@@ -62,9 +64,11 @@ pub fn synthetic_config(name: &str, num_layers: Option<usize>) -> Result<ModelCo
     if let Some(obj) = text.as_object_mut() {
         obj.remove("quantization_config");
         // Layer-type lists must shrink with the layers.
-        if let (Some(n), Some(types)) = (num_layers, obj.get_mut("mlp_layer_types")) {
-            if let Some(list) = types.as_array_mut() {
-                list.truncate(n);
+        for key in ["mlp_layer_types", "indexer_types", "layer_types"] {
+            if let (Some(n), Some(types)) = (num_layers, obj.get_mut(key)) {
+                if let Some(list) = types.as_array_mut() {
+                    list.truncate(n);
+                }
             }
         }
     }

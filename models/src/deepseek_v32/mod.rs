@@ -121,3 +121,7 @@ pub fn parse_dsa(
     });
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;
