@@ -5,7 +5,7 @@
     python3 tests/openai_client.py --base-url http://127.0.0.1:8000/v1 --model NAME [--api-key KEY]
 
 With --moe, after the full checks on the DeepSeek-V3 fixture it serves every other family's
-fixture in turn (Kimi K2.5, GLM-4.7-Flash, GLM-4.5, MiniMax-M2, Qwen3-MoE, Mixtral) and checks
+fixture in turn (Kimi K2.5, GLM-4.7-Flash, GLM-4.5, MiniMax-M2, Qwen3-MoE, Mixtral, DeepSeek-V3.2, GLM-5) and checks
 a chat request, its stream, and that an image part is refused with a 400.
 
 Prints one line per check and ends with `N passed, M failed`; exits non-zero on any failure.
@@ -26,7 +26,7 @@ from openai import OpenAI
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "deepseek-v3")
-FAMILY_FIXTURES = ["kimi-k25", "glm4-moe-lite", "glm4-moe", "minimax-m2", "qwen3-moe", "mixtral"]
+FAMILY_FIXTURES = ["kimi-k25", "glm4-moe-lite", "glm4-moe", "minimax-m2", "qwen3-moe", "mixtral", "deepseek-v32", "glm5"]
 SERVED_NAME = "tiny"
 MESSAGES = [
     {"role": "system", "content": "You are terse."},

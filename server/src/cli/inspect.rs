@@ -120,6 +120,17 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         cfg.num_hidden_layers, sizes.dense_layers, sizes.moe_layers, cfg.hidden_size, cfg.vocab_size
     );
     println!("attention:     {attention}");
+    if let Some(d) = cfg.mla().and_then(|m| m.sparse.as_ref()) {
+        println!(
+            "sparse attn:   DSA indexer, {} heads x {}, each query attends to its top {} positions ({} RoPE); own indexer in {} of {} layers",
+            d.index_n_heads,
+            d.index_head_dim,
+            d.index_topk,
+            if d.rope_interleaved { "interleaved" } else { "half-split" },
+            d.indexer_layers(),
+            cfg.num_hidden_layers
+        );
+    }
     match &cfg.rope.yarn {
         Some(y) => println!(
             "rope:          theta {}, YaRN factor {} over {} positions (max {})",

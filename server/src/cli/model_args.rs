@@ -18,7 +18,7 @@ pub struct ModelArgs {
     /// A local model directory, a Hugging Face repo id (org/name[@revision]; repo files come
     /// from the Hugging Face cache when present, else they are downloaded), or
     /// synthetic:NAME for a released model's real shapes with random weights made on the
-    /// device (NAME: deepseek-v2-lite, deepseek-v2, deepseek-v3, kimi-k2, kimi-k2.5,
+    /// device (NAME: deepseek-v2-lite, deepseek-v2, deepseek-v3, deepseek-v3.2, glm-5, kimi-k2, kimi-k2.5,
     /// moonlight-16b-a3b, glm-4.7-flash, glm-4.7, minimax-m2.7, qwen3-30b-a3b,
     /// qwen3-235b-a22b, mixtral-8x7b).
     #[arg(long)]
