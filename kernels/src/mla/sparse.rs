@@ -44,7 +44,8 @@ impl TokenSelection {
         Self::from_rows(rows)
     }
 
-    fn from_rows(rows: Vec<Vec<u32>>) -> Self {
+    /// A selection from each row's positions (ascending, within the row's causal range).
+    pub fn from_rows(rows: Vec<Vec<u32>>) -> Self {
         let mut offsets = Vec::with_capacity(rows.len() + 1);
         offsets.push(0);
         let mut positions = Vec::new();
@@ -205,11 +206,24 @@ pub fn sparse_mla_attention(
                 );
             }
         }
+        // Gather only the rows some query of this sequence selected (a decode row reads
+        // index_topk rows, not its whole context); `compact[p]` is position p's gathered row.
+        let mut compact = vec![u32::MAX; seq.context_len];
+        let mut slots = Vec::new();
+        for i in 0..seq.query_len {
+            for &p in selection.of(seq.query_start + i) {
+                if compact[p as usize] == u32::MAX {
+                    compact[p as usize] = slots.len() as u32;
+                    slots.push(seq.slot(p as usize, block_size) as u32);
+                }
+            }
+        }
+        let gathered = slots.len();
         let rows = rows_flat
-            .index_select(&seq.slots(block_size, device)?, 0)?
+            .index_select(&Tensor::from_vec(slots, gathered, device)?, 0)?
             .to_dtype(DType::F32)?
             .flatten_all()?
-            .to_vec1::<f32>()?; // [L * latent_dim]
+            .to_vec1::<f32>()?; // [gathered * latent_dim]
         let span = seq.query_start * heads * value_dim..(seq.query_start + seq.query_len) * heads * value_dim;
         out[span]
             .par_chunks_mut(heads * value_dim)
@@ -222,7 +236,7 @@ pub fn sparse_mla_attention(
                     let qh = &q_host[(t * heads + h) * latent_dim..][..latent_dim];
                     let mut max = f32::NEG_INFINITY;
                     for (s, &p) in scores.iter_mut().zip(chosen) {
-                        let row = &rows[p as usize * latent_dim..][..latent_dim];
+                        let row = &rows[compact[p as usize] as usize * latent_dim..][..latent_dim];
                         *s = qh.iter().zip(row).map(|(a, b)| a * b).sum::<f32>() * scale as f32;
                         max = max.max(*s);
                     }
@@ -233,7 +247,7 @@ pub fn sparse_mla_attention(
                     }
                     let o = &mut dst[h * value_dim..][..value_dim];
                     for (s, &p) in scores.iter().zip(chosen) {
-                        let row = &rows[p as usize * latent_dim..][..value_dim];
+                        let row = &rows[compact[p as usize] as usize * latent_dim..][..value_dim];
                         let w = s / total;
                         for (acc, v) in o.iter_mut().zip(row) {
                             *acc += w * v;
