@@ -3,9 +3,10 @@
 # without a GPU, into one folder (default .gpu/, ignored by git):
 #
 #   bin/moe.xz                 the server/CLI built with --features cuda
-#   tests/cuda_kernels.xz, tests/cuda_gqa.xz, tests/cuda_moe.xz          GPU test binaries (moe-kernels)
+#   tests/cuda_kernels.xz, tests/cuda_gqa.xz, tests/cuda_moe.xz,
+#   tests/cuda_dsa.xz                                                     GPU test binaries (moe-kernels)
 #   benches/cuda_mla_decode.xz, benches/cuda_gqa_decode.xz,
-#   benches/cuda_moe_layer.xz                                             kernel benchmarks
+#   benches/cuda_moe_layer.xz, benches/cuda_dsa_decode.xz                 kernel benchmarks
 #   run.sh                     unpacks them, runs the tests and benchmarks, logs under $OUT
 #                              (or ./gpu-out)
 #
@@ -44,8 +45,8 @@ cargo build --profile "$PROFILE" -p moe-server --features cuda --bin moe --messa
   executables | while read -r kind name exe; do
     if [ "$kind:$name" = "bin:moe" ]; then cp "$exe" "$DEST/bin/moe"; fi
   done
-BUNDLED="bin/moe tests/cuda_kernels tests/cuda_gqa tests/cuda_moe benches/cuda_mla_decode benches/cuda_gqa_decode
-  benches/cuda_moe_layer"
+BUNDLED="bin/moe tests/cuda_kernels tests/cuda_gqa tests/cuda_moe tests/cuda_dsa benches/cuda_mla_decode
+  benches/cuda_gqa_decode benches/cuda_moe_layer benches/cuda_dsa_decode"
 for f in $BUNDLED; do
   [ -x "$DEST/$f" ] || { log "missing $DEST/$f after the build"; exit 1; }
 done

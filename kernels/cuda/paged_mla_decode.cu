@@ -5,6 +5,9 @@
 //               absorbed (q_nope . W_UK ++ rotated q_pe).
 // cache:        [num_blocks * block_size, dim] rows, 16-byte aligned, dim * sizeof(Tkv) % 16 == 0.
 // block_tables: [S, bt_stride] u32 block ids; context_lens: [S] u32 (0 = no output, zeros).
+// selected:     null for dense decode; else [S, sel_stride] u32 positions (DeepSeek Sparse
+//               Attention's top-k), and context_lens[s] counts the selected positions of
+//               sequence s: the kernel attends to exactly those (sparse MLA decode).
 // out:          [S, H, dv] contiguous.
 // Work split: a CTA per (head group of HPC heads, KV split, sequence). Each CTA walks its KV
 // range in tiles of TILE tokens, loading each tile once into shared memory for all its heads,
@@ -36,7 +39,9 @@ template <typename Tq, typename Tkv, typename Tout>
 __device__ void mla_decode_split(const Tq* __restrict__ q, int64_t q_seq, int64_t q_head,
                                  const Tkv* __restrict__ cache,
                                  const uint32_t* __restrict__ block_tables, int64_t bt_stride,
-                                 const uint32_t* __restrict__ context_lens, Tout* __restrict__ out,
+                                 const uint32_t* __restrict__ context_lens,
+                                 const uint32_t* __restrict__ selected, int64_t sel_stride,
+                                 Tout* __restrict__ out,
                                  float* __restrict__ ws_acc, float* __restrict__ ws_ml,
                                  int num_heads, int dim, int dv, int block_size,
                                  int tokens_per_split, float scale_log2) {
@@ -76,7 +81,8 @@ __device__ void mla_decode_split(const Tq* __restrict__ q, int64_t q_seq, int64_
         const int n = min(TILE, end - t0);
         __syncthreads(); // previous tile (and q_s on the first pass) fully consumed / written
         if (tid < TILE) {
-            const int pos = t0 + tid;
+            int pos = t0 + tid;
+            if (tid < n && selected != nullptr) pos = (int)selected[seq * sel_stride + pos];
             slot_s[tid] = tid < n ? (int64_t)bt[pos / block_size] * block_size + pos % block_size : 0;
         }
         __syncthreads();
@@ -205,11 +211,13 @@ __device__ void mla_decode_merge(const float* __restrict__ ws_acc, const float* 
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                 \
         const TQ* q, int64_t q_seq, int64_t q_head, const TKV* cache,                          \
         const uint32_t* block_tables, int64_t bt_stride, const uint32_t* context_lens,          \
+        const uint32_t* selected, int64_t sel_stride,                                           \
         TOUT* out, float* ws_acc, float* ws_ml, int num_heads, int dim, int dv,                 \
         int block_size, int tokens_per_split, float scale_log2) {                               \
         mla_decode_split<TQ, TKV, TOUT>(q, q_seq, q_head, cache, block_tables, bt_stride,       \
-                                        context_lens, out, ws_acc, ws_ml, num_heads, dim, dv,   \
-                                        block_size, tokens_per_split, scale_log2);              \
+                                        context_lens, selected, sel_stride, out, ws_acc, ws_ml, \
+                                        num_heads, dim, dv, block_size, tokens_per_split,       \
+                                        scale_log2);                                            \
     }
 MLA_DECODE(paged_mla_decode_bf16, bf16, bf16, bf16)
 MLA_DECODE(paged_mla_decode_f32, float, float, float)

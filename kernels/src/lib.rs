@@ -16,6 +16,9 @@ pub mod paged;
 pub mod quant;
 pub mod reference;
 
+#[cfg(test)]
+mod test_values;
+
 #[cfg(feature = "cuda")]
 pub mod cuda;
 

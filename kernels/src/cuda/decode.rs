@@ -1,5 +1,6 @@
 //! Paged MLA decode (absorbed, one query token per sequence) with split-KV and a
-//! log-sum-exp merge. Kernel: `kernels/cuda/paged_mla_decode.cu`.
+//! log-sum-exp merge, dense or over DSA's selected positions ([`sparse_mla_decode`]: the same
+//! kernel reading positions through an index list). Kernel: `kernels/cuda/paged_mla_decode.cu`.
 
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
@@ -89,6 +90,46 @@ pub fn paged_mla_decode(
     context_lens: &Tensor,
     p: &MlaDecodeParams,
 ) -> Result<Tensor> {
+    launch(q, cache, block_tables, context_lens, None, p)
+}
+
+/// DeepSeek Sparse Attention decode: [`paged_mla_decode`] over the positions `selected`
+/// lists instead of the whole context.
+///
+/// * `selected`: `[S, max_selected]` u32 positions (within each sequence, covered by its
+///   block table; any order), as [`super::dsa_indexer_topk`] returns them.
+/// * `selected_lens`: `[S]` u32, how many entries of each row count (0: a zero output row);
+///   `p.max_context_len` bounds them (the indexer's `index_topk`).
+///
+/// Agrees with [`crate::sparse_mla_attention`] up to bf16 rounding of the output.
+pub fn sparse_mla_decode(
+    q: &Tensor,
+    cache: &Tensor,
+    block_tables: &Tensor,
+    selected: &Tensor,
+    selected_lens: &Tensor,
+    p: &MlaDecodeParams,
+) -> Result<Tensor> {
+    let (rows, width) = selected.dims2()?;
+    if rows != q.dims3()?.0 || p.max_context_len > width {
+        bail!(
+            "sparse_mla_decode: selected {:?} for q {:?} and at most {} positions",
+            selected.shape(),
+            q.shape(),
+            p.max_context_len
+        );
+    }
+    launch(q, cache, block_tables, selected_lens, Some(selected), p)
+}
+
+fn launch(
+    q: &Tensor,
+    cache: &Tensor,
+    block_tables: &Tensor,
+    context_lens: &Tensor,
+    selected: Option<&Tensor>,
+    p: &MlaDecodeParams,
+) -> Result<Tensor> {
     let dev = cuda_device(q)?;
     let (s, h, d) = q.dims3()?;
     let (_num_blocks, block_size, cd) = cache.dims3()?;
@@ -122,6 +163,9 @@ pub fn paged_mla_decode(
     check(cache, "cache", dtype, &dev)?;
     check(block_tables, "block_tables", DType::U32, &dev)?;
     check(context_lens, "context_lens", DType::U32, &dev)?;
+    if let Some(sel) = selected {
+        check(sel, "selected", DType::U32, &dev)?;
+    }
     if s > 65535 {
         bail!("paged_mla_decode: {s} sequences in one launch (at most 65535)");
     }
@@ -170,6 +214,10 @@ pub fn paged_mla_decode(
         dev_ptr(&ws_ml, &stream)?,
     );
     let (q_seq, q_head, bt_stride) = (q.stride()[0] as i64, q.stride()[1] as i64, max_blocks as i64);
+    let (p_sel, sel_stride) = match selected {
+        Some(sel) => (dev_ptr(sel, &stream)?, sel.dims2()?.1 as i64),
+        None => (0u64, 0i64),
+    };
     let (h_i, d_i, dv_i, bsz_i, tps_i) = (
         h as i32,
         d as i32,
@@ -186,6 +234,8 @@ pub fn paged_mla_decode(
         .arg(&p_bt)
         .arg(&bt_stride);
     b.arg(&p_cl)
+        .arg(&p_sel)
+        .arg(&sel_stride)
         .arg(&p_out)
         .arg(&p_wa)
         .arg(&p_wm)

@@ -7,17 +7,19 @@
 //! their storage (like [`crate::write_latent_cache`]); the caller must not rely on any other
 //! tensor sharing that storage staying unchanged.
 //!
-//! Nothing here has run on a GPU yet: `tests/cuda_kernels.rs`, `tests/cuda_moe.rs` and
-//! `tests/cuda_gqa.rs` compare each kernel with its reference; `benches/cuda_mla_decode.rs`,
+//! Nothing here has run on a GPU yet: `tests/cuda_kernels.rs`, `tests/cuda_moe.rs`,
+//! `tests/cuda_gqa.rs` and `tests/cuda_dsa.rs` compare each kernel with its reference; `benches/cuda_mla_decode.rs`,
 //! `benches/cuda_gqa_decode.rs` and `benches/cuda_moe_layer.rs` time the decode kernels and one
 //! MoE layer.
 
 mod decode;
+mod dsa;
 mod gqa;
 mod moe;
 mod ops;
 
-pub use decode::{decode_split_plan, paged_mla_decode, MlaDecodeParams};
+pub use decode::{decode_split_plan, paged_mla_decode, sparse_mla_decode, MlaDecodeParams};
+pub use dsa::dsa_indexer_topk;
 pub use gqa::{gqa_decode_split_plan, kv_cache_write, paged_gqa_decode, GqaDecodeParams};
 pub use moe::{
     moe_combine, moe_down_weighted, moe_experts, moe_gate_up_silu, moe_permute, moe_route, routing_supported,
@@ -36,6 +38,7 @@ pub(crate) mod ptx {
     pub const LATENT_CACHE_WRITE: &str = include_str!(concat!(env!("OUT_DIR"), "/latent_cache_write.ptx"));
     pub const RMSNORM_RESIDUAL: &str = include_str!(concat!(env!("OUT_DIR"), "/rmsnorm_residual.ptx"));
     pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
+    pub const DSA_INDEXER: &str = include_str!(concat!(env!("OUT_DIR"), "/dsa_indexer.ptx"));
     pub const PAGED_MLA_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_mla_decode.ptx"));
     pub const PAGED_GQA_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_gqa_decode.ptx"));
     pub const MOE_ROUTE: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_route.ptx"));

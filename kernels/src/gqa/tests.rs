@@ -10,16 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use super::attention::attention_in_chunks;
 use super::*;
 
-/// Deterministic pseudo-random values in [-1, 1) (a 32-bit LCG), so the test needs no RNG crate.
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+use crate::test_values::values;
 
 /// `x` rounded through `dtype` (what a cache of that dtype holds).
 fn rounded(x: Vec<f32>, dtype: DType) -> Vec<f32> {

@@ -9,16 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::*;
 use crate::mla::{paged_mla_attention, write_index_keys, write_latent_cache};
 
-/// Deterministic pseudo-random values in [-1, 1) (a 32-bit LCG).
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+use crate::test_values::values;
 
 struct Batch {
     seqs: Vec<PagedSeq>,
