@@ -153,6 +153,19 @@ pub fn indexer_topk(
     Ok(TokenSelection::from_rows(rows))
 }
 
+/// `a . b` in eight running sums (so the compiler can keep them in one SIMD register).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Absorbed MLA of each query row over its selected positions only.
 ///
 /// * `q`: `[num_tokens, num_heads, latent_dim]`, as [`crate::paged_mla_attention`] takes it.
@@ -224,37 +237,24 @@ pub fn sparse_mla_attention(
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?; // [gathered * latent_dim]
+                                // One (row, head) pair per task: decode rows still spread over the heads.
         let span = seq.query_start * heads * value_dim..(seq.query_start + seq.query_len) * heads * value_dim;
-        out[span]
-            .par_chunks_mut(heads * value_dim)
-            .enumerate()
-            .for_each(|(i, dst)| {
-                let t = seq.query_start + i;
-                let chosen = selection.of(t);
-                let mut scores = vec![0f32; chosen.len()];
-                for h in 0..heads {
-                    let qh = &q_host[(t * heads + h) * latent_dim..][..latent_dim];
-                    let mut max = f32::NEG_INFINITY;
-                    for (s, &p) in scores.iter_mut().zip(chosen) {
-                        let row = &rows[compact[p as usize] as usize * latent_dim..][..latent_dim];
-                        *s = qh.iter().zip(row).map(|(a, b)| a * b).sum::<f32>() * scale as f32;
-                        max = max.max(*s);
-                    }
-                    let mut total = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
-                    let o = &mut dst[h * value_dim..][..value_dim];
-                    for (s, &p) in scores.iter().zip(chosen) {
-                        let row = &rows[compact[p as usize] as usize * latent_dim..][..value_dim];
-                        let w = s / total;
-                        for (acc, v) in o.iter_mut().zip(row) {
-                            *acc += w * v;
-                        }
-                    }
+        out[span].par_chunks_mut(value_dim).enumerate().for_each(|(i, o)| {
+            let (t, h) = (seq.query_start + i / heads, i % heads);
+            let chosen = selection.of(t);
+            let qh = &q_host[(t * heads + h) * latent_dim..][..latent_dim];
+            let row = |p: u32| &rows[compact[p as usize] as usize * latent_dim..][..latent_dim];
+            let scores: Vec<f32> = chosen.iter().map(|&p| dot(qh, row(p)) * scale as f32).collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f32 = exps.iter().sum();
+            for (e, &p) in exps.iter().zip(chosen) {
+                let w = e / total;
+                for (acc, v) in o.iter_mut().zip(&row(p)[..value_dim]) {
+                    *acc += w * v;
                 }
-            });
+            }
+        });
     }
     Tensor::from_vec(out, (num_tokens, heads, value_dim), device)
 }

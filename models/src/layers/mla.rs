@@ -193,12 +193,11 @@ impl Mla {
                 let chosen = selection.as_ref().ok_or_else(|| {
                     ModelError::Input("a shared DSA layer needs the selection of an earlier layer".into())
                 })?;
-                if ctx.seqs.iter().all(|s| s.context_len <= sparse.topk) {
-                    // Every query keeps every visible position: dense attention is the same set.
-                    paged_mla_attention(&q_full, cache, ctx.seqs, self.kv_lora_rank, self.scale)?
-                } else {
-                    sparse_mla_attention(&q_full, cache, ctx.seqs, chosen, self.kv_lora_rank, self.scale)?
-                }
+                // Always the sparse kernel, even when every position is selected: it computes
+                // each row alone, so a position's result cannot depend on how the batch was cut
+                // (chunked prefill, a prefix hit, decode), and no rounding difference can move
+                // a later layer's indexer across a top-k boundary.
+                sparse_mla_attention(&q_full, cache, ctx.seqs, chosen, self.kv_lora_rank, self.scale)?
             }
         }; // [T, H, r] f32
 
