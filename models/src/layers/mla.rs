@@ -36,8 +36,7 @@ enum QueryProj {
 /// DSA in one layer: its own indexer, or none (it reuses the selection of the layer before).
 #[derive(Debug, Clone)]
 struct Sparse {
-    indexer: Option<Indexer>,
-    topk: usize,
+    indexer: Option<Box<Indexer>>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,14 +79,20 @@ impl Mla {
             Some(d) => Some(Sparse {
                 indexer: match (d.own_indexer.get(layer).copied().unwrap_or(true), cfg.q_lora_rank) {
                     (false, _) => None,
-                    (true, Some(rank)) => Some(Indexer::load(w, prefix, d, hidden, rank, cfg.qk_rope_head_dim)?),
+                    (true, Some(rank)) => Some(Box::new(Indexer::load(
+                        w,
+                        prefix,
+                        d,
+                        hidden,
+                        rank,
+                        cfg.qk_rope_head_dim,
+                    )?)),
                     (true, None) => {
                         return Err(ModelError::Input(
                             "DSA's indexer reads the query's low-rank residual: q_lora_rank must be set".into(),
                         ))
                     }
                 },
-                topk: d.index_topk,
             }),
         };
         let r = cfg.kv_lora_rank;
