@@ -258,6 +258,9 @@ fn inspect_counts_every_family_exactly_and_sizes_its_cache_by_its_spec() {
         // head_dim 24: 3 layers x 2 kv heads x (24 + 24) x 4 bytes.
         ("qwen3-moe-yarn", 1152),
         ("glm4-moe-qknorm", 1152),
+        // DSA: + 16 indexer-key values in each layer with an indexer (GLM-5's layer 1 shares).
+        ("deepseek-v32", 3 * (40 + 16) * 4),
+        ("glm5", (3 * 40 + 2 * 16) * 4),
     ] {
         let dir = fixture(name);
         let o = moe(&["inspect", "--model", dir.to_str().unwrap(), "--json"]);
