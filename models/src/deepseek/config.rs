@@ -40,7 +40,7 @@ pub struct Defaults {
 }
 
 impl Defaults {
-    pub fn of(version: Version) -> Self {
+    pub const fn of(version: Version) -> Self {
         match version {
             Version::V2 => Defaults {
                 first_k_dense_replace: 0,

@@ -22,20 +22,10 @@ pub const FAMILY: Family = Family {
     load: crate::decoder::load_boxed,
 };
 
-/// `DeepseekV32Config`'s defaults.
-const DEFAULTS: Defaults = Defaults {
-    first_k_dense_replace: 3,
-    n_shared_experts: 1,
-    routed_scaling_factor: 2.5,
-    norm_topk_prob: true,
-    topk_method: "noaux_tc",
-    scoring_func: "sigmoid",
-    n_group: Some(8),
-    topk_group: Some(4),
+/// `DeepseekV32Config`'s defaults: DeepSeek-V3's, with its longer context.
+pub const DEFAULTS: Defaults = Defaults {
     max_position_embeddings: 163840,
-    rms_norm_eps: 1e-6,
-    bos_token_id: Some(0),
-    eos_token_id: Some(1),
+    ..Defaults::of(Version::V3)
 };
 
 fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {

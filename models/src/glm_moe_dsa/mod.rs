@@ -21,20 +21,14 @@ pub const FAMILY: Family = Family {
     load: crate::decoder::load_boxed,
 };
 
-/// `GlmMoeDsaConfig`'s defaults (the rest inherited from `DeepseekV32Config`).
+/// `GlmMoeDsaConfig`'s defaults: DeepSeek-V3.2's, with one routing group, a longer context
+/// and `rms_norm_eps` 1e-5.
 const DEFAULTS: Defaults = Defaults {
-    first_k_dense_replace: 3,
-    n_shared_experts: 1,
-    routed_scaling_factor: 2.5,
-    norm_topk_prob: true,
-    topk_method: "noaux_tc",
-    scoring_func: "sigmoid",
     n_group: Some(1),
     topk_group: Some(1),
     max_position_embeddings: 202752,
     rms_norm_eps: 1e-5,
-    bos_token_id: Some(0),
-    eos_token_id: Some(1),
+    ..crate::deepseek_v32::DEFAULTS
 };
 
 fn parse(f: &Fields<'_>, class: &str) -> Result<ModelConfig> {
