@@ -15,6 +15,11 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
+/// `models/demo`: the trained demo model (see models/demo/README.md).
+pub fn demo_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo")
+}
+
 /// The golden outputs of one fixture directory (see tests/fixtures/README.md).
 pub struct Golden {
     pub prompts: Vec<Vec<u32>>,
@@ -114,17 +119,21 @@ pub fn rewrite_safetensors(dir: &Path, mut edit: impl FnMut(&str, OwnedTensor) -
     safetensors::tensor::serialize_to_file(views, None, &path).expect("write model.safetensors");
 }
 
-/// The fixture tokenizer (byte-level BPE with a chat template).
-pub fn fixture_tokenizer() -> Arc<TextTokenizer> {
-    let d = fixture("deepseek-v3");
+/// The tokenizer of a model directory (`tokenizer.json` with its config files).
+pub fn dir_tokenizer(dir: &Path) -> Arc<TextTokenizer> {
     Arc::new(
         TextTokenizer::load(
-            &d.join("tokenizer.json"),
-            Some(&d.join("tokenizer_config.json")),
-            Some(&d.join("generation_config.json")),
+            &dir.join("tokenizer.json"),
+            Some(&dir.join("tokenizer_config.json")),
+            Some(&dir.join("generation_config.json")),
         )
         .unwrap(),
     )
+}
+
+/// The fixture tokenizer (byte-level BPE with a chat template).
+pub fn fixture_tokenizer() -> Arc<TextTokenizer> {
+    dir_tokenizer(&fixture("deepseek-v3"))
 }
 
 /// Cache and step limits of a test engine.
@@ -140,15 +149,21 @@ pub struct EngineLimits {
 /// A batching engine over the f32 V3 fixture with its tokenizer. `max_model_len` is the
 /// fixture's 256 positions, or what the cache holds if less.
 pub fn v3_engine(limits: EngineLimits) -> Engine {
-    let model = load_model(&fixture("deepseek-v3"), DType::F32, &LoadOptions::default());
+    model_engine(&fixture("deepseek-v3"), DType::F32, limits, 256)
+}
+
+/// A batching engine over the model in `dir`, computing in `dtype`, with the directory's
+/// tokenizer; `max_model_len` is capped by what the cache holds.
+pub fn model_engine(dir: &Path, dtype: DType, limits: EngineLimits, max_model_len: usize) -> Engine {
+    let model = load_model(dir, dtype, &LoadOptions::default());
     let runner = ModelRunner::new(model, limits.num_blocks, limits.block_size).unwrap();
     let config = EngineConfig {
         max_num_batched_tokens: limits.max_num_batched_tokens,
         max_num_seqs: limits.max_num_seqs,
-        max_model_len: 256.min(limits.block_size * limits.num_blocks),
+        max_model_len: max_model_len.min(limits.block_size * limits.num_blocks),
         enable_prefix_caching: limits.prefix_caching,
     };
-    Engine::start(runner, Some(fixture_tokenizer()), config).unwrap()
+    Engine::start(runner, Some(dir_tokenizer(dir)), config).unwrap()
 }
 
 /// A small seeded generator for test data (a 64-bit LCG; the high bits are used).
