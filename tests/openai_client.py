@@ -6,7 +6,9 @@
 
 With --moe, after the full checks on the DeepSeek-V3 fixture it serves every other family's
 fixture in turn (Kimi K2.5, GLM-4.7-Flash, GLM-4.5, MiniMax-M2, Qwen3-MoE, Mixtral, DeepSeek-V3.2, GLM-5) and checks
-a chat request, its stream, and that an image part is refused with a 400.
+a chat request, its stream, and that an image part is refused with a 400; then the trained
+demo model (models/demo): `12345+67890=` gets `80235`, and 50 held-out problems get
+transformers' answers.
 
 Prints one line per check and ends with `N passed, M failed`; exits non-zero on any failure.
 """
@@ -262,6 +264,7 @@ def main():
     if args.moe:
         for name in FAMILY_FIXTURES:
             family_checks(args.moe, name, checks)
+        demo_checks(args.moe, checks)
     print(f"{checks.passed} passed, {checks.failed} failed")
     sys.exit(1 if checks.failed else 0)
 
@@ -386,6 +389,45 @@ def family_checks(moe, name, checks):
     checks.run(f"{name}: chat.completions.create + stream", chat)
     checks.run(f"{name}: image part -> BadRequestError", image_refused)
     checks.run(f"{name}: SIGTERM -> clean exit", shutdown)
+
+
+def demo_checks(moe, checks):
+    """The trained demo model answers held-out problems through the client as transformers did."""
+    import json
+
+    demo = os.path.join(REPO, "models", "demo")
+    server = Server(moe, demo)
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with open(os.path.join(demo, "heldout.jsonl")) as f:
+        problems = [json.loads(line) for line in f][:50]
+
+    def ask(prompt, **kw):
+        messages = [{"role": "user", "content": prompt}]
+        return client.chat.completions.create(model=SERVED_NAME, messages=messages, temperature=0, max_tokens=11, **kw)
+
+    def sum_answer():
+        r = ask("12345+67890=")
+        assert r.choices[0].message.content == "80235", r
+        assert r.choices[0].finish_reason == "stop", r
+        streamed = "".join(c.delta.content or "" for chunk in ask("12345+67890=", stream=True) for c in chunk.choices)
+        assert streamed == "80235", streamed
+        return "80235, streamed too"
+
+    def heldout():
+        right = 0
+        for p in problems:
+            answer = ask(p["prompt"]).choices[0].message.content
+            assert answer == p["transformers_chat"], (p, answer)
+            right += answer == p["answer"]
+        return f"{len(problems)} answers equal transformers', {right} right"
+
+    def shutdown():
+        code = server.stop()
+        assert code == 0, f"exit status {code}; log:\n{''.join(server.log)}"
+
+    checks.run("demo: 12345+67890= -> 80235", sum_answer)
+    checks.run("demo: held-out answers == transformers'", heldout)
+    checks.run("demo: SIGTERM -> clean exit", shutdown)
 
 
 if __name__ == "__main__":
