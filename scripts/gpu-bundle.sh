@@ -7,7 +7,9 @@
 #   tests/cuda_dsa.xz                                                     GPU test binaries (moe-kernels)
 #   benches/cuda_mla_decode.xz, benches/cuda_gqa_decode.xz,
 #   benches/cuda_moe_layer.xz, benches/cuda_dsa_decode.xz                 kernel benchmarks
-#   run.sh                     unpacks them, runs the tests and benchmarks, logs under $OUT
+#   run.sh                     unpacks them, runs the tests and benchmarks, scores the demo
+#                              model's held-out problems in bf16 on the GPU (when run from
+#                              the repository root, where models/demo is), logs under $OUT
 #                              (or ./gpu-out)
 #
 # Executables are stripped and xz-compressed so the folder fits the device tool's 64 MiB carry.
@@ -105,6 +107,20 @@ for b in "$WORK"/benches/*; do
   timeout 300 "$b" > "$OUT/bench-$name.log" 2>&1 || status=1
   cat "$OUT/bench-$name.log" | tee -a "$OUT/summary.txt"
 done
+# The trained demo model's 500 held-out problems on GPU 0 in bf16, raw and through the chat
+# template: a correctness check that does not sit on float ties (run from the repository root,
+# where models/demo is; skipped elsewhere). The CPU's f32 answers equal transformers'.
+if [ -f models/demo/heldout.jsonl ]; then
+  for form in raw chat; do
+    flag=$([ "$form" = chat ] && echo --chat || true)
+    echo "== demo accuracy, bf16 on cuda, $form prompts" | tee -a "$OUT/summary.txt"
+    python3 models/demo/score.py prompts $flag > "$OUT/demo-prompts-$form.jsonl"
+    timeout 120 "$WORK/bin/moe" generate --model models/demo --device cuda --dtype bf16 \
+      --prompts-file "$OUT/demo-prompts-$form.jsonl" --json > "$OUT/demo-$form.jsonl" 2> "$OUT/demo-$form.log" &&
+      python3 models/demo/score.py score "$OUT/demo-$form.jsonl" $flag --min-accuracy 0.98 |
+        tee -a "$OUT/summary.txt" || { status=1; tail -5 "$OUT/demo-$form.log" | tee -a "$OUT/summary.txt"; }
+  done
+fi
 # End to end (skip with MOE_GPU_E2E=0): synthetic DeepSeek-V2-Lite in bf16 on GPU 0, decode of
 # 512-token prompts to 256 tokens at batch 1 and 64, with the grouped MoE kernels and with the
 # reference experts (A/B). Attention still runs as candle ops (the decode kernel is not wired in).
