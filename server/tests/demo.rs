@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::*;
 use moe_tests::demo_model;
 use serde_json::{json, Value};
@@ -67,6 +69,22 @@ async fn serve_answers_chat_requests_like_transformers() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}; {}", server.logs());
 }
 
+/// `moe generate` on the demo over a prompts file, expert loads written to `stats`; its stdout.
+fn generate_with_routing_stats(prompts: &Path, stats: &Path, extra: &[&str]) -> String {
+    let dir = demo_model();
+    let mut args = vec!["generate", "--model", dir.to_str().unwrap(), "--no-prefix-caching"];
+    args.extend([
+        "--prompts-file",
+        prompts.to_str().unwrap(),
+        "--routing-stats",
+        stats.to_str().unwrap(),
+    ]);
+    args.extend_from_slice(extra);
+    let out = run_moe(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn routing_stats_show_the_trained_balance() {
     let problems = heldout(200);
@@ -78,22 +96,8 @@ fn routing_stats_show_the_trained_balance() {
         .collect();
     std::fs::write(&prompts, lines.join("\n") + "\n").unwrap();
     let stats = dir.path().join("routing.json");
-    let out = run_moe(&[
-        "generate",
-        "--model",
-        demo_model().to_str().unwrap(),
-        "--prompts-file",
-        prompts.to_str().unwrap(),
-        "--json",
-        "--no-prefix-caching",
-        "--routing-stats",
-        stats.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let outputs: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let stdout = generate_with_routing_stats(&prompts, &stats, &["--json"]);
+    let outputs: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     // Every token the model computed: the prompt, then each generated token but the last (the
     // default cache holds all 200 at once, so nothing is preempted and computed twice).
     let prompt_tokens: usize = problems
@@ -129,19 +133,7 @@ fn routing_stats_show_the_trained_balance() {
     // The trained correction bias is what balances the load: the same run without it
     // (`--router noaux_tc:bias=false`) spreads tokens less evenly.
     let unbiased = dir.path().join("unbiased.json");
-    let out = run_moe(&[
-        "generate",
-        "--model",
-        demo_model().to_str().unwrap(),
-        "--prompts-file",
-        prompts.to_str().unwrap(),
-        "--no-prefix-caching",
-        "--router",
-        "noaux_tc:bias=false",
-        "--routing-stats",
-        unbiased.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    generate_with_routing_stats(&prompts, &unbiased, &["--router", "noaux_tc:bias=false"]);
     let without: Value = serde_json::from_str(&std::fs::read_to_string(&unbiased).unwrap()).unwrap();
     let (with_bias, without_bias) = (
         report["mean_imbalance"].as_f64().unwrap(),
