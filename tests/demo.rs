@@ -57,13 +57,9 @@ fn chat(prompt: &str) -> String {
     format!("<|user|>{prompt}<|assistant|>")
 }
 
-/// One answer: its text (up to EOS, or ANSWER_TOKENS characters).
-struct Answer {
-    text: String,
-}
-
-/// Submits every prompt at once, greedy, up to EOS; the answers in prompt order.
-fn answers(engine: &Engine, prompts: &[String]) -> Vec<Answer> {
+/// Submits every prompt at once, greedy, up to EOS (or ANSWER_TOKENS); the answers' texts
+/// in prompt order.
+fn answers(engine: &Engine, prompts: &[String]) -> Vec<String> {
     let tokenizer = dir_tokenizer(&demo_model());
     let streams: Vec<_> = prompts
         .iter()
@@ -78,14 +74,8 @@ fn answers(engine: &Engine, prompts: &[String]) -> Vec<Answer> {
         .collect();
     streams
         .into_iter()
-        .map(|s| Answer {
-            text: s.collect().expect("finished").text,
-        })
+        .map(|s| s.collect().expect("finished").text)
         .collect()
-}
-
-fn texts(answers: &[Answer]) -> Vec<&str> {
-    answers.iter().map(|a| a.text.as_str()).collect()
 }
 
 fn accuracy<S: AsRef<str>>(answers: &[S], problems: &[Problem]) -> f64 {
@@ -99,7 +89,7 @@ fn accuracy<S: AsRef<str>>(answers: &[S], problems: &[Problem]) -> f64 {
 
 /// Checks our answers against transformers': equal wherever transformers' margin was clear,
 /// and the accuracies equal up to the near-ties. Returns our accuracy.
-fn agree_with_transformers(ours: &[Answer], problems: &[Problem], chat: bool) -> f64 {
+fn agree_with_transformers(ours: &[String], problems: &[Problem], chat: bool) -> f64 {
     fn theirs(p: &Problem, chat: bool) -> (&String, f64) {
         if chat {
             (&p.transformers_chat, p.chat_margin)
@@ -112,21 +102,21 @@ fn agree_with_transformers(ours: &[Answer], problems: &[Problem], chat: bool) ->
         let (want, margin) = theirs(p, chat);
         if margin < TIE_MARGIN {
             near_ties += 1;
-            if a.text != *want {
+            if a != want {
                 eprintln!(
                     "{} (chat: {chat}): {:?} vs transformers' {want:?} at a margin of {margin:.1e}",
-                    p.prompt, a.text
+                    p.prompt, a
                 );
             }
             continue;
         }
         assert_eq!(
-            &a.text, want,
+            a, want,
             "{} (chat: {chat}); transformers' margin {margin:.1e}",
             p.prompt
         );
     }
-    let ours_right = accuracy(&texts(ours), problems);
+    let ours_right = accuracy(ours, problems);
     let theirs_right = accuracy(
         &problems.iter().map(|p| theirs(p, chat).0.as_str()).collect::<Vec<_>>(),
         problems,
@@ -190,12 +180,8 @@ fn f32_answers_equal_transformers_through_chunking_preemption_and_the_prefix_cac
         "prompt tokens found cached on the second pass"
     );
     assert_eq!(engine.stats().preemptions, 0);
-    assert_eq!(
-        texts(&cold),
-        texts(first_raw),
-        "answers alongside chats under preemption vs alone"
-    );
-    assert_eq!(texts(&warm), texts(first_raw), "answers from cached prefixes");
+    assert_eq!(&cold, first_raw, "answers alongside chats under preemption vs alone");
+    assert_eq!(&warm, first_raw, "answers from cached prefixes");
 
     // Five tokens a step, no prefix cache, a roomy cache: prompts longer than 5 tokens are
     // split across steps, computed beside a few decodes.
@@ -207,11 +193,7 @@ fn f32_answers_equal_transformers_through_chunking_preemption_and_the_prefix_cac
         prefix_caching: false,
     };
     let chunked = answers(&model_engine(&demo_model(), DType::F32, limits, 64), &raw[..100]);
-    assert_eq!(
-        texts(&chunked),
-        texts(&first_raw[..100]),
-        "answers from 5-token prefill chunks"
-    );
+    assert_eq!(&chunked, &first_raw[..100], "answers from 5-token prefill chunks");
 }
 
 #[test]
@@ -244,7 +226,7 @@ fn bf16_accuracy_is_within_one_point_of_f32() {
         ),
     ] {
         let bf16 = answers(&engine, prompts);
-        let (f32_accuracy, bf16_accuracy) = (accuracy(&f32_answers, &problems), accuracy(&texts(&bf16), &problems));
+        let (f32_accuracy, bf16_accuracy) = (accuracy(&f32_answers, &problems), accuracy(&bf16, &problems));
         let mut by_task: HashMap<&str, (usize, usize)> = HashMap::new();
         for (a, p) in bf16.iter().zip(&problems) {
             let task = if p.prompt.starts_with("rev:") {
@@ -253,7 +235,7 @@ fn bf16_accuracy_is_within_one_point_of_f32() {
                 "addition"
             };
             let e = by_task.entry(task).or_default();
-            e.0 += usize::from(a.text == p.answer);
+            e.0 += usize::from(*a == p.answer);
             e.1 += 1;
         }
         eprintln!("{form}: bf16 accuracy {bf16_accuracy} (f32 {f32_accuracy}); right/total: {by_task:?}");
