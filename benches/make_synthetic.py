@@ -1,28 +1,30 @@
-"""Write a random-weight DeepSeek-V2-Lite-shaped checkpoint for CPU benchmarks.
+"""Write a random-weight DeepSeek-V2-family checkpoint for CPU benchmarks.
 
     python3 benches/make_synthetic.py OUT_DIR [--layers 6] [--hidden 768]
+    python3 benches/make_synthetic.py OUT_DIR --config models/configs/deepseek-v2-lite/config.json \
+        --layers 4 --tokenizer DIR
+
+The first form is a small DeepSeek-V2-Lite-shaped model (219M parameters). `--config` takes a
+released model's real config.json instead (all its widths), keeping the first `--layers`
+layers; `--tokenizer DIR` copies DIR's tokenizer.json and tokenizer_config.json beside the
+weights, which llama.cpp's converter needs (benches/llama_cpp_compare.py).
 
 Uses transformers' own DeepseekV2Config / DeepseekV2ForCausalLM (versions as in
 tests/fixtures/requirements.txt) and saves with save_pretrained; weights are N(0, 1/fan_in)
-so activations stay O(1). Not committed: a few hundred MB, made on demand.
+so activations stay O(1). Not committed: hundreds of MB to GBs, made on demand.
 """
 
 import argparse
+import json
+import shutil
+from pathlib import Path
 
 import torch
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--experts", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    torch.manual_seed(a.seed)
-    config = DeepseekV2Config(
+def small_config(a: argparse.Namespace) -> DeepseekV2Config:
+    return DeepseekV2Config(
         vocab_size=32000,
         hidden_size=a.hidden,
         intermediate_size=4 * a.hidden,
@@ -44,6 +46,28 @@ def main() -> None:
         bos_token_id=0,
         eos_token_id=1,
     )
+
+
+def released_config(path: str, layers: int) -> DeepseekV2Config:
+    raw = json.loads(Path(path).read_text())
+    raw["num_hidden_layers"] = layers
+    for key in ("architectures", "auto_map", "torch_dtype", "dtype", "transformers_version"):
+        raw.pop(key, None)
+    return DeepseekV2Config(**raw)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--config", help="a released DeepSeek-V2-family config.json to take the widths from")
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--tokenizer", help="directory with tokenizer.json and tokenizer_config.json to copy")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    config = released_config(a.config, a.layers) if a.config else small_config(a)
     model = DeepseekV2ForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -52,6 +76,14 @@ def main() -> None:
             else:
                 p.normal_(0.0, p.shape[-1] ** -0.5)
     model.save_pretrained(a.out, safe_serialization=True)
+    if a.tokenizer:
+        shutil.copy(Path(a.tokenizer) / "tokenizer.json", Path(a.out) / "tokenizer.json")
+        tok_config = json.loads((Path(a.tokenizer) / "tokenizer_config.json").read_text())
+        # Some dumps spell special tokens as {"__type": "AddedToken", "content": ...}; keep the text.
+        for key, value in tok_config.items():
+            if isinstance(value, dict) and value.get("__type") == "AddedToken":
+                tok_config[key] = value["content"]
+        (Path(a.out) / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))
     print(f"wrote {a.out}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 
 

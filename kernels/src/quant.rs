@@ -127,6 +127,18 @@ impl QuantTensor {
         })
     }
 
+    /// The same weights as one matrix of rows: `[E, n, k]` as `[E * n, k]` (no copy).
+    pub fn as_rows(&self) -> Result<Self> {
+        let k = *self.shape.last().expect("checked in new");
+        let rows = self.shape.iter().rev().skip(1).product::<usize>();
+        Ok(QuantTensor {
+            scheme: self.scheme,
+            data: self.data.clone(),
+            scales: self.scales.clone(),
+            shape: vec![rows, k],
+        })
+    }
+
     /// Bytes held: packed weights plus scales.
     pub fn resident_bytes(&self) -> usize {
         self.data.elem_count() + self.scales.elem_count() * self.scales.dtype().size_in_bytes()

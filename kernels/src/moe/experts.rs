@@ -1,4 +1,5 @@
-//! The grouped expert MLP in candle ops (any device): for every expert with slots,
+//! The grouped expert MLP: on the CPU through [`super::host_experts`], elsewhere in candle
+//! ops. For every expert with slots,
 //! `y = (silu(x W_gate^T) * (x W_up^T)) W_down^T` on its tokens, each slot's output scaled by
 //! its routing weight, then the `top_k` slots of a token summed in slot order. Summing per
 //! token in a fixed order (rather than scatter-adding) makes the result independent of how the
@@ -6,6 +7,7 @@
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
+use super::host_experts::host_expert_mlp;
 use super::permute::ExpertPermutation;
 use crate::dense::Weight;
 
@@ -46,6 +48,30 @@ pub fn grouped_expert_mlp(
     if slot_weights.len() != slots {
         bail!("grouped_expert_mlp: {} weights for {slots} slots", slot_weights.len());
     }
+    let device = x.device();
+    if device.is_cpu() {
+        let xs = crate::dense::host_f32(x)?;
+        let out = w.gate_up.with_rows(|gate_up| {
+            w.down
+                .with_rows(|down| host_expert_mlp(&xs, hidden, intermediate, perm, slot_weights, top_k, gate_up, down))
+        })??;
+        return Tensor::from_vec(out, (tokens, hidden), device)?.to_dtype(x.dtype());
+    }
+    candle_expert_mlp(x, w, perm, slot_weights, top_k, intermediate)
+}
+
+/// [`grouped_expert_mlp`] in candle ops, one expert at a time (devices without a host path).
+fn candle_expert_mlp(
+    x: &Tensor,
+    w: ExpertWeights<'_>,
+    perm: &ExpertPermutation,
+    slot_weights: &[f32],
+    top_k: usize,
+    intermediate: usize,
+) -> Result<Tensor> {
+    let (tokens, hidden) = x.dims2()?;
+    let num_experts = perm.counts.len();
+    let slots = tokens * top_k;
     let device = x.device();
     let mut outputs = Vec::new();
     let mut row_of_slot = vec![u32::MAX; slots];
@@ -123,7 +149,22 @@ mod tests {
             &wts,
             k,
         )?;
+        let candle = candle_expert_mlp(
+            &x,
+            ExpertWeights {
+                gate_up: &gate_up,
+                down: &down,
+            },
+            &perm,
+            &wts,
+            k,
+            i,
+        )?;
         let got = got.flatten_all()?.to_vec1::<f32>()?;
+        let candle = candle.flatten_all()?.to_vec1::<f32>()?;
+        for (n, (a, b)) in got.iter().zip(&candle).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "host {a} vs candle {b} at {n}");
+        }
         for tok in 0..t {
             let mut want = vec![0f32; h];
             for j in 0..k {
@@ -145,6 +186,51 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Groups larger than the skinny kernels take (GEMM tiles), widths that are not tile
+    /// multiples, bf16 weights on the host against candle on the same values in f32.
+    #[test]
+    fn host_path_matches_candle_for_large_groups_and_bf16_weights() -> Result<()> {
+        let (t, h, i, e, k) = (64usize, 72usize, 40usize, 3usize, 2usize);
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (t, h), &dev)?;
+        let gate_up = Tensor::randn(0f32, 0.2, (e, 2 * i, h), &dev)?.to_dtype(DType::BF16)?;
+        let down = Tensor::randn(0f32, 0.2, (e, h, i), &dev)?.to_dtype(DType::BF16)?;
+        let ids: Vec<u32> = (0..t * k).map(|s| ((s * 7 + s / 5) % e) as u32).collect();
+        let wts: Vec<f32> = (0..t * k).map(|s| 0.2 + (s % 7) as f32 * 0.1).collect();
+        let perm = permute_by_expert(&ids, e, 1);
+        assert!(perm.counts.iter().all(|&c| c as usize > crate::dense::SKINNY_ROWS));
+        let (gu_half, d_half) = (Weight::Dense(gate_up.clone()), Weight::Dense(down.clone()));
+        let host = grouped_expert_mlp(
+            &x,
+            ExpertWeights {
+                gate_up: &gu_half,
+                down: &d_half,
+            },
+            &perm,
+            &wts,
+            k,
+        )?;
+        let (gu32, d32) = (
+            Weight::Dense(gate_up.to_dtype(DType::F32)?),
+            Weight::Dense(down.to_dtype(DType::F32)?),
+        );
+        let want = candle_expert_mlp(
+            &x,
+            ExpertWeights {
+                gate_up: &gu32,
+                down: &d32,
+            },
+            &perm,
+            &wts,
+            k,
+            i,
+        )?;
+        let err: f32 = (host - &want)?.abs()?.max_all()?.to_scalar()?;
+        let scale: f32 = want.abs()?.max_all()?.to_scalar()?;
+        assert!(err <= 1e-5 * scale.max(1.0) * h as f32, "err {err} at scale {scale}");
         Ok(())
     }
 }

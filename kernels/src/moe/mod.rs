@@ -11,6 +11,7 @@
 
 mod device;
 mod experts;
+mod host_experts;
 mod permute;
 mod routing;
 

@@ -1,32 +1,49 @@
-//! `y = x Wᵀ` for a Hugging Face `[out, in]` weight, with a CPU path for
-//! bf16 and f16 weights that widens the weight to f32 one tile of rows at a
-//! time, inside the product.
+//! `y = x Wᵀ` for a Hugging Face `[out, in]` weight, with one CPU path for every weight
+//! dtype: the weight's rows are split into tiles that run in parallel on rayon's pool, and each
+//! tile is read once per call, whatever the batch.
 //!
-//! candle 0.11's CPU matmul has no bf16 kernel: it widens the *whole storage*
-//! of both operands to f32 first. For a view into a stacked `[E, N, K]` expert
-//! tensor that is every expert's weights, on every call, which made bf16
-//! decoding hundreds of times slower than f32. Here each tile of
-//! [`TILE_ROWS`] weight rows is widened into a thread-local buffer (it stays
-//! in cache) and multiplied by the `gemm` crate's f32 kernel; tiles run in
-//! parallel on rayon's pool. The weight is read once per call, at half the
-//! bytes of f32. Other devices and dtypes go through candle's matmul.
+//! Decode-sized batches (up to [`SKINNY_ROWS`] rows of `x`) go through the skinny dot kernels
+//! of [`dots`]: f32 and bf16 weight rows are read in place (bf16 widened in registers), so a
+//! step is one sweep over the weights. Larger batches multiply each tile with the `gemm`
+//! crate's f32 kernel, the tile widened to f32 first in a thread-local buffer when the weight
+//! is not f32. f16 and quantized ([`crate::quant`]) weights are decoded a tile at a time into
+//! that buffer in both cases, never whole. Other devices go through candle's matmul.
 //!
-//! [`Weight`] is a projection weight as models hold it: plain, or quantized
-//! ([`crate::quant`]), whose CPU tiles are decoded the same way inside the product.
+//! (candle 0.11's CPU matmul has no bf16 kernel: it widens the *whole storage* of both
+//! operands to f32 first, which for a view into a stacked `[E, N, K]` expert tensor is every
+//! expert's weights on every call.)
+//!
+//! [`Weight`] is a projection weight as models hold it: plain, or quantized.
+
+pub mod dots;
 
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use half::bf16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::quant::QuantTensor;
 
-/// Weight rows per tile: 32 rows of a 2048-wide weight widen to 256 KiB of f32.
+/// Weight rows per tile of a skinny product: 32 rows of a 2048-wide f32 weight are 256 KiB.
 pub const TILE_ROWS: usize = 32;
+/// Weight rows per tile of a GEMM-sized product (fewer repacks of `x` per weight).
+pub const GEMM_TILE_ROWS: usize = 128;
+/// Up to this many rows of `x`, products use the skinny dot kernels.
+pub const SKINNY_ROWS: usize = 16;
+
+/// The rows of a CPU weight `[rows, k]` (a matrix, or a stack's matrices one after the
+/// other), as the tiled products read them.
+#[derive(Clone, Copy)]
+pub enum WeightRows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    /// Rows decoded on demand: `decode(r0, rows, dst)` writes rows `r0..r0 + rows` as f32.
+    Decode(&'a (dyn Fn(usize, usize, &mut [f32]) + Sync)),
+}
 
 /// `x Wᵀ`: `x` `[m, k]` (any float dtype), `w` `[n, k]` -> `[m, n]` in `x`'s dtype.
 pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let half_on_cpu = w.device().is_cpu() && matches!(w.dtype(), DType::BF16 | DType::F16);
-    if !half_on_cpu || x.rank() != 2 || w.rank() != 2 {
+    if !w.device().is_cpu() || !x.device().is_cpu() || x.rank() != 2 || w.rank() != 2 {
         return x.matmul(&w.t()?);
     }
     let (m, k) = x.dims2()?;
@@ -38,33 +55,138 @@ pub fn matmul_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             w.shape()
         );
     }
+    let xs = host_f32(x)?;
+    let out = with_weight_rows(w, |rows| product(&xs, m, k, n, rows))?;
+    Tensor::from_vec(out, (m, n), x.device())?.to_dtype(x.dtype())
+}
+
+/// `x` as a host f32 vector, row-major.
+pub fn host_f32(x: &Tensor) -> Result<Vec<f32>> {
+    x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+/// Runs `body` over the rows of the CPU weight `w` (f32, bf16 or f16, any rank; a
+/// non-contiguous view is made contiguous first).
+pub fn with_weight_rows<R>(w: &Tensor, body: impl FnOnce(WeightRows<'_>) -> R) -> Result<R> {
     let w = if w.layout().contiguous_offsets().is_some() {
         w.clone()
     } else {
         w.contiguous()?
     };
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let k = w.dims().last().copied().unwrap_or(1);
     let (storage, layout) = w.storage_and_layout();
     let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("matmul_nt: weight not contiguous after contiguous()");
+        candle_core::bail!("with_weight_rows: weight not contiguous after contiguous()");
     };
-    let out = match &*storage {
-        Storage::Cpu(CpuStorage::BF16(v)) => {
-            let v = &v[start..end];
-            tiled(&xs, m, k, n, &|r0, rows, dst| {
-                v[r0 * k..(r0 + rows) * k].convert_to_f32_slice(dst)
-            })
-        }
+    Ok(match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => body(WeightRows::F32(&v[start..end])),
+        Storage::Cpu(CpuStorage::BF16(v)) => body(WeightRows::Bf16(&v[start..end])),
         Storage::Cpu(CpuStorage::F16(v)) => {
             let v = &v[start..end];
-            tiled(&xs, m, k, n, &|r0, rows, dst| {
-                v[r0 * k..(r0 + rows) * k].convert_to_f32_slice(dst)
-            })
+            let decode = move |r0: usize, rows: usize, dst: &mut [f32]| {
+                v[r0 * k..(r0 + rows) * k].convert_to_f32_slice(&mut dst[..rows * k])
+            };
+            body(WeightRows::Decode(&decode))
         }
-        _ => candle_core::bail!("matmul_nt: expected a bf16/f16 CPU weight"),
+        other => candle_core::bail!("with_weight_rows: a {:?} weight on the CPU", other.dtype()),
+    })
+}
+
+/// `x` `[m, k]` f32 times the transpose of the `[n, k]` weight `w`, as `[m, n]`.
+pub fn product(x: &[f32], m: usize, k: usize, n: usize, w: WeightRows<'_>) -> Vec<f32> {
+    let tile = if m <= SKINNY_ROWS { TILE_ROWS } else { GEMM_TILE_ROWS };
+    // Tiles write disjoint chunks of the transposed output `[n, m]`.
+    let mut out_t = vec![0f32; n * m];
+    if m == 0 || n == 0 {
+        return out_t;
+    }
+    out_t
+        .par_chunks_mut(tile * m)
+        .enumerate()
+        .for_each_init(Vec::new, |scratch, (t, chunk)| {
+            let rows = chunk.len() / m;
+            tile_product(x, m, k, w, t * tile, rows, chunk, 1, m, scratch);
+        });
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; m * n];
+    for (j, col) in out_t.chunks_exact(m).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+    out
+}
+
+/// One tile: `out[i * si + j * sj] = x_i · w_{r0 + j}` for `i < m`, `j < rows`. `scratch` is
+/// the caller's reusable buffer for decoded or widened weight rows.
+#[allow(clippy::too_many_arguments)]
+pub fn tile_product(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: WeightRows<'_>,
+    r0: usize,
+    rows: usize,
+    out: &mut [f32],
+    si: usize,
+    sj: usize,
+    scratch: &mut Vec<f32>,
+) {
+    if m <= SKINNY_ROWS {
+        match w {
+            WeightRows::F32(v) => dots::dots(x, m, k, &v[r0 * k..(r0 + rows) * k], rows, out, si, sj),
+            WeightRows::Bf16(v) => dots::dots(x, m, k, &v[r0 * k..(r0 + rows) * k], rows, out, si, sj),
+            WeightRows::Decode(decode) => {
+                scratch.resize(rows * k, 0.0);
+                decode(r0, rows, &mut scratch[..rows * k]);
+                dots::dots(x, m, k, &scratch[..rows * k], rows, out, si, sj)
+            }
+        }
+        return;
+    }
+    let tile: &[f32] = match w {
+        WeightRows::F32(v) => &v[r0 * k..(r0 + rows) * k],
+        WeightRows::Bf16(v) => {
+            scratch.resize(rows * k, 0.0);
+            v[r0 * k..(r0 + rows) * k].convert_to_f32_slice(&mut scratch[..rows * k]);
+            &scratch[..rows * k]
+        }
+        WeightRows::Decode(decode) => {
+            scratch.resize(rows * k, 0.0);
+            decode(r0, rows, &mut scratch[..rows * k]);
+            &scratch[..rows * k]
+        }
     };
-    drop(storage);
-    Tensor::from_vec(out, (m, n), x.device())?.to_dtype(x.dtype())
+    assert!(x.len() >= m * k && out.len() > (m - 1) * si + (rows - 1) * sj);
+    // SAFETY: dst is m x rows with row stride `si` and column stride `sj` (checked to fit just
+    // above), x is m x k (row stride k), and the right-hand side is the tile read as a
+    // k x rows matrix (column j = weight row j, column stride k); every pointer covers exactly
+    // the extent those strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            rows,
+            k,
+            out.as_mut_ptr(),
+            sj as isize,
+            si as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            tile.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// A projection weight `[n, k]` (or a stack `[E, n, k]` of expert weights): a plain tensor in
@@ -115,6 +237,16 @@ impl Weight {
         }
     }
 
+    /// Runs `body` over this CPU weight's rows, all matrices of a stack one after the other
+    /// (`[E, n, k]` as `E * n` rows of `k`): plain rows read in place, quantized ones decoded
+    /// on demand.
+    pub fn with_rows<R>(&self, body: impl FnOnce(WeightRows<'_>) -> R) -> Result<R> {
+        match self {
+            Weight::Dense(t) => with_weight_rows(t, body),
+            Weight::Quant(q) => crate::quant::with_rows(&q.as_rows()?, |decode| body(WeightRows::Decode(decode))),
+        }
+    }
+
     /// `x Wᵀ`: `x` `[m, k]` -> `[m, n]` in `x`'s dtype.
     pub fn matmul_nt(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -142,61 +274,9 @@ pub fn quant_matmul_nt(x: &Tensor, w: &QuantTensor) -> Result<Tensor> {
     if !w.device().is_cpu() || !x.device().is_cpu() {
         return x.matmul(&w.dequantize(x.dtype())?.t()?);
     }
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let out = crate::quant::with_rows(w, |decode| tiled(&xs, m, k, n, decode))?;
+    let xs = host_f32(x)?;
+    let out = crate::quant::with_rows(w, |decode| product(&xs, m, k, n, WeightRows::Decode(decode)))?;
     Tensor::from_vec(out, (m, n), x.device())?.to_dtype(x.dtype())
-}
-
-/// `x` `[m, k]` f32 times the transpose of a `[n, k]` weight whose rows `r0..r0 + rows`
-/// `widen` writes as f32 into its buffer, as `[m, n]`.
-fn tiled(x: &[f32], m: usize, k: usize, n: usize, widen: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> Vec<f32> {
-    let tiles = n.div_ceil(TILE_ROWS);
-    let parts: Vec<Vec<f32>> = (0..tiles)
-        .into_par_iter()
-        .map_init(Vec::new, |buf: &mut Vec<f32>, t| {
-            let r0 = t * TILE_ROWS;
-            let rows = TILE_ROWS.min(n - r0);
-            buf.resize(rows * k, 0.0);
-            widen(r0, rows, &mut buf[..rows * k]);
-            let mut dst = vec![0f32; m * rows];
-            // SAFETY: dst is m x rows (row stride `rows`), x is m x k (row stride k), and the
-            // right-hand side is the tile read as a k x rows matrix (column j = weight row j,
-            // column stride k); every pointer covers exactly the extent those strides reach.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    rows,
-                    k,
-                    dst.as_mut_ptr(),
-                    1,
-                    rows as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    buf.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            dst
-        })
-        .collect();
-    let mut out = vec![0f32; m * n];
-    for (t, part) in parts.iter().enumerate() {
-        let r0 = t * TILE_ROWS;
-        let rows = TILE_ROWS.min(n - r0);
-        for i in 0..m {
-            out[i * n + r0..i * n + r0 + rows].copy_from_slice(&part[i * rows..(i + 1) * rows]);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -254,14 +334,32 @@ mod tests {
         }
     }
 
+    /// f32 weights, skinny and GEMM-sized batches, against candle's matmul.
     #[test]
-    fn f32_weights_take_candles_path() {
+    fn f32_products_match_candle_at_every_batch_size() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 8), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
-        let got = matmul_nt(&x, &w).unwrap().to_vec2::<f32>().unwrap();
-        let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(got, want);
+        for (m, k, n) in [
+            (1, 40, 5),
+            (2, 64, 70),
+            (5, 33, 129),
+            (16, 33, 129),
+            (17, 33, 129),
+            (40, 96, 300),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let got = matmul_nt(&x, &w).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let err: f32 = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(err <= 1e-5 * k as f32, "{m}x{k}x{n}: err {err}");
+        }
     }
 }
 
