@@ -2,12 +2,14 @@
 //! dtype: the weight's rows are split into tiles that run in parallel on rayon's pool, and each
 //! tile is read once per call, whatever the batch.
 //!
-//! Decode-sized batches (up to [`SKINNY_ROWS`] rows of `x`) go through the skinny dot kernels
-//! of [`dots`]: f32 and bf16 weight rows are read in place (bf16 widened in registers), so a
-//! step is one sweep over the weights. Larger batches multiply each tile with the `gemm`
-//! crate's f32 kernel, the tile widened to f32 first in a thread-local buffer when the weight
-//! is not f32. f16 and quantized ([`crate::quant`]) weights are decoded a tile at a time into
-//! that buffer in both cases, never whole. Other devices go through candle's matmul.
+//! Decode-sized batches (up to [`SKINNY_ROWS`] rows of `x`) go through the register-blocked
+//! dot kernels of [`dots`]: f32 and bf16 weight rows are read in place (bf16 widened in
+//! registers), so a step is one sweep over the weights. Larger batches multiply each tile
+//! with the `gemm` crate's f32 kernel, the tile widened to f32 first in a thread-local buffer
+//! when the weight is not f32; past [`WHOLE_GEMM_ROWS`] (prefill) one multithreaded gemm
+//! call takes the whole f32 weight, or chunks of a widened one. f16 and quantized
+//! ([`crate::quant`]) weights are decoded a tile or chunk at a time, never whole. Other
+//! devices go through candle's matmul.
 //!
 //! (candle 0.11's CPU matmul has no bf16 kernel: it widens the *whole storage* of both
 //! operands to f32 first, which for a view into a stacked `[E, N, K]` expert tensor is every
@@ -28,6 +30,10 @@ use crate::quant::QuantTensor;
 pub const TILE_ROWS: usize = 32;
 /// Weight rows per tile of a GEMM-sized product (fewer repacks of `x` per weight).
 pub const GEMM_TILE_ROWS: usize = 128;
+/// Past this many rows of `x`, one multithreaded gemm call takes the whole weight (measured
+/// with `benches/cpu_matmul`: gemm's own threading loses to parallel tiles at 32 rows, wins
+/// at 128).
+pub const WHOLE_GEMM_ROWS: usize = 64;
 /// Up to this many rows of `x`, products use the skinny dot kernels.
 pub const SKINNY_ROWS: usize = 16;
 
@@ -94,12 +100,15 @@ pub fn with_weight_rows<R>(w: &Tensor, body: impl FnOnce(WeightRows<'_>) -> R) -
 
 /// `x` `[m, k]` f32 times the transpose of the `[n, k]` weight `w`, as `[m, n]`.
 pub fn product(x: &[f32], m: usize, k: usize, n: usize, w: WeightRows<'_>) -> Vec<f32> {
-    let tile = if m <= SKINNY_ROWS { TILE_ROWS } else { GEMM_TILE_ROWS };
-    // Tiles write disjoint chunks of the transposed output `[n, m]`.
-    let mut out_t = vec![0f32; n * m];
     if m == 0 || n == 0 {
-        return out_t;
+        return vec![0f32; m * n];
     }
+    if m > WHOLE_GEMM_ROWS {
+        return gemm_product(x, m, k, n, w);
+    }
+    // Tiles write disjoint chunks of the transposed output `[n, m]`.
+    let tile = if m <= SKINNY_ROWS { TILE_ROWS } else { GEMM_TILE_ROWS };
+    let mut out_t = vec![0f32; n * m];
     out_t
         .par_chunks_mut(tile * m)
         .enumerate()
@@ -117,6 +126,86 @@ pub fn product(x: &[f32], m: usize, k: usize, n: usize, w: WeightRows<'_>) -> Ve
         }
     }
     out
+}
+
+/// Weight elements widened per GEMM chunk of a non-f32 weight (16 MiB of f32).
+const WIDEN_CHUNK: usize = 4 << 20;
+
+/// GEMM-sized products: one multithreaded gemm over the whole f32 weight (gemm blocks and
+/// packs it for its caches), or over chunks of a non-f32 weight widened in parallel first;
+/// widening is `n * k` work against the product's `m * n * k`.
+fn gemm_product(x: &[f32], m: usize, k: usize, n: usize, w: WeightRows<'_>) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    if let WeightRows::F32(v) = w {
+        gemm_f32(x, m, k, &v[..n * k], n, &mut out, n, 1, threads);
+        return out;
+    }
+    let chunk = (WIDEN_CHUNK / k.max(1)).max(TILE_ROWS).min(n);
+    let mut buf = vec![0f32; chunk * k];
+    let mut r0 = 0;
+    while r0 < n {
+        let rows = chunk.min(n - r0);
+        buf[..rows * k]
+            .par_chunks_mut(TILE_ROWS * k)
+            .enumerate()
+            .for_each(|(t, dst)| widen(w, r0 + t * TILE_ROWS, dst.len() / k, k, dst));
+        gemm_f32(x, m, k, &buf[..rows * k], rows, &mut out[r0..], n, 1, threads);
+        r0 += rows;
+    }
+    out
+}
+
+/// Weight rows `r0..r0 + rows` as f32 into `dst`.
+fn widen(w: WeightRows<'_>, r0: usize, rows: usize, k: usize, dst: &mut [f32]) {
+    match w {
+        WeightRows::F32(v) => dst.copy_from_slice(&v[r0 * k..(r0 + rows) * k]),
+        WeightRows::Bf16(v) => v[r0 * k..(r0 + rows) * k].convert_to_f32_slice(dst),
+        WeightRows::Decode(decode) => decode(r0, rows, dst),
+    }
+}
+
+/// `out[i * si + j * sj] = x_i · tile_j` for the f32 rows of `tile` (`rows * k`).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    tile: &[f32],
+    rows: usize,
+    out: &mut [f32],
+    si: usize,
+    sj: usize,
+    parallelism: gemm::Parallelism,
+) {
+    assert!(x.len() >= m * k && tile.len() >= rows * k && out.len() > (m - 1) * si + (rows - 1) * sj);
+    // SAFETY: dst is m x rows with row stride `si` and column stride `sj` (checked to fit just
+    // above), x is m x k (row stride k), and the right-hand side is the tile read as a
+    // k x rows matrix (column j = weight row j, column stride k); every pointer covers exactly
+    // the extent those strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            rows,
+            k,
+            out.as_mut_ptr(),
+            sj as isize,
+            si as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            tile.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
 }
 
 /// One tile: `out[i * si + j * sj] = x_i · w_{r0 + j}` for `i < m`, `j < rows`. `scratch` is
@@ -148,45 +237,13 @@ pub fn tile_product(
     }
     let tile: &[f32] = match w {
         WeightRows::F32(v) => &v[r0 * k..(r0 + rows) * k],
-        WeightRows::Bf16(v) => {
+        _ => {
             scratch.resize(rows * k, 0.0);
-            v[r0 * k..(r0 + rows) * k].convert_to_f32_slice(&mut scratch[..rows * k]);
-            &scratch[..rows * k]
-        }
-        WeightRows::Decode(decode) => {
-            scratch.resize(rows * k, 0.0);
-            decode(r0, rows, &mut scratch[..rows * k]);
+            widen(w, r0, rows, k, &mut scratch[..rows * k]);
             &scratch[..rows * k]
         }
     };
-    assert!(x.len() >= m * k && out.len() > (m - 1) * si + (rows - 1) * sj);
-    // SAFETY: dst is m x rows with row stride `si` and column stride `sj` (checked to fit just
-    // above), x is m x k (row stride k), and the right-hand side is the tile read as a
-    // k x rows matrix (column j = weight row j, column stride k); every pointer covers exactly
-    // the extent those strides reach.
-    unsafe {
-        gemm::gemm(
-            m,
-            rows,
-            k,
-            out.as_mut_ptr(),
-            sj as isize,
-            si as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            tile.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    gemm_f32(x, m, k, tile, rows, out, si, sj, gemm::Parallelism::None);
 }
 
 /// A projection weight `[n, k]` (or a stack `[E, n, k]` of expert weights): a plain tensor in
@@ -289,7 +346,7 @@ mod tests {
     #[test]
     fn tiled_half_matmul_matches_candle() {
         let dev = Device::Cpu;
-        for (m, k, n) in [(1, 64, 32), (3, 96, 70), (17, 128, 33), (64, 40, 130)] {
+        for (m, k, n) in [(1, 64, 32), (3, 96, 70), (17, 128, 33), (64, 40, 130), (70, 40, 300)] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)
                 .unwrap()
                 .to_dtype(DType::BF16)
@@ -345,6 +402,7 @@ mod tests {
             (16, 33, 129),
             (17, 33, 129),
             (40, 96, 300),
+            (65, 50, 140),
         ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();

@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::permute::ExpertPermutation;
-use crate::dense::{tile_product, WeightRows, TILE_ROWS};
+use crate::dense::{tile_product, WeightRows, GEMM_TILE_ROWS, SKINNY_ROWS, TILE_ROWS};
 
 /// The tokens routed to one expert, in ascending slot order.
 struct Group<'a> {
@@ -153,15 +153,17 @@ struct Scratch {
 }
 
 /// Cuts `buf` (each group's `[width, count]` block, groups one after the other) into jobs of
-/// [`TILE_ROWS`] output rows: `(group, first row, the job's part of buf)`.
+/// [`TILE_ROWS`] output rows, or [`GEMM_TILE_ROWS`] for groups past the skinny kernels:
+/// `(group, first row, the job's part of buf)`.
 fn split_jobs<'b>(buf: &'b mut [f32], groups: &[Group], width: usize) -> Vec<(usize, usize, &'b mut [f32])> {
     let mut jobs = Vec::new();
     let mut rest = buf;
     for (gi, g) in groups.iter().enumerate() {
         let count = g.slots.len();
+        let tile = if count > SKINNY_ROWS { GEMM_TILE_ROWS } else { TILE_ROWS };
         let mut r0 = 0;
         while r0 < width {
-            let n = TILE_ROWS.min(width - r0);
+            let n = tile.min(width - r0);
             let (job, tail) = std::mem::take(&mut rest).split_at_mut(n * count);
             jobs.push((gi, r0, job));
             rest = tail;
