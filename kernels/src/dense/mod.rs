@@ -35,7 +35,7 @@ pub const GEMM_TILE_ROWS: usize = 128;
 /// at 128).
 pub const WHOLE_GEMM_ROWS: usize = 64;
 /// Up to this many rows of `x`, products use the skinny dot kernels.
-pub const SKINNY_ROWS: usize = 16;
+pub const SKINNY_ROWS: usize = 32;
 
 /// The rows of a CPU weight `[rows, k]` (a matrix, or a stack's matrices one after the
 /// other), as the tiled products read them.

@@ -193,7 +193,7 @@ mod tests {
     /// multiples, bf16 weights on the host against candle on the same values in f32.
     #[test]
     fn host_path_matches_candle_for_large_groups_and_bf16_weights() -> Result<()> {
-        let (t, h, i, e, k) = (64usize, 72usize, 40usize, 3usize, 2usize);
+        let (t, h, i, e, k) = (128usize, 72usize, 40usize, 3usize, 2usize);
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (t, h), &dev)?;
         let gate_up = Tensor::randn(0f32, 0.2, (e, 2 * i, h), &dev)?.to_dtype(DType::BF16)?;
