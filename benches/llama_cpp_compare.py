@@ -73,8 +73,12 @@ convert_hf_to_gguf.main()
 
 
 def llama_cpp_warm_up(llama_dir: Path, gguf: Path, a: argparse.Namespace) -> None:
-    """One small run first, so the measured ones find the weights in the page cache (moe
-    bench warms up inside its own run)."""
+    """The whole file read once, then one small run, so the measured runs find every weight
+    in the page cache (a small run alone leaves most experts unread; moe bench reads all its
+    weights at load and warms up inside its own run)."""
+    with open(gguf, "rb") as f:
+        while f.read(64 << 20):
+            pass
     cmd = [str(llama_dir / "build" / "bin" / "llama-batched-bench"), "-m", str(gguf), "-c", "256",
            "-npp", "8", "-ntg", "2", "-npl", "1", "-t", str(a.threads)]
     subprocess.run(cmd, capture_output=True, check=True)
