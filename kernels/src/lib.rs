@@ -4,7 +4,7 @@
 //! expert MLP. Each op has a device-agnostic reference implementation here
 //! (candle ops, run on the CPU in tests); CUDA kernels slot in behind the same arguments
 //! (module [`cuda`], with the `cuda` feature).
-//! [`dense::matmul_nt`] is the dense projection, with a tiled CPU path for bf16/f16 weights;
+//! [`dense::matmul_nt`] is the dense projection, with one tiled CPU path for every weight dtype;
 //! [`dense::Weight`] adds weights kept quantized (FP8, INT4; [`quant`]).
 //! This crate knows nothing about models, configs or requests.
 
