@@ -4,22 +4,10 @@
 //! `cargo bench -p moe-kernels --bench cpu_matmul`; prints a table (median ms and the
 //! weight-read GB/s it implies). Timings vary with the machine: quote ratios of one run.
 
-use std::time::Instant;
-
+mod cpu_timing;
 use candle_core::{DType, Device, Result, Tensor};
+use cpu_timing::median_ms;
 use moe_kernels::dense::matmul_nt;
-
-fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[reps / 2])
-}
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;

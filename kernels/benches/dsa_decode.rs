@@ -7,9 +7,11 @@
 //! line per row. Timings are medians of a few runs and vary with the machine: quote the
 //! sparse / dense ratio of one run, never the absolute times of a shared machine.
 
+mod cpu_timing;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
+use cpu_timing::median_ms;
 use moe_kernels::{indexer_topk, paged_mla_attention, sparse_mla_attention, PagedSeq};
 
 const HEADS: usize = 128;
@@ -19,18 +21,6 @@ const INDEX_HEADS: usize = 64;
 const INDEX_DIM: usize = 128;
 const TOPK: usize = 2048;
 const BLOCK: usize = 64;
-
-fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[reps / 2])
-}
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;

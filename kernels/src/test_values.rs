@@ -10,3 +10,21 @@ pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// The largest `|a - b|` over two tensors of one shape (any float dtype).
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let diff = (a.to_dtype(candle_core::DType::F32).unwrap() - b.to_dtype(candle_core::DType::F32).unwrap()).unwrap();
+    max_abs(&diff)
+}
+
+/// The largest `|t|` (any float dtype).
+pub(crate) fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}

@@ -339,6 +339,7 @@ pub fn quant_matmul_nt(x: &Tensor, w: &QuantTensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values::{max_abs, max_abs_diff};
     use candle_core::Device;
 
     /// Against candle's own (whole-storage-widening) matmul, on shapes that are and are not
@@ -362,15 +363,8 @@ mod tests {
                 .unwrap()
                 .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
                 .unwrap();
-            let err: f32 = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let err = max_abs_diff(&got, &want);
+            let scale = max_abs(&want);
             // Both accumulate in f32; the only rounding that differs is the final bf16 one.
             assert!(err <= scale * 2f32.powi(-7), "{m}x{k}x{n}: err {err} at scale {scale}");
             assert_eq!(matmul_nt(&x, &w).unwrap().dtype(), DType::BF16);
@@ -379,14 +373,7 @@ mod tests {
             let wf16 = w.to_dtype(DType::F16).unwrap();
             let got = matmul_nt(&xf, &wf16).unwrap();
             let want = xf.matmul(&wf16.to_dtype(DType::F32).unwrap().t().unwrap()).unwrap();
-            let err: f32 = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let err = max_abs_diff(&got, &want);
             assert!(err <= 1e-3 * scale.max(1.0), "f16 {m}x{k}x{n}: err {err}");
         }
     }
@@ -408,14 +395,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let got = matmul_nt(&x, &w).unwrap();
             let want = x.matmul(&w.t().unwrap()).unwrap();
-            let err: f32 = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let err = max_abs_diff(&got, &want);
             assert!(err <= 1e-5 * k as f32, "{m}x{k}x{n}: err {err}");
         }
     }
@@ -425,6 +405,7 @@ mod tests {
 mod quant_tests {
     use super::*;
     use crate::quant::{QuantScheme, QuantTensor};
+    use crate::test_values::{max_abs, max_abs_diff};
     use candle_core::Device;
 
     /// Deterministic bytes; FP8 bytes avoid the two NaN codes.
@@ -467,15 +448,8 @@ mod quant_tests {
                 let got = w.matmul_nt(&x).unwrap();
                 let dense = w.to_dense(DType::F32).unwrap();
                 let want = x.matmul(&dense.t().unwrap()).unwrap();
-                let err: f32 = (got - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
-                let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let err = max_abs_diff(&got, &want);
+                let scale = max_abs(&want);
                 // The same f32 products, summed in another order.
                 assert!(
                     err <= 1e-5 * scale.max(1.0),
