@@ -7,8 +7,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use moe_engine::runner::ModelRunner;
 use moe_engine::{Engine, EngineConfig, TextTokenizer};
-use moe_models::LoadOptions;
+use moe_models::parallel::{comm, load_sharded};
 use moe_models::{load_model as build_model, Model, ModelConfig, ModelFiles, Weights};
+use moe_models::{LoadOptions, ParallelLayout, ShardedModel};
 
 /// `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -65,6 +66,15 @@ pub fn load_model(dir: &Path, dtype: DType, options: &LoadOptions) -> Model {
         .expect("weights")
         .for_config(&config);
     build_model(&config, &weights, options).expect("model")
+}
+
+/// The model in `dir` split over the ranks of `layout`, ranks as threads on the CPU.
+pub fn load_sharded_model(dir: &Path, dtype: DType, layout: ParallelLayout) -> ShardedModel {
+    let files = ModelFiles::from_dir(dir).expect("model files");
+    let config = ModelConfig::from_file(&files.config).expect("config");
+    let open = |_rank: usize| Ok(Weights::open(&files, dtype, &Device::Cpu)?.for_config(&config));
+    let comms = comm::group_for(&vec![Device::Cpu; layout.ranks()]).expect("group");
+    load_sharded(&config, layout, &open, &LoadOptions::default(), comms).expect("sharded model")
 }
 
 /// Largest absolute difference between two tensors of the same shape.

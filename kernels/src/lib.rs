@@ -8,6 +8,7 @@
 //! [`dense::Weight`] adds weights kept quantized (FP8, INT4; [`quant`]).
 //! This crate knows nothing about models, configs or requests.
 
+pub mod comm;
 pub mod dense;
 pub mod gqa;
 pub mod mla;

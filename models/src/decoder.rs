@@ -1,23 +1,27 @@
 //! The pre-norm decoder every family shares: embedding, layers of (RMSNorm -> attention ->
 //! residual, RMSNorm -> dense MLP or MoE block -> residual), final RMSNorm and the output
 //! projection. Attention (MLA or GQA), the MoE block and the tensor names come from the
-//! [`ModelConfig`] a family's parser wrote; there is no per-family code path here.
+//! [`ModelConfig`] a family's parser wrote; there is no per-family code path here. A decoder
+//! is one rank's part of the model when `LoadOptions::shard` splits it (see
+//! [`crate::parallel`]); every rank runs the same forward on the same batch.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::forward::ForwardCtx;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvCacheSpec};
 use crate::layers::attention::Attention;
-use crate::layers::linear::Linear;
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::MoeBlock;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
+use crate::layers::vocab::{VocabEmbedding, VocabHead};
 use crate::loader::Weights;
 use crate::model::{CausalLm, LoadOptions, Model};
 
+// One per layer: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum FeedForward {
     Dense(Mlp),
@@ -35,13 +39,15 @@ struct DecoderLayer {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     config: ModelConfig,
-    /// `[vocab, hidden]`.
-    embed_tokens: Tensor,
+    /// `[vocab, hidden]` (this rank's rows).
+    embed_tokens: VocabEmbedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    /// `[vocab, hidden]` (the embedding when `tie_word_embeddings`).
-    lm_head: Linear,
+    /// `[vocab, hidden]` (the embedding when `tie_word_embeddings`; this rank's rows).
+    lm_head: VocabHead,
     rope: Rope,
+    /// What this rank keeps per token and layer.
+    kv_spec: KvCacheSpec,
     dtype: DType,
     device: Device,
 }
@@ -71,7 +77,15 @@ impl Decoder {
                 );
             }
         }
-        let embed_tokens = weights.get(&format!("{root}.embed_tokens.weight"), &[cfg.vocab_size, h])?;
+        let shard = &options.shard;
+        options.shard.layout().check(cfg)?;
+        let embed_tokens = VocabEmbedding::load(
+            weights,
+            &format!("{root}.embed_tokens.weight"),
+            cfg.vocab_size,
+            h,
+            shard,
+        )?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("{root}.layers.{i}");
@@ -83,11 +97,12 @@ impl Decoder {
                     h,
                     cfg.intermediate_size,
                     cfg.mlp_bias,
+                    shard,
                 )?),
             };
             layers.push(DecoderLayer {
                 input_layernorm: RmsNorm::load(weights, &format!("{p}.input_layernorm.weight"), h, eps)?,
-                self_attn: Attention::load(weights, &format!("{p}.self_attn"), &cfg.attention, h, eps, i)?,
+                self_attn: Attention::load(weights, &format!("{p}.self_attn"), &cfg.attention, h, eps, i, shard)?,
                 post_attention_layernorm: RmsNorm::load(
                     weights,
                     &format!("{p}.post_attention_layernorm.weight"),
@@ -101,12 +116,9 @@ impl Decoder {
             }
         }
         let lm_head = if cfg.tie_word_embeddings {
-            Linear {
-                weight: moe_kernels::dense::Weight::Dense(embed_tokens.clone()),
-                bias: None,
-            }
+            VocabHead::tied(&embed_tokens, cfg.vocab_size, shard)?
         } else {
-            Linear::load(weights, cfg.names.lm_head, h, cfg.vocab_size, false)?
+            VocabHead::load(weights, cfg.names.lm_head, cfg.vocab_size, h, shard)?
         };
         Ok(Decoder {
             config: cfg.clone(),
@@ -115,6 +127,7 @@ impl Decoder {
             norm: RmsNorm::load(weights, &format!("{root}.norm.weight"), h, eps)?,
             lm_head,
             rope: Rope::new(&cfg.rope, cfg.attention.rope_dim()),
+            kv_spec: shard.kv_cache_spec(cfg)?,
             dtype: weights.dtype(),
             device: weights.device().clone(),
         })
@@ -132,6 +145,10 @@ impl CausalLm for Decoder {
 
     fn device(&self) -> &Device {
         &self.device
+    }
+
+    fn kv_cache_spec(&self) -> KvCacheSpec {
+        self.kv_spec
     }
 
     fn routers(&self) -> Vec<(usize, String)> {
@@ -152,7 +169,7 @@ impl CausalLm for Decoder {
                 "token_ids, positions and slot_mapping must have one entry per token".into(),
             ));
         }
-        if cache.layers.len() != self.layers.len() || cache.spec != self.config.kv_cache_spec() {
+        if cache.layers.len() != self.layers.len() || cache.spec != self.kv_spec {
             return Err(ModelError::Input("the cache was not made for this model".into()));
         }
         let ids = ctx.token_ids.to_vec1::<u32>()?;
@@ -163,8 +180,8 @@ impl CausalLm for Decoder {
             )));
         }
         let cos_sin = self.rope.cos_sin(ctx.positions)?;
-        let mut x = self.embed_tokens.index_select(ctx.token_ids, 0)?; // [T, H]
-                                                                       // DSA's selected positions, handed from a layer with an indexer to the shared ones.
+        let mut x = self.embed_tokens.forward(ctx.token_ids, &ids)?; // [T, H]
+                                                                     // DSA's selected positions, handed from a layer with an indexer to the shared ones.
         let mut selection = None;
         for (layer, cache_layer) in self.layers.iter().zip(&cache.layers) {
             let attn = layer.self_attn.forward(

@@ -51,6 +51,9 @@ pub enum ModelError {
     #[error("invalid router spec {spec:?}: {message}")]
     RouterSpec { spec: String, message: String },
 
+    #[error("cannot split the model this way: {0}")]
+    Parallel(String),
+
     #[error("invalid forward input: {0}")]
     Input(String),
 

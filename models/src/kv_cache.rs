@@ -77,8 +77,8 @@ impl KvCacheSpec {
     }
 }
 
-/// One layer's cache tensors.
-#[derive(Debug)]
+/// One layer's cache tensors (a clone shares them).
+#[derive(Debug, Clone)]
 pub enum LayerCache {
     /// `latent`: `[num_blocks, block_size, dim]`; `index_keys`: `[num_blocks, block_size,
     /// index_head_dim]` in a layer that runs a DSA indexer.
@@ -87,13 +87,17 @@ pub enum LayerCache {
     PerHead { k: Tensor, v: Tensor },
 }
 
-/// The paged cache of a model: one [`LayerCache`] per decoder layer, all of one spec.
-#[derive(Debug)]
+/// The paged cache of a model: one [`LayerCache`] per decoder layer, all of one spec. A clone
+/// shares the tensors. For a model split over ranks this is rank 0's part, and
+/// `peer_ranks` holds the other ranks' (same blocks, each rank's own rows).
+#[derive(Debug, Clone)]
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
     pub spec: KvCacheSpec,
     pub num_blocks: usize,
     pub block_size: usize,
+    /// Ranks 1.. of a split model, in rank order; empty otherwise.
+    pub peer_ranks: Vec<KvCache>,
 }
 
 impl KvCache {
@@ -151,10 +155,11 @@ impl KvCache {
             spec,
             num_blocks,
             block_size,
+            peer_ranks: Vec::new(),
         })
     }
 
-    /// Bytes of cache memory `num_blocks` blocks take.
+    /// Bytes of cache memory `num_blocks` blocks take (on each rank of a split model).
     pub fn bytes(&self, dtype: DType) -> usize {
         self.spec
             .bytes_per_token(self.layers.len(), dtype)

@@ -13,6 +13,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod loader;
 pub mod model;
+pub mod parallel;
 pub mod registry;
 pub mod synthetic;
 
@@ -35,6 +36,7 @@ pub use layers::moe::router::{Router, RouterSpec};
 pub use loader::{ModelFiles, Weights};
 pub use model::{CausalLm, LoadOptions, LoadProgress, Model};
 pub use moe_kernels::PagedSeq;
+pub use parallel::{ParallelLayout, Shard, ShardedModel};
 pub use registry::load_model;
 
 use candle_core::DType;

@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::forward::ForwardCtx;
 use crate::kv_cache::{KvCache, KvCacheSpec};
 use crate::layers::moe::router::RouterSpec;
+use crate::parallel::Shard;
 
 /// A loaded model of any family.
 pub type Model = Box<dyn CausalLm>;
@@ -59,6 +60,8 @@ pub struct LoadOptions {
     /// Run routed experts through the reference path (host routing, per-expert matmuls) even
     /// where the grouped GPU kernels apply (`--expert-backend reference`, for A/B runs).
     pub reference_experts: bool,
+    /// The part of the model to load: one rank's (tensor/expert parallelism), or all of it.
+    pub shard: Shard,
 }
 
 impl std::fmt::Debug for LoadOptions {
@@ -67,6 +70,7 @@ impl std::fmt::Debug for LoadOptions {
             .field("router", &self.router)
             .field("progress", &self.progress.is_some())
             .field("reference_experts", &self.reference_experts)
+            .field("shard", &self.shard.layout().describe())
             .finish()
     }
 }

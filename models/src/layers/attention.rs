@@ -12,6 +12,7 @@ use crate::error::{ModelError, Result};
 use crate::forward::ForwardCtx;
 use crate::kv_cache::LayerCache;
 use crate::loader::Weights;
+use crate::parallel::Shard;
 
 #[derive(Debug, Clone)]
 pub enum Attention {
@@ -20,7 +21,8 @@ pub enum Attention {
 }
 
 impl Attention {
-    /// Loads `{prefix}.*` (`prefix` = `model.layers.{layer}.self_attn`).
+    /// Loads `{prefix}.*` (`prefix` = `model.layers.{layer}.self_attn`): the heads `shard`
+    /// holds.
     pub fn load(
         w: &Weights,
         prefix: &str,
@@ -28,10 +30,11 @@ impl Attention {
         hidden: usize,
         eps: f64,
         layer: usize,
+        shard: &Shard,
     ) -> Result<Self> {
         Ok(match cfg {
-            AttentionConfig::Mla(m) => Attention::Mla(Mla::load(w, prefix, m, hidden, layer)?),
-            AttentionConfig::Gqa(g) => Attention::Gqa(Gqa::load(w, prefix, g, hidden, eps)?),
+            AttentionConfig::Mla(m) => Attention::Mla(Mla::load(w, prefix, m, hidden, layer, shard)?),
+            AttentionConfig::Gqa(g) => Attention::Gqa(Gqa::load(w, prefix, g, hidden, eps, shard)?),
         })
     }
 

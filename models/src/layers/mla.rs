@@ -13,13 +13,14 @@ use candle_core::{DType, Module, Tensor};
 use moe_kernels::{paged_mla_attention, sparse_mla_attention, write_latent_cache, TokenSelection};
 
 use super::dsa::Indexer;
-use super::linear::Linear;
+use super::linear::{Linear, RowParallelLinear};
 use super::norm::RmsNorm;
 use super::rope::Rope;
 use crate::config::MlaConfig;
 use crate::error::{ModelError, Result};
 use crate::forward::ForwardCtx;
 use crate::loader::Weights;
+use crate::parallel::Shard;
 
 /// transformers and DeepSeek's code build `q_a_layernorm` and `kv_a_layernorm` with their
 /// default epsilon, not `rms_norm_eps`.
@@ -46,11 +47,13 @@ pub struct Mla {
     /// `[kv_lora_rank + rope_dim, hidden]`.
     kv_a_proj_with_mqa: Linear,
     kv_a_layernorm: RmsNorm,
-    /// `W_UK` per head: `[heads, qk_nope_head_dim, kv_lora_rank]`.
+    /// `W_UK` per head (this rank's heads): `[heads, qk_nope_head_dim, kv_lora_rank]`.
     w_uk: Tensor,
     /// `W_UV` per head, transposed for the output product: `[heads, kv_lora_rank, v_head_dim]`.
     w_uv_t: Tensor,
-    o_proj: Linear,
+    /// This rank's heads' columns of `o_proj`, summed over the ranks.
+    o_proj: RowParallelLinear,
+    /// Heads on this rank.
     heads: usize,
     nope_dim: usize,
     rope_dim: usize,
@@ -61,17 +64,35 @@ pub struct Mla {
 
 impl Mla {
     /// Loads `{prefix}.*` (`prefix` = `model.layers.{layer}.self_attn`) for a model of width
-    /// `hidden`.
-    pub fn load(w: &Weights, prefix: &str, cfg: &MlaConfig, hidden: usize, layer: usize) -> Result<Self> {
-        let heads = cfg.num_heads;
+    /// `hidden`: the heads `shard` holds (the low-rank down-projections, norms and DSA
+    /// indexer whole).
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        cfg: &MlaConfig,
+        hidden: usize,
+        layer: usize,
+        shard: &Shard,
+    ) -> Result<Self> {
+        let all_heads = cfg.num_heads;
+        let mine = shard.split(all_heads, "num_attention_heads")?;
+        let heads = mine.len();
         let qk = cfg.qk_head_dim();
         let bias = cfg.bias;
+        let q_rows = mine.start * qk..mine.end * qk;
         let q = match cfg.q_lora_rank {
-            None => QueryProj::Direct(Linear::load(w, &format!("{prefix}.q_proj"), hidden, heads * qk, false)?),
+            None => QueryProj::Direct(Linear::load_rows(
+                w,
+                &format!("{prefix}.q_proj"),
+                hidden,
+                all_heads * qk,
+                false,
+                q_rows,
+            )?),
             Some(rank) => QueryProj::LowRank {
                 a: Linear::load(w, &format!("{prefix}.q_a_proj"), hidden, rank, bias)?,
                 norm: RmsNorm::load(w, &format!("{prefix}.q_a_layernorm.weight"), rank, LORA_NORM_EPS)?,
-                b: Linear::load(w, &format!("{prefix}.q_b_proj"), rank, heads * qk, false)?,
+                b: Linear::load_rows(w, &format!("{prefix}.q_b_proj"), rank, all_heads * qk, false, q_rows)?,
             },
         };
         let sparse = match &cfg.sparse {
@@ -98,10 +119,13 @@ impl Mla {
         let r = cfg.kv_lora_rank;
         // The absorbed form needs W_UK and W_UV as plain matrices: a quantized kv_b_proj
         // (FP8 checkpoints) is decoded once here (0.1-2% of a model's weights).
+        let per_head = cfg.qk_nope_head_dim + cfg.v_head_dim;
         let kv_b = w
-            .matrix(
+            .matrix_part(
                 &format!("{prefix}.kv_b_proj"),
-                [heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), r],
+                [all_heads * per_head, r],
+                mine.start * per_head..mine.end * per_head,
+                0..r,
             )?
             .to_dense(w.dtype())?;
         let kv_b = kv_b.reshape((heads, cfg.qk_nope_head_dim + cfg.v_head_dim, r))?;
@@ -123,7 +147,15 @@ impl Mla {
             kv_a_layernorm: RmsNorm::load(w, &format!("{prefix}.kv_a_layernorm.weight"), r, LORA_NORM_EPS)?,
             w_uk,
             w_uv_t,
-            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), heads * cfg.v_head_dim, hidden, bias)?,
+            o_proj: RowParallelLinear::load(
+                w,
+                &format!("{prefix}.o_proj"),
+                all_heads * cfg.v_head_dim,
+                hidden,
+                bias,
+                mine.start * cfg.v_head_dim..mine.end * cfg.v_head_dim,
+                shard,
+            )?,
             heads,
             nope_dim: cfg.qk_nope_head_dim,
             rope_dim: cfg.qk_rope_head_dim,
@@ -214,6 +246,6 @@ impl Mla {
             .matmul(&self.w_uv_t)?
             .transpose(0, 1)?
             .reshape((tokens, self.heads * self.v_head_dim))?;
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj.forward(&out)
     }
 }

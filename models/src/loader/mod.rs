@@ -10,11 +10,13 @@
 
 mod files;
 mod header;
+mod parts;
 mod quantized;
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -26,6 +28,7 @@ use crate::error::{ModelError, Result};
 
 pub use files::ModelFiles;
 pub use header::{check_header, check_header_from, parse_header_from, read_header, HeaderEntry, MAX_HEADER_BYTES};
+pub use parts::whole;
 
 /// A model's weights fetched by name with shape checks and dtype conversion: from
 /// safetensors files, or made up on the device for synthetic models.
@@ -169,34 +172,7 @@ impl Weights {
 
     /// Loads `name`, checks it has `shape`, converts to `dtype`.
     pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let t = match &self.source {
-            WeightSource::Checkpoint { .. } => {
-                let entry = self.checked_entry(name, shape)?;
-                let cpu = &Device::Cpu;
-                let t = match entry.dtype.as_str() {
-                    "F32" => Tensor::from_vec(self.read_vec::<f32>(name)?, shape, cpu)?,
-                    "BF16" => Tensor::from_vec(self.read_vec::<bf16>(name)?, shape, cpu)?,
-                    "F16" => Tensor::from_vec(self.read_vec::<f16>(name)?, shape, cpu)?,
-                    "F64" => Tensor::from_vec(self.read_vec::<f64>(name)?, shape, cpu)?,
-                    other => {
-                        let reason = if other.starts_with("F8") || other == "I32" {
-                            "a quantized projection's weight; its quantization_config does not cover this tensor"
-                        } else {
-                            "weights must be f32, f16 or bf16"
-                        };
-                        return Err(ModelError::TensorDtype {
-                            name: name.into(),
-                            dtype: other.to_string(),
-                            reason: reason.into(),
-                        });
-                    }
-                };
-                t.to_dtype(dtype)?.to_device(&self.device)?
-            }
-            WeightSource::Random => self.random_tensor(name, shape, dtype)?,
-        };
-        self.count(t.elem_count() * dtype.size_in_bytes());
-        Ok(t)
+        self.get_part_as(name, shape, &whole(shape), dtype)
     }
 
     /// The entry of `name`, which must have `shape`.
@@ -247,13 +223,13 @@ impl Weights {
         Ok(v)
     }
 
-    fn random_tensor(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    /// `shape` (a part of a tensor whose rows have `fan_in` values) of random weights.
+    fn random_tensor(&self, name: &str, shape: &[usize], fan_in: usize, dtype: DType) -> Result<Tensor> {
         let t = if name.ends_with("norm.weight") {
             Tensor::ones(shape, dtype, &self.device)?
         } else if name.ends_with("bias") || shape.len() < 2 {
             Tensor::zeros(shape, dtype, &self.device)?
         } else {
-            let fan_in = *shape.last().expect("matrices have a last dimension");
             let std = 1.0 / (fan_in as f32).sqrt();
             Tensor::randn(0f32, std, shape, &self.device)?.to_dtype(dtype)?
         };
@@ -263,10 +239,26 @@ impl Weights {
     /// The projection `{prefix}.weight` (`shape` = `[out, in]`), quantized when the
     /// checkpoint stores it so (see [`quantized`]).
     pub fn matrix(&self, prefix: &str, shape: [usize; 2]) -> Result<Weight> {
+        self.matrix_part(prefix, shape, 0..shape[0], 0..shape[1])
+    }
+
+    /// Rows `rows` and columns `cols` of the projection `{prefix}.weight` (`shape` =
+    /// `[out, in]`): a rank's share of a column- or row-parallel layer, read alone.
+    pub fn matrix_part(
+        &self,
+        prefix: &str,
+        shape: [usize; 2],
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<Weight> {
         match self.storage_of(prefix)? {
-            quantized::Storage::Plain => Ok(Weight::Dense(self.get(&format!("{prefix}.weight"), &shape)?)),
+            quantized::Storage::Plain => Ok(Weight::Dense(self.get_part(
+                &format!("{prefix}.weight"),
+                &shape,
+                &[rows, cols],
+            )?)),
             quantized::Storage::Quant(..) => Ok(self
-                .stacked(&[vec![prefix.to_string()]], &[shape[0]], shape[1])?
+                .stacked_part(&[vec![prefix.to_string()]], &[shape[0]], shape[1], &[rows], cols)?
                 .get(0)?),
         }
     }

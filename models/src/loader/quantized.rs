@@ -4,10 +4,12 @@
 //! config's `quantization_config` so a tensor it does not cover is an error naming it.
 //! Synthetic (random) weights are made in the same formats.
 
+use std::ops::Range;
+
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 use moe_kernels::dense::Weight;
-use moe_kernels::quant::{expand_block_scales, QuantScheme, QuantTensor};
+use moe_kernels::quant::{QuantScheme, QuantTensor};
 
 use super::{WeightSource, Weights};
 use crate::config::ModuleQuant;
@@ -93,6 +95,22 @@ impl Weights {
     /// Quantized projections are read straight into one packed buffer; every projection of
     /// the stack must be stored the same way.
     pub fn stacked(&self, modules: &[Vec<String>], rows: &[usize], k: usize) -> Result<Weight> {
+        let parts: Vec<Range<usize>> = rows.iter().map(|&n| 0..n).collect();
+        self.stacked_part(modules, rows, k, &parts, 0..k)
+    }
+
+    /// Part of a stack (see [`Weights::stacked`]): rows `row_parts[j]` of projection `j` (of
+    /// `rows[j]`) and columns `cols` (of `k`) of each, read alone from disk. Quantized
+    /// columns that start inside a scale group keep exact scales by regrouping them
+    /// ([`part_scheme`]).
+    pub fn stacked_part(
+        &self,
+        modules: &[Vec<String>],
+        rows: &[usize],
+        k: usize,
+        row_parts: &[Range<usize>],
+        cols: Range<usize>,
+    ) -> Result<Weight> {
         let first = &modules[0][0];
         let storage = self.storage_of(first)?;
         for m in modules.iter().flatten() {
@@ -112,14 +130,17 @@ impl Weights {
                 let parts = ms
                     .iter()
                     .zip(rows)
-                    .map(|(m, &n)| self.get(&format!("{m}.weight"), &[n, k]))
+                    .zip(row_parts)
+                    .map(|((m, &n), r)| self.get_part(&format!("{m}.weight"), &[n, k], &[r.clone(), cols.clone()]))
                     .collect::<Result<Vec<_>>>()?;
                 stack.push(Tensor::cat(&parts, 0)?);
             }
             return Ok(Weight::Dense(Tensor::stack(&stack, 0)?));
         };
-        let n_total: usize = rows.iter().sum();
-        let (row_bytes, groups) = (scheme.row_bytes(k), scheme.groups(k));
+        let held = part_scheme(scheme, &cols, first)?;
+        let n_total: usize = row_parts.iter().map(Range::len).sum();
+        let width = cols.len();
+        let (row_bytes, groups) = (held.row_bytes(width), held.groups(width));
         let experts = modules.len();
         let mut data = vec![0u8; experts * n_total * row_bytes];
         let mut scales = match scheme {
@@ -132,14 +153,24 @@ impl Weights {
         };
         let mut offset = 0;
         for ms in modules {
-            for (m, &n) in ms.iter().zip(rows) {
-                let dst = &mut data[offset..offset + n * row_bytes];
-                self.read_projection(m, n, k, scheme, block_rows, dst, &mut scales)?;
-                offset += n * row_bytes;
+            for ((m, &n), r) in ms.iter().zip(rows).zip(row_parts) {
+                let dst = &mut data[offset..offset + r.len() * row_bytes];
+                let part = ProjectionPart {
+                    module: m,
+                    n,
+                    k,
+                    rows: r.clone(),
+                    cols: cols.clone(),
+                    scheme,
+                    held,
+                    block_rows,
+                };
+                self.read_projection(&part, dst, &mut scales)?;
+                offset += r.len() * row_bytes;
             }
         }
         let cpu = &Device::Cpu;
-        let shape = [experts, n_total, k];
+        let shape = [experts, n_total, width];
         let data = Tensor::from_vec(data, (experts, n_total, row_bytes), cpu)?;
         let scale_shape = (experts, n_total, groups);
         let scales = match scales {
@@ -147,7 +178,7 @@ impl Weights {
             Scales::Bf16(v) => Tensor::from_vec(v, scale_shape, cpu)?,
             Scales::F16(v) => Tensor::from_vec(v, scale_shape, cpu)?,
         };
-        let q = QuantTensor::new(scheme, data, scales, &shape)?;
+        let q = QuantTensor::new(held, data, scales, &shape)?;
         if self.device.is_cpu() {
             self.count(q.resident_bytes());
             return Ok(Weight::Quant(q));
@@ -170,48 +201,40 @@ impl Weights {
         self.stored_dtype(&format!("{module}.weight_scale")).unwrap_or("BF16")
     }
 
-    /// Reads one projection's packed rows into `dst` (`n * row_bytes`) and appends its `n`
-    /// scale rows.
-    #[allow(clippy::too_many_arguments)]
-    fn read_projection(
-        &self,
-        module: &str,
-        n: usize,
-        k: usize,
-        scheme: QuantScheme,
-        block_rows: usize,
-        dst: &mut [u8],
-        scales: &mut Scales,
-    ) -> Result<()> {
-        let groups = scheme.groups(k);
+    /// Reads one projection's part: its packed rows into `dst` (`rows * row_bytes`), and
+    /// appends one scale row per row read.
+    fn read_projection(&self, p: &ProjectionPart<'_>, dst: &mut [u8], scales: &mut Scales) -> Result<()> {
+        let (module, n, k) = (p.module, p.n, p.k);
+        let groups = p.held.groups(p.cols.len());
+        let read_rows = p.rows.len();
         if matches!(self.source, WeightSource::Random) {
-            random_rows(module, scheme, dst);
+            random_rows(module, p.held, dst);
             // Decoded weights of std ~ 1/sqrt(k), as the plain random weights have.
-            let s = match scheme {
+            let s = match p.scheme {
                 QuantScheme::Fp8E4m3 { .. } => 1.0 / (k as f32).sqrt(),
                 QuantScheme::Int4 { .. } => 1.0 / (4.6 * (k as f32).sqrt()),
             };
             match scales {
-                Scales::F32(v) => v.extend(std::iter::repeat_n(s, n * groups)),
-                Scales::Bf16(v) => v.extend(std::iter::repeat_n(bf16::from_f32(s), n * groups)),
-                Scales::F16(v) => v.extend(std::iter::repeat_n(f16::from_f32(s), n * groups)),
+                Scales::F32(v) => v.extend(std::iter::repeat_n(s, read_rows * groups)),
+                Scales::Bf16(v) => v.extend(std::iter::repeat_n(bf16::from_f32(s), read_rows * groups)),
+                Scales::F16(v) => v.extend(std::iter::repeat_n(f16::from_f32(s), read_rows * groups)),
             }
             return Ok(());
         }
-        match scheme {
+        match p.scheme {
             QuantScheme::Fp8E4m3 { group } => {
                 let weight = format!("{module}.weight");
                 self.checked_entry(&weight, &[n, k])?;
-                self.read_into(&weight, dst)?;
+                self.read_part_bytes(&weight, &[n, k], &[p.rows.clone(), p.cols.clone()], 1, dst)?;
                 let scale = format!("{module}.weight_scale_inv");
-                let grid = [n.div_ceil(block_rows), k.div_ceil(group)];
+                let grid = [n.div_ceil(p.block_rows), k.div_ceil(group)];
                 let block = self.float_vec(&scale, &grid)?;
                 let Scales::F32(v) = scales else {
                     unreachable!("FP8 scales are f32")
                 };
-                v.extend(expand_block_scales(&block, n, block_rows, grid[1]));
+                v.extend(regrouped_scales(&block, grid[1], p, group));
             }
-            QuantScheme::Int4 { .. } => {
+            QuantScheme::Int4 { group } => {
                 let zero_point = format!("{module}.weight_zero_point");
                 if self.contains(&zero_point) {
                     return Err(ModelError::TensorDtype {
@@ -224,7 +247,8 @@ impl Weights {
                     });
                 }
                 let packed = format!("{module}.weight_packed");
-                let entry = self.checked_entry(&packed, &[n, k.div_ceil(8)])?;
+                let words = k.div_ceil(8);
+                let entry = self.checked_entry(&packed, &[n, words])?;
                 if entry.dtype != "I32" {
                     return Err(ModelError::TensorDtype {
                         name: packed,
@@ -232,15 +256,40 @@ impl Weights {
                         reason: "packed INT4 weights are int32 words".into(),
                     });
                 }
-                self.read_into(&packed, dst)?;
+                // part_scheme made the columns start on a word.
+                let word_cols = p.cols.start / 8..p.cols.end.div_ceil(8);
+                self.read_part_bytes(&packed, &[n, words], &[p.rows.clone(), word_cols], 4, dst)?;
                 self.check_weight_shape(module, n, k)?;
                 let scale = format!("{module}.weight_scale");
-                let want = [n, groups];
+                let stored_groups = k.div_ceil(group);
+                let want = [n, stored_groups];
                 let entry = self.checked_entry(&scale, &want)?;
+                let rows = [p.rows.clone(), 0..stored_groups];
+                // One scale row per weight row: the regrouping treats each row as a block.
+                let per_row = ProjectionPart {
+                    rows: 0..p.rows.len(),
+                    block_rows: 1,
+                    ..p.clone()
+                };
                 match (scales, entry.dtype.as_str()) {
-                    (Scales::F32(v), "F32") => v.extend(self.read_vec::<f32>(&scale)?),
-                    (Scales::Bf16(v), "BF16") => v.extend(self.read_vec::<bf16>(&scale)?),
-                    (Scales::F16(v), "F16") => v.extend(self.read_vec::<f16>(&scale)?),
+                    (Scales::F32(v), "F32") => v.extend(regrouped_scales(
+                        &self.read_part::<f32>(&scale, &want, &rows)?,
+                        stored_groups,
+                        &per_row,
+                        group,
+                    )),
+                    (Scales::Bf16(v), "BF16") => v.extend(regrouped_scales(
+                        &self.read_part::<bf16>(&scale, &want, &rows)?,
+                        stored_groups,
+                        &per_row,
+                        group,
+                    )),
+                    (Scales::F16(v), "F16") => v.extend(regrouped_scales(
+                        &self.read_part::<f16>(&scale, &want, &rows)?,
+                        stored_groups,
+                        &per_row,
+                        group,
+                    )),
                     (_, d) => {
                         return Err(ModelError::TensorDtype {
                             name: scale.clone(),
@@ -340,5 +389,96 @@ fn random_rows(module: &str, scheme: QuantScheme, dst: &mut [u8]) {
                 }
             }
         }
+    }
+}
+
+/// One projection's part as [`Weights::read_projection`] reads it.
+#[derive(Clone)]
+struct ProjectionPart<'a> {
+    module: &'a str,
+    /// The stored matrix is `[n, k]`.
+    n: usize,
+    k: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    /// As stored, and as held for these columns ([`part_scheme`]).
+    scheme: QuantScheme,
+    held: QuantScheme,
+    /// FP8: rows per scale block (1 for INT4's per-row scales).
+    block_rows: usize,
+}
+
+/// The scheme a column part `cols` of a `scheme` matrix is held in: the same, or, when the
+/// part starts inside a scale group, groups of `gcd(group, cols.start)` columns so that each
+/// held group lies inside one stored group (its scale copied). INT4 parts start on a packed
+/// word (a multiple of 8 columns).
+pub(super) fn part_scheme(scheme: QuantScheme, cols: &Range<usize>, module: &str) -> Result<QuantScheme> {
+    let c0 = cols.start;
+    if c0 == 0 {
+        return Ok(scheme);
+    }
+    Ok(match scheme {
+        QuantScheme::Fp8E4m3 { group } => QuantScheme::Fp8E4m3 { group: gcd(group, c0) },
+        QuantScheme::Int4 { group } => {
+            if !c0.is_multiple_of(8) {
+                return Err(ModelError::Parallel(format!(
+                    "`{module}` is INT4 with 8 weights per int32 word; a rank's columns must start on a word, not at column {c0}"
+                )));
+            }
+            QuantScheme::Int4 { group: gcd(group, c0) }
+        }
+    })
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Scale rows for `p.rows` and `p.cols` in `p.held`'s grouping, from stored scales `block`
+/// (`[blocks of p.block_rows rows, grid_cols]`, one per stored group of `group` columns).
+fn regrouped_scales<T: Copy>(block: &[T], grid_cols: usize, p: &ProjectionPart<'_>, group: usize) -> Vec<T> {
+    let held_group = p.held.group();
+    let groups = p.held.groups(p.cols.len());
+    let mut out = Vec::with_capacity(p.rows.len() * groups);
+    for r in p.rows.clone() {
+        let row = &block[(r / p.block_rows) * grid_cols..][..grid_cols];
+        out.extend((0..groups).map(|j| row[(p.cols.start + j * held_group) / group]));
+    }
+    out
+}
+
+#[cfg(test)]
+mod part_tests {
+    use super::*;
+
+    #[test]
+    fn column_parts_regroup_scales_exactly() {
+        let cols = 16..32;
+        let held = part_scheme(QuantScheme::Fp8E4m3 { group: 40 }, &cols, "m").unwrap();
+        assert_eq!(held, QuantScheme::Fp8E4m3 { group: 8 });
+        // 3 rows in blocks of 2 rows, stored groups of 40 columns over k = 80: 2 per block.
+        let block = [1.0f32, 2.0, 3.0, 4.0];
+        let p = ProjectionPart {
+            module: "m",
+            n: 3,
+            k: 80,
+            rows: 1..3,
+            cols: 32..56,
+            scheme: QuantScheme::Fp8E4m3 { group: 40 },
+            held: part_scheme(QuantScheme::Fp8E4m3 { group: 40 }, &(32..56), "m").unwrap(),
+            block_rows: 2,
+        };
+        assert_eq!(p.held.group(), 8);
+        // Held groups start at columns 32, 40, 48: stored groups 0, 1, 1.
+        assert_eq!(regrouped_scales(&block, 2, &p, 40), vec![1.0, 2.0, 2.0, 3.0, 4.0, 4.0]);
+        assert!(part_scheme(QuantScheme::Int4 { group: 16 }, &(4..8), "m").is_err());
+        assert_eq!(
+            part_scheme(QuantScheme::Int4 { group: 32 }, &(8..16), "m").unwrap(),
+            QuantScheme::Int4 { group: 8 }
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! Options every model-running subcommand shares (`--model`, `--dtype`, `--router`,
-//! `--device`) and the loading they drive.
+//! `--device`, the parallel layout) and the loading they drive.
 
 use std::io::IsTerminal;
 
@@ -8,9 +8,11 @@ use candle_core::{DType, Device};
 use clap::Args;
 use moe_engine::TextTokenizer;
 use moe_models::config::QuantConfig;
+use moe_models::parallel::{comm, load_sharded};
 use moe_models::synthetic::{synthetic_config, synthetic_name};
 use moe_models::{
-    load_model, parse_dtype, LoadOptions, LoadProgress, Model, ModelConfig, ModelFiles, RouterSpec, Weights,
+    load_model, parse_dtype, LoadOptions, LoadProgress, Model, ModelConfig, ModelFiles, ParallelLayout, RouterSpec,
+    Weights,
 };
 
 #[derive(Debug, Clone, Args)]
@@ -54,6 +56,24 @@ pub struct ModelArgs {
     /// their own format in config.json.
     #[arg(long, value_parser = ["fp8", "int4"])]
     pub quantization: Option<String>,
+
+    /// Split the model over N ranks (vLLM's flag): attention heads, dense MLPs, shared
+    /// experts and the vocabulary over all of them, and the routed experts by their width
+    /// unless expert parallelism is on. With --device cuda, rank r runs on cuda:r (from the
+    /// --device ordinal on) and the ranks talk over NCCL; on the CPU they are threads.
+    #[arg(long, short = 't', alias = "tp", default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+
+    /// Partition the routed experts over the ranks (vLLM's flag): each rank holds whole
+    /// experts, and tokens travel to their experts' ranks and back (all-to-all).
+    #[arg(long)]
+    pub enable_expert_parallel: bool,
+
+    /// Partition the routed experts into E groups (E divides --tensor-parallel-size), each
+    /// group's experts sliced by width over its ranks: TP x EP. --enable-expert-parallel is
+    /// E = --tensor-parallel-size.
+    #[arg(long, value_name = "E")]
+    pub expert_parallel_size: Option<usize>,
 }
 
 pub struct LoadedModel {
@@ -76,6 +96,20 @@ impl ModelArgs {
 
     pub fn dtype(&self) -> anyhow::Result<DType> {
         Ok(parse_dtype(&self.dtype)?)
+    }
+
+    /// The parallel layout the flags ask for.
+    pub fn layout(&self) -> anyhow::Result<ParallelLayout> {
+        let tp = self.tensor_parallel_size;
+        let ep = match (self.expert_parallel_size, self.enable_expert_parallel) {
+            (Some(e), true) if e != tp => anyhow::bail!(
+                "--enable-expert-parallel means --expert-parallel-size {tp} (--tensor-parallel-size), not {e}"
+            ),
+            (Some(e), _) => e,
+            (None, true) => tp,
+            (None, false) => 1,
+        };
+        ParallelLayout::new(tp, ep).map_err(|e| anyhow::anyhow!("--tensor-parallel-size / --expert-parallel-size: {e}"))
     }
 
     pub fn router(&self) -> anyhow::Result<Option<RouterSpec>> {
@@ -126,18 +160,25 @@ impl ModelArgs {
 
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let (dtype, device, router) = (self.dtype()?, self.device()?, self.router()?);
-        let (files, config, weights) = match synthetic_name(&self.model) {
-            Some(name) => {
-                let config = self.synthetic(name)?;
-                let weights = Weights::random(dtype, &device, 0).for_config(&config);
-                (None, config, weights)
-            }
+        let layout = self.layout()?;
+        let (files, config) = match synthetic_name(&self.model) {
+            Some(name) => (None, self.synthetic(name)?),
             None => {
                 self.check_real_model_flags()?;
                 let (files, config) = self.resolve()?;
-                let weights = Weights::open(&files, dtype, &device)?.for_config(&config);
-                (Some(files), config, weights)
+                (Some(files), config)
             }
+        };
+        layout
+            .check(&config)
+            .map_err(|e| anyhow::anyhow!("--tensor-parallel-size / --expert-parallel-size: {e}"))?;
+        let devices = rank_devices(&device, layout.ranks())?;
+        let open = |rank: usize| -> moe_models::Result<Weights> {
+            let weights = match &files {
+                None => Weights::random(dtype, &devices[rank], rank as u64),
+                Some(files) => Weights::open(files, dtype, &devices[rank])?,
+            };
+            Ok(weights.for_config(&config))
         };
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(config.num_hidden_layers as u64);
@@ -151,27 +192,40 @@ impl ModelArgs {
         let progress: Option<LoadProgress> = bar
             .clone()
             .map(|b| std::sync::Arc::new(move |done: usize, _total: usize| b.set_position(done as u64)) as _);
-        let model = load_model(
-            &config,
-            &weights,
-            &LoadOptions {
-                router,
-                progress,
-                reference_experts: self.expert_backend == "reference",
-            },
-        )
-        .with_context(|| format!("loading {}", self.model))?;
+        let options = LoadOptions {
+            router,
+            progress,
+            reference_experts: self.expert_backend == "reference",
+            shard: Default::default(),
+        };
+        let (model, resident): (Model, Vec<u64>) = if layout.is_single() {
+            let weights = open(0)?;
+            let model = load_model(&config, &weights, &options).with_context(|| format!("loading {}", self.model))?;
+            (model, vec![weights.resident_bytes()])
+        } else {
+            let comms = comm::group_for(&devices)?;
+            let sharded = load_sharded(&config, layout, &open, &options, comms)
+                .with_context(|| format!("loading {} ({})", self.model, layout.describe()))?;
+            let resident = sharded.resident_bytes_per_rank().to_vec();
+            (Box::new(sharded), resident)
+        };
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        tracing::info!(
-            "weights loaded: {} bytes resident{}",
-            weights.resident_bytes(),
-            config
-                .quantization
-                .as_ref()
-                .map_or(String::new(), |q| format!(" ({})", q.describe()))
-        );
+        let quant = config
+            .quantization
+            .as_ref()
+            .map_or(String::new(), |q| format!(" ({})", q.describe()));
+        if layout.is_single() {
+            tracing::info!("weights loaded: {} bytes resident{quant}", resident[0]);
+        } else {
+            tracing::info!(
+                "weights loaded over {} ranks ({}): {} bytes resident per rank{quant}",
+                layout.ranks(),
+                layout.describe(),
+                resident.iter().map(u64::to_string).collect::<Vec<_>>().join(" / ")
+            );
+        }
         let tokenizer = match files.as_ref().and_then(|f| f.tokenizer.as_ref().map(|t| (f, t))) {
             Some((f, t)) => Some(TextTokenizer::load(
                 t,
@@ -186,6 +240,31 @@ impl ModelArgs {
             model,
             tokenizer,
         })
+    }
+}
+
+/// One device per rank: the CPU for every rank, or consecutive CUDA devices from `first`'s
+/// ordinal.
+fn rank_devices(first: &Device, ranks: usize) -> anyhow::Result<Vec<Device>> {
+    match first {
+        Device::Cpu => Ok(vec![Device::Cpu; ranks]),
+        Device::Cuda(_) => {
+            let base = match first.location() {
+                candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+                _ => 0,
+            };
+            let mut devices = vec![first.clone()];
+            for r in 1..ranks {
+                devices.push(Device::new_cuda(base + r).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--tensor-parallel-size {ranks} needs cuda:{} for rank {r}: {e}",
+                        base + r
+                    )
+                })?);
+            }
+            Ok(devices)
+        }
+        other => anyhow::bail!("--tensor-parallel-size runs on the CPU or CUDA devices, not {other:?}"),
     }
 }
 

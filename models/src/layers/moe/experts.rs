@@ -2,7 +2,11 @@
 //! `gate_up: [E, 2I, H]` (gate rows first, then up) and `down: [E, H, I]`.
 //!
 //! Owns expert weights and the expert computation only; it does not carry the gate (routing
-//! lives in `router`). Experts that receive no tokens cost nothing.
+//! lives in `router`). Experts that receive no tokens cost nothing. Under expert and tensor
+//! parallelism a rank holds a contiguous range of experts, each cut to a range of its
+//! intermediate rows (gate and up rows, down columns).
+
+use std::ops::Range;
 
 use candle_core::Tensor;
 use moe_kernels::dense::Weight;
@@ -15,12 +19,21 @@ use crate::loader::Weights;
 
 #[derive(Debug, Clone)]
 pub struct Experts {
-    /// `[E, 2I, H]`, plain or quantized.
+    /// `[E, 2I, H]`, plain or quantized (this rank's experts and intermediate rows).
     pub gate_up: Weight,
     /// `[E, H, I]`, plain or quantized.
     pub down: Weight,
+    /// Experts held here; routing ids given to [`Experts::forward`] index them from 0.
     pub num_experts: usize,
     pub intermediate: usize,
+}
+
+/// Which part of a layer's routed experts a rank holds.
+#[derive(Debug, Clone)]
+pub struct ExpertPart {
+    pub experts: Range<usize>,
+    /// Intermediate rows of each expert.
+    pub rows: Range<usize>,
 }
 
 impl Experts {
@@ -28,7 +41,8 @@ impl Experts {
     /// under the family's projection names (the Hub's layout) or fused
     /// `{prefix}.experts.gate_up_proj` / `down_proj` (`[E,2I,H]`, `[E,H,I]`, the in-memory
     /// layout of transformers 5). Quantized per-expert projections are read straight into
-    /// one packed stack.
+    /// one packed stack. Reads only `part` of the `num_experts` experts of width
+    /// `intermediate`.
     pub fn load(
         w: &Weights,
         prefix: &str,
@@ -36,32 +50,52 @@ impl Experts {
         hidden: usize,
         intermediate: usize,
         names: ExpertProjNames,
+        part: &ExpertPart,
     ) -> Result<Self> {
         let fused = format!("{prefix}.experts.gate_up_proj");
+        let (experts, rows) = (part.experts.clone(), part.rows.clone());
         let (gate_up, down) = if w.contains(&fused) {
+            let shape = [num_experts, 2 * intermediate, hidden];
+            let up_rows = intermediate + rows.start..intermediate + rows.end;
+            let gate = w.get_part(&fused, &shape, &[experts.clone(), rows.clone(), 0..hidden])?;
+            let up = w.get_part(&fused, &shape, &[experts.clone(), up_rows, 0..hidden])?;
             (
-                Weight::Dense(w.get(&fused, &[num_experts, 2 * intermediate, hidden])?),
-                Weight::Dense(w.get(
+                Weight::Dense(Tensor::cat(&[gate, up], 1)?),
+                Weight::Dense(w.get_part(
                     &format!("{prefix}.experts.down_proj"),
                     &[num_experts, hidden, intermediate],
+                    &[experts, 0..hidden, rows],
                 )?),
             )
         } else {
             let expert = |e: usize, name: &str| format!("{prefix}.experts.{e}.{name}");
-            let gate_up: Vec<Vec<String>> = (0..num_experts)
+            let gate_up: Vec<Vec<String>> = experts
+                .clone()
                 .map(|e| vec![expert(e, names.gate), expert(e, names.up)])
                 .collect();
-            let down: Vec<Vec<String>> = (0..num_experts).map(|e| vec![expert(e, names.down)]).collect();
+            let down: Vec<Vec<String>> = experts.clone().map(|e| vec![expert(e, names.down)]).collect();
             (
-                w.stacked(&gate_up, &[intermediate, intermediate], hidden)?,
-                w.stacked(&down, &[hidden], intermediate)?,
+                w.stacked_part(
+                    &gate_up,
+                    &[intermediate, intermediate],
+                    hidden,
+                    &[rows.clone(), rows.clone()],
+                    0..hidden,
+                )?,
+                w.stacked_part(
+                    &down,
+                    &[hidden],
+                    intermediate,
+                    std::slice::from_ref(&(0..hidden)),
+                    rows.clone(),
+                )?,
             )
         };
         Ok(Experts {
             gate_up,
             down,
-            num_experts,
-            intermediate,
+            num_experts: part.experts.len(),
+            intermediate: part.rows.len(),
         })
     }
 

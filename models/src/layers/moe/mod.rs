@@ -1,6 +1,15 @@
 //! The mixture-of-experts feed-forward block: router -> routed experts -> combine, plus the
 //! always-on shared experts. One implementation for every MoE family.
+//!
+//! Split over ranks it runs one of two ways. With every rank holding a slice of every expert
+//! (tensor parallelism, one expert group), each rank computes its slices' outputs for all
+//! tokens and the ranks sum them with the shared experts' partial outputs (one all-reduce).
+//! With the experts partitioned into groups (expert parallelism), each rank takes its share
+//! of the tokens and sends each token to the ranks holding its experts, which send the
+//! outputs back ([`dispatch`]: two all-to-alls, a reduce-scatter of the shared experts and an
+//! all-gather).
 
+mod dispatch;
 pub mod experts;
 pub mod router;
 
@@ -15,8 +24,9 @@ use crate::error::Result;
 use crate::forward::RoutingTrace;
 use crate::loader::Weights;
 use crate::model::LoadOptions;
-use experts::Experts;
-use router::{build_router, Router, RouterInput};
+use crate::parallel::Shard;
+use experts::{ExpertPart, Experts};
+use router::{build_router, Router, RouterInput, Routing};
 
 #[derive(Debug, Clone)]
 pub struct MoeBlock {
@@ -27,16 +37,21 @@ pub struct MoeBlock {
     /// on the model's device for the routing kernel.
     correction_bias: Option<(Vec<f32>, Tensor)>,
     router: Arc<dyn Router>,
+    /// This rank's experts (all of them on one rank).
     experts: Experts,
+    /// Routed experts in the whole layer.
+    num_experts: usize,
     shared: Option<Mlp>,
     /// Keep to the reference path even where the GPU kernels apply (`--expert-backend`).
     reference_experts: bool,
+    shard: Shard,
 }
 
 impl MoeBlock {
     /// Loads the MoE block of decoder layer `layer` (`layer_prefix` = `model.layers.{layer}`)
     /// under the family's names in `moe.names`; `options.router` overrides the checkpoint's
-    /// routing. `mlp_bias`: the shared experts' MLP has biases.
+    /// routing, `options.shard` says which experts and slices this rank holds. `mlp_bias`:
+    /// the shared experts' MLP has biases.
     pub fn load(
         w: &Weights,
         layer_prefix: &str,
@@ -47,6 +62,7 @@ impl MoeBlock {
         options: &LoadOptions,
     ) -> Result<Self> {
         let names = &moe.names;
+        let shard = &options.shard;
         let prefix = format!("{layer_prefix}.{}", names.block);
         let e = moe.n_routed_experts;
         let gate = w.get_as(&format!("{prefix}.gate.weight"), &[e, hidden], DType::F32)?;
@@ -72,18 +88,25 @@ impl MoeBlock {
                 hidden,
                 moe.moe_intermediate_size * moe.n_shared_experts,
                 mlp_bias,
+                shard,
             )?)
         } else {
             None
+        };
+        let part = ExpertPart {
+            experts: shard.experts(e)?,
+            rows: shard.expert_slice(moe.moe_intermediate_size, "moe_intermediate_size")?,
         };
         Ok(MoeBlock {
             layer,
             gate,
             correction_bias,
             router: build_router(moe, options.router.as_ref())?,
-            experts: Experts::load(w, &prefix, e, hidden, moe.moe_intermediate_size, names.experts)?,
+            experts: Experts::load(w, &prefix, e, hidden, moe.moe_intermediate_size, names.experts, &part)?,
+            num_experts: e,
             shared,
             reference_experts: options.reference_experts,
+            shard: shard.clone(),
         })
     }
 
@@ -94,9 +117,14 @@ impl MoeBlock {
     /// `x`: `[tokens, H]` (normed) -> `[tokens, H]`. Takes the grouped device path
     /// (routing kernel, permutation, grouped GEMMs, combine; `moe_kernels::moe::grouped_moe`)
     /// where it applies: a built-in router, bf16 on CUDA, shapes within the kernels' limits,
-    /// and not `--expert-backend reference`. Otherwise routes on the host and runs the
-    /// reference experts.
+    /// the experts not partitioned, and not `--expert-backend reference`. Otherwise routes
+    /// on the host and runs the reference experts (dispatched to their ranks when
+    /// partitioned).
     pub fn forward(&self, x: &Tensor, trace: Option<&RoutingTrace>) -> Result<Tensor> {
+        if self.shard.layout().expert_parallel > 1 {
+            let routing = self.route(x, trace)?;
+            return self.forward_dispatched(x, &routing);
+        }
         let device_routing = self
             .router
             .kernel_params()
@@ -107,7 +135,7 @@ impl MoeBlock {
             });
         if let Some((routing, gate_up, down)) = device_routing {
             let shared = match &self.shared {
-                Some(s) => Some(s.forward(x)?.contiguous()?),
+                Some(s) => Some(s.partial(x)?.contiguous()?),
                 None => None,
             };
             let inputs = GroupedMoe {
@@ -123,8 +151,27 @@ impl MoeBlock {
             if let Some(t) = trace {
                 t.record(self.layer, &ids.flatten_all()?.to_vec1::<u32>()?);
             }
-            return Ok(out);
+            return self.sum_over_ranks(&out);
         }
+        let routing = self.route(x, trace)?;
+        let routed = self.experts.forward(x, &routing)?;
+        match &self.shared {
+            Some(s) => self.sum_over_ranks(&(routed + s.partial(x)?)?),
+            None => self.sum_over_ranks(&routed),
+        }
+    }
+
+    /// This rank's routed-plus-shared partial output summed over the ranks (the shared
+    /// experts' bias added once).
+    fn sum_over_ranks(&self, partial: &Tensor) -> Result<Tensor> {
+        match &self.shared {
+            Some(s) => s.reduce(partial),
+            None => self.shard.all_reduce(partial),
+        }
+    }
+
+    /// Routes every token on the host (every rank alike), recording the choices in `trace`.
+    fn route(&self, x: &Tensor, trace: Option<&RoutingTrace>) -> Result<Routing> {
         let logits = x.to_dtype(DType::F32)?.matmul(&self.gate.t()?)?; // [T, E]
         let num_experts = logits.dims2()?.1;
         let host = logits.flatten_all()?.to_vec1::<f32>()?;
@@ -136,10 +183,6 @@ impl MoeBlock {
         if let Some(t) = trace {
             t.record(self.layer, &routing.expert_ids);
         }
-        let routed = self.experts.forward(x, &routing)?;
-        match &self.shared {
-            Some(s) => Ok((routed + s.forward(x)?)?),
-            None => Ok(routed),
-        }
+        Ok(routing)
     }
 }
