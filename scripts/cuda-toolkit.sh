@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build-time CUDA 13.0 toolchain for machines without a system CUDA (and without a GPU).
 #
-# Installs nvcc, the CUDA headers, cudart, cuBLAS, cuRAND and NVRTC from NVIDIA's PyPI wheels
+# Installs nvcc, the CUDA headers, cudart, cuBLAS, cuRAND, NVRTC and NCCL from NVIDIA's PyPI wheels
 # into a private virtualenv, arranges them as an ordinary CUDA_HOME (bin/, include/, lib64/,
 # nvvm/), and builds a link-time stand-in for the driver library (libcuda.so, soname
 # libcuda.so.1) whose symbols come from cuda.h; the real driver is loaded on the GPU machine.
@@ -11,7 +11,8 @@
 #   cargo build --release --features cuda
 #
 # Stays on CUDA 13.0 on purpose: PTX from a newer nvcc may be rejected by a 13.0 driver (580).
-# Needs python3 with venv, pip access to PyPI, gcc; about 1.2 GB of disk, once.
+# Needs python3 with venv, pip access to PyPI, gcc; about 1.6 GB of disk, once. A toolkit
+# installed before NCCL was added gets NCCL on the next run.
 set -euo pipefail
 
 PREFIX=${1:-${MOE_CUDA_TOOLKIT_DIR:-$HOME/.cache/cuda-13.0}}
@@ -51,6 +52,24 @@ PY
     -o "$PREFIX/lib64/stubs/libcuda.so" "$PREFIX/lib64/stubs/libcuda_stub.c"
   ln -sf stubs/libcuda.so "$PREFIX/lib64/libcuda.so"
   log "installed into $PREFIX ($("$PREFIX/bin/nvcc" --version | tail -n 1))"
+fi
+
+# NCCL (multi-GPU collectives; the binary links libnccl.so.2, which the GPU machine provides
+# through its CUDA toolkit or PyTorch's nvidia-nccl wheel).
+if [ ! -e "$PREFIX/lib64/libnccl.so" ]; then
+  VENV="$PREFIX-wheels"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" >&2
+  log "installing NCCL into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --no-cache-dir --disable-pip-version-check \
+    'nvidia-nccl-cu13==2.28.*' >&2
+  NCCL=$("$VENV/bin/python" - <<'PY'
+import os, nvidia
+print(next(os.path.join(p, "nccl") for p in nvidia.__path__ if os.path.isdir(os.path.join(p, "nccl"))))
+PY
+)
+  [ -e "$NCCL/lib/libnccl.so.2" ] || { log "no libnccl.so.2 under $NCCL"; exit 1; }
+  ln -sf "$NCCL/lib/libnccl.so.2" "$PREFIX/lib64/libnccl.so.2"
+  ln -sf libnccl.so.2 "$PREFIX/lib64/libnccl.so"
 fi
 
 cat <<EXPORTS

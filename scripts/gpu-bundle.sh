@@ -5,6 +5,7 @@
 #   bin/moe.xz                 the server/CLI built with --features cuda
 #   tests/cuda_kernels.xz, tests/cuda_gqa.xz, tests/cuda_moe.xz,
 #   tests/cuda_dsa.xz                                                     GPU test binaries (moe-kernels)
+#   tests/cuda_parallel.xz     the NCCL path: fixtures as a group on cuda:0 (and 2 GPUs if present)
 #   benches/cuda_mla_decode.xz, benches/cuda_gqa_decode.xz,
 #   benches/cuda_moe_layer.xz, benches/cuda_dsa_decode.xz                 kernel benchmarks
 #   run.sh                     unpacks them, runs the tests and benchmarks, scores the demo
@@ -42,12 +43,17 @@ cargo build --profile "$PROFILE" -p moe-kernels --features cuda --tests --benche
       bench:cuda_*) cp "$exe" "$DEST/benches/$name" ;;
     esac
   done
+log "building the NCCL test ($PROFILE profile)"
+cargo build --profile "$PROFILE" -p moe-tests --features cuda --test cuda_parallel --message-format json |
+  executables | while read -r kind name exe; do
+    if [ "$kind:$name" = "test:cuda_parallel" ]; then cp "$exe" "$DEST/tests/$name"; fi
+  done
 log "building moe ($PROFILE profile)"
 cargo build --profile "$PROFILE" -p moe-server --features cuda --bin moe --message-format json |
   executables | while read -r kind name exe; do
     if [ "$kind:$name" = "bin:moe" ]; then cp "$exe" "$DEST/bin/moe"; fi
   done
-BUNDLED="bin/moe tests/cuda_kernels tests/cuda_gqa tests/cuda_moe tests/cuda_dsa benches/cuda_mla_decode
+BUNDLED="bin/moe tests/cuda_kernels tests/cuda_gqa tests/cuda_moe tests/cuda_dsa tests/cuda_parallel benches/cuda_mla_decode
   benches/cuda_gqa_decode benches/cuda_moe_layer benches/cuda_dsa_decode"
 for f in $BUNDLED; do
   [ -x "$DEST/$f" ] || { log "missing $DEST/$f after the build"; exit 1; }
@@ -62,7 +68,8 @@ du -sh "$DEST" >&2
 cat > "$DEST/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs the bundled GPU tests and benchmarks; logs go to $OUT (or ./gpu-out). Finds the CUDA
-# 13 user-space libraries (cuBLAS, cuRAND, NVRTC) from a CUDA toolkit or PyTorch's wheels.
+# 13 user-space libraries (cuBLAS, cuRAND, NVRTC, NCCL) from a CUDA toolkit or PyTorch's
+# wheels. Run it from the repository root: tests/cuda_parallel reads tests/fixtures.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-$PWD/gpu-out}
@@ -79,12 +86,15 @@ echo "moe: $WORK/bin/moe" | tee -a "$OUT/summary.txt"
 libs=$(python3 - <<'PY' 2>/dev/null
 import glob, os
 dirs = set()
-for pat in ["/usr/local/cuda*/lib64/libcublas.so.13*", "/usr/local/cuda*/targets/*/lib/libcublas.so.13*"]:
+for pat in ["/usr/local/cuda*/lib64/libcublas.so.13*", "/usr/local/cuda*/targets/*/lib/libcublas.so.13*",
+            "/usr/lib/x86_64-linux-gnu/libnccl.so.2*"]:
     dirs.update(os.path.dirname(p) for p in glob.glob(pat))
 try:
     import nvidia
     for root in nvidia.__path__:
         for p in glob.glob(os.path.join(root, "**", "lib*.so.1[03]*"), recursive=True):
+            dirs.add(os.path.dirname(p))
+        for p in glob.glob(os.path.join(root, "**", "libnccl.so.2*"), recursive=True):
             dirs.add(os.path.dirname(p))
 except ImportError:
     pass

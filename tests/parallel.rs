@@ -64,6 +64,11 @@ fn split_models_give_one_ranks_logits_in_every_family_and_layout() {
         for layout in layouts() {
             let split = load_sharded_model(&dir, DType::F32, layout);
             let got = chunked_logits(&split, &g.prompts);
+            // Same input, same output: a second run gives the same bits.
+            let again = chunked_logits(&split, &g.prompts);
+            for (a, b) in got.iter().zip(&again) {
+                assert_eq!(max_abs_diff(a, b), 0.0, "{m} {}: not deterministic", layout.describe());
+            }
             for (i, ((got, one), golden)) in got.iter().zip(&want).zip(&g.logits).enumerate() {
                 let vs_one = max_abs_diff(got, one);
                 let vs_golden = max_abs_diff(got, golden);
@@ -126,7 +131,7 @@ fn split_models_generate_one_ranks_tokens_through_preemption_and_prefix_hits() {
         let dir = fixture(m);
         let g = golden(&dir);
         let requests = greedy_requests(&g.prompts, g.greedy[0].len());
-        for layout in [ParallelLayout::new(4, 1).unwrap(), ParallelLayout::new(4, 2).unwrap()] {
+        for layout in layouts() {
             let split = load_sharded_model(&dir, DType::F32, layout);
             let (outputs, preemptions, hits) = engine_run(Box::new(split), &requests);
             assert!(
@@ -238,4 +243,39 @@ fn a_failing_rank_fails_the_step_everywhere_and_the_next_step_runs() {
     // The group recovered: the same step on the right cache matches transformers.
     let logits = split.forward(&ctx, &good).unwrap();
     assert!(max_abs_diff(&logits, &g.logits[1]) < F32_ATOL);
+}
+
+#[test]
+fn inspects_per_rank_estimate_is_what_the_ranks_hold() {
+    // The config-only estimate `moe inspect` prints against the bytes the ranks hold.
+    for m in [
+        "deepseek-v3",
+        "deepseek-v32",
+        "qwen3-moe",
+        "minimax-m2",
+        "kimi-k25-int4",
+        "deepseek-v3-fp8",
+    ] {
+        let dir = fixture(m);
+        let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        for layout in layouts().into_iter().skip(1) {
+            let held = *load_sharded_model(&dir, DType::F32, layout)
+                .resident_bytes_per_rank()
+                .iter()
+                .max()
+                .unwrap() as f64;
+            let estimate = moe_models::inspect::rank_weight_bytes(&config, layout, 4) as f64;
+            let off = (estimate - held).abs() / held;
+            eprintln!(
+                "{m} {}: estimate {estimate}, held {held} ({:.1}%)",
+                layout.describe(),
+                off * 100.0
+            );
+            assert!(
+                off < 0.05,
+                "{m} {}: estimate {estimate}, held {held}",
+                layout.describe()
+            );
+        }
+    }
 }

@@ -11,9 +11,17 @@ use moe_models::parallel::{comm, load_sharded};
 use moe_models::{load_model as build_model, Model, ModelConfig, ModelFiles, Weights};
 use moe_models::{LoadOptions, ParallelLayout, ShardedModel};
 
-/// `tests/fixtures/<name>`.
+/// `tests/fixtures/<name>`: in the source tree the test was built from, or, where that is
+/// gone (a test binary carried to a GPU machine), under the current directory's
+/// `tests/fixtures`.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let root = if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures")
+    };
+    root.join(name)
 }
 
 /// `models/demo`: the trained demo model (see models/demo/README.md).

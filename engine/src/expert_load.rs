@@ -33,6 +33,13 @@ impl ExpertLoad {
         }
     }
 
+    /// One layer's counts summed over `groups` equal runs of consecutive experts: the tokens
+    /// each rank (expert-parallel group) computed. `groups` must divide the experts.
+    pub fn group_counts(counts: &[u64], groups: usize) -> Vec<u64> {
+        let per = (counts.len() / groups.max(1)).max(1);
+        counts.chunks(per).map(|c| c.iter().sum()).collect()
+    }
+
     /// Max over mean of one layer's counts (1.0 is perfectly even; 0 when nothing was routed).
     pub fn imbalance(counts: &[u64]) -> f64 {
         let total: u64 = counts.iter().sum();
@@ -59,5 +66,9 @@ mod tests {
         assert_eq!(ExpertLoad::imbalance(&load.layers[&1]), 2.0);
         assert_eq!(ExpertLoad::imbalance(&[0, 0]), 0.0);
         assert_eq!(ExpertLoad::imbalance(&[5, 5]), 1.0);
+        // Two expert-parallel groups of two experts: 4 and 2 tokens.
+        let groups = ExpertLoad::group_counts(&load.layers[&1], 2);
+        assert_eq!(groups, vec![4, 2]);
+        assert!((ExpertLoad::imbalance(&groups) - 4.0 / 3.0).abs() < 1e-12);
     }
 }

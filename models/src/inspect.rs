@@ -241,6 +241,78 @@ pub fn weight_bytes(cfg: &ModelConfig, plain_bytes_per_param: u64) -> WeightByte
     }
 }
 
+/// Bytes `params` parameters of the kind of `module` occupy: quantized as the config's
+/// `quantization_config` says for that module, else `plain_bytes_per_param` each.
+fn bytes_of(cfg: &ModelConfig, module: &str, params: u64, plain_bytes_per_param: u64) -> u64 {
+    use crate::config::ModuleQuant;
+    match cfg.quantization.as_ref().and_then(|q| q.scheme_for(module)) {
+        None => product(&[params, plain_bytes_per_param]),
+        Some(ModuleQuant::Fp8 { block_cols, .. }) => product(&[params, 1024 + 4096 / block_cols.max(1) as u64]) / 1024,
+        Some(ModuleQuant::Int4 { group_size }) => product(&[params, 512 + 2048 / group_size.max(1) as u64]) / 1024,
+    }
+}
+
+/// Weight bytes each rank holds when `cfg` is split by `layout`, estimated from the config:
+/// what stays whole on every rank (norms; routers and correction biases, in f32; MLA's
+/// `q_a_proj`, `kv_a_proj_with_mqa` and their norms; DSA's indexers; GQA's kv heads when
+/// there are fewer than ranks) plus `1/N` of the rest (as [`weight_bytes`] counts it).
+pub fn rank_weight_bytes(
+    cfg: &ModelConfig,
+    layout: crate::parallel::ParallelLayout,
+    plain_bytes_per_param: u64,
+) -> u64 {
+    let n = |x: usize| x as u64;
+    let ranks = n(layout.ranks().max(1));
+    let total = weight_bytes(cfg, plain_bytes_per_param).resident_bytes;
+    if ranks == 1 {
+        return total;
+    }
+    let h = n(cfg.hidden_size);
+    let attn_module = format!("{}.layers.0.self_attn.o_proj", cfg.names.model);
+    // `whole`: bytes of `total` every rank holds entirely; `extra`: bytes a rank holds beyond
+    // its share that `total` does not count (f32 routers, replicated kv heads).
+    let (mut whole, mut extra) = (0u64, 0u64);
+    for layer in 0..cfg.num_hidden_layers {
+        whole = sum(&[whole, product(&[2, h, plain_bytes_per_param])]);
+        match &cfg.attention {
+            AttentionConfig::Mla(m) => {
+                let (r, rope, bias) = (n(m.kv_lora_rank), n(m.qk_rope_head_dim), u64::from(m.bias));
+                let q_a = m.q_lora_rank.map_or(0, |ql| product(&[h, n(ql)]));
+                let q_a_extra = m.q_lora_rank.map_or(0, |ql| sum(&[n(ql), product(&[n(ql), bias])]));
+                let kv_a = product(&[h, sum(&[r, rope])]);
+                let kv_a_extra = sum(&[r, product(&[sum(&[r, rope]), bias])]);
+                whole = sum(&[
+                    whole,
+                    bytes_of(
+                        cfg,
+                        &attn_module,
+                        sum(&[q_a, kv_a, indexer_params(cfg, layer)]),
+                        plain_bytes_per_param,
+                    ),
+                    product(&[sum(&[q_a_extra, kv_a_extra]), plain_bytes_per_param]),
+                ]);
+            }
+            AttentionConfig::Gqa(g) if n(g.num_kv_heads) < ranks => {
+                // Each rank keeps one kv head of K and V: 1/kv of them, not 1/N.
+                let kv = n(g.num_kv_heads);
+                let kv_params = product(&[2, h, kv, n(g.head_dim)]);
+                let more = kv_params / kv.max(1) - kv_params / ranks;
+                extra = sum(&[extra, bytes_of(cfg, &attn_module, more, plain_bytes_per_param)]);
+            }
+            AttentionConfig::Gqa(_) => {}
+        }
+        if let (Some(m), true) = (&cfg.moe, cfg.is_moe_layer(layer)) {
+            // The gate (and correction bias) is counted in `total` at the plain width but
+            // kept in f32.
+            let params = product(&[n(m.n_routed_experts), sum(&[h, 1])]);
+            whole = sum(&[whole, product(&[params, plain_bytes_per_param])]);
+            extra = sum(&[extra, product(&[params, 4u64.saturating_sub(plain_bytes_per_param)])]);
+        }
+    }
+    let whole = sum(&[whole, product(&[h, plain_bytes_per_param])]);
+    sum(&[whole, extra, total.saturating_sub(whole) / ranks])
+}
+
 /// Product of counts, saturating at `u64::MAX`.
 fn product(factors: &[u64]) -> u64 {
     factors.iter().fold(1, |acc, &x| acc.saturating_mul(x))

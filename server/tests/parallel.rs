@@ -110,3 +110,107 @@ async fn serve_split_over_ranks_answers_like_one_rank() {
     }
     assert!(server.logs().contains("TP 4, EP 2"), "{}", server.logs());
 }
+
+/// `moe generate --routing-stats` on the V3 fixture with `layout`: the stats JSON.
+fn routing_stats(layout: &[&str]) -> serde_json::Value {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("routing.json");
+    let dir = model_dir();
+    let mut args = vec![
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "11,12,13,14,15,16,17",
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+        "--routing-stats",
+        path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(layout);
+    let o = run_moe(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+#[test]
+fn routing_stats_under_expert_parallelism_add_up_per_rank() {
+    let one = routing_stats(&[]);
+    assert!(one["expert_parallel"].is_null());
+    let split = routing_stats(&["--tensor-parallel-size", "4", "--enable-expert-parallel"]);
+    // Every rank routes every token alike: the per-expert counts are one rank's.
+    assert_eq!(split["layers"], one["layers"]);
+    let ep = &split["expert_parallel"];
+    assert_eq!(ep["groups"], 4);
+    for (layer, groups) in one["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(ep["layers"].as_array().unwrap())
+    {
+        let experts: Vec<u64> = layer["tokens_per_expert"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        let per_group: Vec<u64> = groups["tokens_per_group"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        // 8 experts over 4 ranks: rank r computed the tokens of experts 2r and 2r + 1.
+        let want: Vec<u64> = experts.chunks(2).map(|c| c.iter().sum()).collect();
+        assert_eq!(per_group, want, "layer {}", layer["layer"]);
+        let max = *want.iter().max().unwrap() as f64;
+        let mean = want.iter().sum::<u64>() as f64 / 4.0;
+        assert!((groups["imbalance"].as_f64().unwrap() - max / mean).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn bench_reports_the_load_of_each_expert_parallel_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("report.json");
+    let dir = model_dir();
+    let o = run_moe(&[
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tensor-parallel-size",
+        "2",
+        "--enable-expert-parallel",
+        "--input-len",
+        "16",
+        "--output-len",
+        "4",
+        "--num-prompts",
+        "4",
+        "--concurrency",
+        "4",
+        "--output-json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("expert-parallel load over 2 groups"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["engine"]["tensor_parallel_size"], 2);
+    assert_eq!(report["engine"]["expert_parallel_size"], 2);
+    let load = &report["runs"][0]["expert_load"];
+    let ep = &load["expert_parallel"];
+    assert_eq!(ep["groups"], 2);
+    // Each layer's groups add up to its experts' tokens.
+    for (experts, groups) in load["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(ep["layers"].as_array().unwrap())
+    {
+        let total = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).sum::<u64>();
+        assert_eq!(total(&experts["tokens_per_expert"]), total(&groups["tokens_per_group"]));
+        assert!(groups["imbalance"].as_f64().unwrap() >= 1.0);
+    }
+}

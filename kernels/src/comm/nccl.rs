@@ -3,13 +3,13 @@
 //! kernels around them. Multi-node groups join with a unique id from rank 0
 //! (`ncclCommInitRank`; see the README's "Beyond one GPU"), which this module does not do yet.
 //!
-//! A failed rank cannot be waited out: [`Communicator::abort`] aborts the NCCL communicator
-//! (`ncclCommAbort`, which also ends collectives stuck waiting on the GPU), and the group
-//! then refuses every collective; [`Communicator::recover`] says so, and the server must be
-//! restarted.
+//! A failed rank cannot be waited out: [`Communicator::abort`] on any rank aborts every
+//! communicator of the group (`ncclCommAbort`, which also ends collectives stuck waiting on
+//! the GPU for the failed rank), and the group then refuses every collective;
+//! [`Communicator::recover`] says so, and the server must be restarted.
 
 use std::ffi::c_void;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::cuda_backend::cudarc::nccl::{result, sys};
 use candle_core::cuda_backend::CudaDevice;
@@ -18,16 +18,39 @@ use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 use super::{check_counts, Communicator};
 use crate::cuda::dev_ptr;
 
-/// The raw communicator handle: NCCL allows a communicator to be used from any one thread at
-/// a time, which the mutex around it guarantees.
+/// The raw communicator handle. Each rank's handle is used for collectives by that rank's
+/// thread alone; other threads only abort it.
 struct RawComm(sys::ncclComm_t);
 
-// SAFETY: the handle is only used under `NcclComm::comm`'s mutex (one thread at a time).
+// SAFETY: see above: one thread enqueues on a handle; aborting from another thread is what
+// ncclCommAbort is for.
 unsafe impl Send for RawComm {}
+
+/// The communicators of one group, in rank order (`None` once aborted).
+struct Group {
+    comms: Vec<Mutex<Option<RawComm>>>,
+}
+
+impl Group {
+    fn lock(&self, rank: usize) -> MutexGuard<'_, Option<RawComm>> {
+        self.comms[rank].lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for rank in 0..self.comms.len() {
+            if let Some(comm) = self.lock(rank).take() {
+                // SAFETY: nothing uses the handle after this (it was taken out).
+                let _ = unsafe { result::comm_destroy(comm.0) };
+            }
+        }
+    }
+}
 
 /// One rank's NCCL communicator.
 pub struct NcclComm {
-    comm: Mutex<Option<RawComm>>,
+    group: Arc<Group>,
     rank: usize,
     size: usize,
     device: CudaDevice,
@@ -61,12 +84,14 @@ pub fn nccl_group(devices: &[Device]) -> Result<Vec<NcclComm>> {
     unsafe { result::comm_init_all(raw.as_mut_ptr(), ordinals.len() as i32, ordinals.as_ptr()) }
         .map_err(|e| nccl_err("ncclCommInitAll", e))?;
     let size = cuda.len();
-    Ok(raw
+    let group = Arc::new(Group {
+        comms: raw.into_iter().map(|c| Mutex::new(Some(RawComm(c)))).collect(),
+    });
+    Ok(cuda
         .into_iter()
-        .zip(cuda)
         .enumerate()
-        .map(|(rank, (comm, device))| NcclComm {
-            comm: Mutex::new(Some(RawComm(comm))),
+        .map(|(rank, device)| NcclComm {
+            group: group.clone(),
             rank,
             size,
             device,
@@ -88,7 +113,7 @@ fn nccl_dtype(dtype: DType) -> Result<sys::ncclDataType_t> {
 
 impl NcclComm {
     fn lock(&self) -> MutexGuard<'_, Option<RawComm>> {
-        self.comm.lock().unwrap_or_else(|p| p.into_inner())
+        self.group.lock(self.rank)
     }
 
     /// `x` contiguous on this rank's device, and a zeroed output of `shape`.
@@ -104,8 +129,10 @@ impl NcclComm {
 
     /// Runs `body(comm, stream)` with the communicator, failing once the group was aborted.
     fn with_comm(&self, op: &str, body: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<()>) -> Result<()> {
-        let guard = self.lock();
-        let Some(comm) = guard.as_ref() else {
+        // The lock is not held during the call: an abort from another rank's thread must be
+        // able to end a call that waits for a rank that failed (NCCL allows ncclCommAbort
+        // from another thread for this). Only this rank's thread enqueues on this handle.
+        let Some(comm) = self.lock().as_ref().map(|c| c.0) else {
             bail!("NCCL {op}: the collective was aborted (another rank failed; the NCCL group is gone)");
         };
         let stream = self.device.cuda_stream();
@@ -113,7 +140,7 @@ impl NcclComm {
             .context()
             .bind_to_thread()
             .map_err(|e| nccl_err("binding the device", e))?;
-        body(comm.0, stream.cu_stream() as sys::cudaStream_t)
+        body(comm, stream.cu_stream() as sys::cudaStream_t)
     }
 }
 
@@ -308,10 +335,12 @@ impl Communicator for NcclComm {
     }
 
     fn abort(&self) {
-        if let Some(comm) = self.lock().take() {
-            // SAFETY: the handle came from ncclCommInitAll and is aborted once (taken out).
-            if let Err(e) = unsafe { result::comm_abort(comm.0) } {
-                tracing_free_warn(&format!("ncclCommAbort on rank {}: {e:?}", self.rank));
+        for rank in 0..self.size {
+            if let Some(comm) = self.group.lock(rank).take() {
+                // SAFETY: the handle came from ncclCommInitAll and is aborted once (taken out).
+                if let Err(e) = unsafe { result::comm_abort(comm.0) } {
+                    eprintln!("moe-kernels: ncclCommAbort on rank {rank}: {e:?}");
+                }
             }
         }
     }
@@ -326,18 +355,4 @@ impl Communicator for NcclComm {
     fn transport(&self) -> &'static str {
         "nccl"
     }
-}
-
-impl Drop for NcclComm {
-    fn drop(&mut self) {
-        if let Some(comm) = self.lock().take() {
-            // SAFETY: as in abort; nothing uses the handle after this.
-            let _ = unsafe { result::comm_destroy(comm.0) };
-        }
-    }
-}
-
-/// This crate logs nothing (it has no logger dependency): a failure to abort goes to stderr.
-fn tracing_free_warn(msg: &str) {
-    eprintln!("moe-kernels: {msg}");
 }

@@ -27,6 +27,8 @@ pub struct RunHooks<'a> {
     pub before_run: &'a dyn Fn(),
     /// The expert load accumulated over the run, when counted.
     pub expert_load: &'a dyn Fn() -> Option<ExpertLoad>,
+    /// Expert-parallel groups of the model under test (1 without expert parallelism).
+    pub expert_groups: usize,
 }
 
 /// Runs `workload` once per load policy, in order, and reports each run.
@@ -73,6 +75,7 @@ pub async fn run_suite<B: Backend>(
             workload.expected_output_tokens(),
             energy_start.zip(energy_end),
             expert_load.as_ref(),
+            hooks.expert_groups,
         );
         if report.failed > 0 {
             tracing::warn!(

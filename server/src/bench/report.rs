@@ -118,10 +118,35 @@ pub struct ExpertLoadReport {
     pub layers: Vec<LayerLoad>,
     pub mean_imbalance: f64,
     pub max_imbalance: f64,
+    /// Under expert parallelism: the tokens each expert group (the ranks holding a run of
+    /// experts) computed, per layer, and their imbalance (what the slowest rank waits on).
+    pub expert_parallel: Option<GroupLoadReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupLayerLoad {
+    pub layer: usize,
+    pub tokens_per_group: Vec<u64>,
+    pub imbalance: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupLoadReport {
+    pub groups: usize,
+    pub layers: Vec<GroupLayerLoad>,
+    pub mean_imbalance: f64,
+    pub max_imbalance: f64,
+}
+
+/// Mean and max of `values` (0 when empty).
+fn mean_max(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+    let n = values.clone().count().max(1) as f64;
+    (values.clone().sum::<f64>() / n, values.fold(0.0, f64::max))
 }
 
 impl ExpertLoadReport {
-    pub fn of(load: &ExpertLoad) -> ExpertLoadReport {
+    /// The report of `load`; `expert_groups` > 1 adds the per-group (per-rank) load.
+    pub fn of(load: &ExpertLoad, expert_groups: usize) -> ExpertLoadReport {
         let layers: Vec<LayerLoad> = load
             .layers
             .iter()
@@ -131,11 +156,33 @@ impl ExpertLoadReport {
                 imbalance: ExpertLoad::imbalance(counts),
             })
             .collect();
-        let n = layers.len().max(1) as f64;
+        let (mean_imbalance, max_imbalance) = mean_max(layers.iter().map(|l| l.imbalance));
+        let expert_parallel = (expert_groups > 1).then(|| {
+            let layers: Vec<GroupLayerLoad> = load
+                .layers
+                .iter()
+                .map(|(&layer, counts)| {
+                    let tokens_per_group = ExpertLoad::group_counts(counts, expert_groups);
+                    GroupLayerLoad {
+                        layer,
+                        imbalance: ExpertLoad::imbalance(&tokens_per_group),
+                        tokens_per_group,
+                    }
+                })
+                .collect();
+            let (mean_imbalance, max_imbalance) = mean_max(layers.iter().map(|l| l.imbalance));
+            GroupLoadReport {
+                groups: expert_groups,
+                layers,
+                mean_imbalance,
+                max_imbalance,
+            }
+        });
         ExpertLoadReport {
-            mean_imbalance: layers.iter().map(|l| l.imbalance).sum::<f64>() / n,
-            max_imbalance: layers.iter().map(|l| l.imbalance).fold(0.0, f64::max),
             layers,
+            mean_imbalance,
+            max_imbalance,
+            expert_parallel,
         }
     }
 }
@@ -186,6 +233,7 @@ impl RunReport {
         expected_output_tokens: usize,
         energy_mj: Option<(u64, u64)>,
         expert_load: Option<&ExpertLoad>,
+        expert_groups: usize,
     ) -> RunReport {
         let mut ttft = Vec::new();
         let mut tpot = Vec::new();
@@ -260,7 +308,7 @@ impl RunReport {
             preemptions: delta(outcome.before.preemptions, outcome.after.preemptions),
             prefix_cache,
             energy: energy_mj.and_then(|(a, b)| EnergyFigures::between(a, b, outcome.duration_s, output_tokens)),
-            expert_load: expert_load.map(ExpertLoadReport::of),
+            expert_load: expert_load.map(|l| ExpertLoadReport::of(l, expert_groups)),
             errors,
         }
     }
@@ -323,6 +371,18 @@ pub fn write_table(out: &mut impl Write, runs: &[RunReport]) -> std::io::Result<
                 e.mean_imbalance, e.max_imbalance
             )),
         )?;
+    }
+    for r in runs {
+        if let Some(ep) = r.expert_load.as_ref().and_then(|e| e.expert_parallel.as_ref()) {
+            writeln!(
+                out,
+                "{:<9} expert-parallel load over {} groups (max/mean tokens a rank computes): mean {:.2}, worst layer {:.2}",
+                r.load_label(),
+                ep.groups,
+                ep.mean_imbalance,
+                ep.max_imbalance
+            )?;
+        }
     }
     Ok(())
 }

@@ -260,6 +260,7 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
     options.check_outputs()?;
     // The workload is checked before any weight is read (synthetic models have no files).
     let spec = options.spec(model_args.config()?.vocab_size)?;
+    let layout = model_args.layout()?;
     let loaded = model_args.load()?;
     let model_path = loaded.files.as_ref().map(|f| f.dir.display().to_string());
     let (runner, engine_config) = engine_args.build(loaded.model)?;
@@ -281,6 +282,8 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
         "dtype": model_args.dtype,
         "router": model_args.router,
         "device": model_args.device,
+        "tensor_parallel_size": layout.tensor_parallel,
+        "expert_parallel_size": layout.expert_parallel,
     });
     let engine = Arc::new(Engine::start(runner, None, engine_config)?);
     let workload = Workload::generate(&spec);
@@ -319,6 +322,7 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
                 RunHooks {
                     before_run: &restart,
                     expert_load: &expert_load,
+                    expert_groups: layout.expert_parallel,
                 },
             )
             .await,
@@ -384,6 +388,7 @@ fn run_serve(args: BenchServeArgs) -> anyhow::Result<()> {
             RunHooks {
                 before_run: &|| {},
                 expert_load: &|| None,
+                expert_groups: 1,
             },
         )
         .await;

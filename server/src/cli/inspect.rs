@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Args;
 use moe_models::config::{AttentionConfig, QkNorm, ScoringFunc};
-use moe_models::inspect::{model_sizes, weight_bytes};
+use moe_models::inspect::{model_sizes, rank_weight_bytes, weight_bytes};
 use moe_models::layers::moe::router::build_router;
 use moe_models::ModelConfig;
 
@@ -54,6 +54,11 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let dtype = args.model.dtype()?;
     let sizes = model_sizes(&cfg);
     let weights = weight_bytes(&cfg, dtype.size_in_bytes() as u64);
+    let layout = args.model.layout()?;
+    layout
+        .check(&cfg)
+        .map_err(|e| anyhow::anyhow!("--tensor-parallel-size / --expert-parallel-size: {e}"))?;
+    let per_rank = (!layout.is_single()).then(|| rank_weight_bytes(&cfg, layout, dtype.size_in_bytes() as u64));
     let router = match &cfg.moe {
         Some(m) => Some(build_router(m, args.model.router()?.as_ref())?.describe()),
         None => None,
@@ -71,6 +76,11 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             "saved_dtype": cfg.saved_dtype,
             "quantization": cfg.quantization.as_ref().map(|q| q.describe()),
             "weights": weights,
+            "parallel": per_rank.map(|bytes| serde_json::json!({
+                "tensor_parallel_size": layout.tensor_parallel,
+                "expert_parallel_size": layout.expert_parallel,
+                "weight_bytes_per_rank": bytes,
+            })),
             "layers": cfg.num_hidden_layers,
             "hidden_size": cfg.hidden_size,
             "attention_heads": cfg.attention.num_heads(),
@@ -109,6 +119,14 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         weights.format,
         args.model.dtype
     );
+    if let Some(bytes) = per_rank {
+        println!(
+            "per rank:      {} of weights on each of {} ranks ({}; estimated from the config)",
+            human_bytes(bytes),
+            layout.ranks(),
+            layout.describe()
+        );
+    }
     println!(
         "parameters:    {} total, {} active per token ({} embedding)",
         human(sizes.total_params),
