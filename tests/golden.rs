@@ -8,7 +8,7 @@ use moe_engine::runner::ModelRunner;
 use moe_engine::scoring::argmax_rows;
 use moe_engine::{Engine, EngineConfig, GenerationRequest, PromptScorer};
 use moe_models::LoadOptions;
-use moe_tests::{fixture, golden, load_model, max_abs_diff};
+use moe_tests::{fixture, golden, greedy_requests, load_model, max_abs_diff};
 
 /// Absolute tolerance on f32 logits. Two independent f32 computations of these models
 /// (transformers vs a plain numpy re-implementation; cached vs uncached transformers) agree
@@ -117,19 +117,6 @@ fn bf16_checkpoints_computed_in_f32_match_transformers_on_the_same_weights() {
     for m in BF16_MODELS {
         check_logits(m, "bf16 on disk", 16, usize::MAX);
     }
-}
-
-fn greedy_requests(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<GenerationRequest> {
-    prompts
-        .iter()
-        .map(|p| GenerationRequest {
-            prompt_token_ids: p.clone(),
-            max_tokens,
-            // The fixtures' continuations ignore EOS.
-            ignore_eos: true,
-            ..Default::default()
-        })
-        .collect()
 }
 
 /// Greedy outputs through the batching engine (scheduler, paged cache, chunked prefill),

@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use moe_engine::runner::ModelRunner;
 use moe_engine::{Engine, EngineConfig, GenerationRequest, PromptScorer};
 use moe_models::{CausalLm, ForwardCtx, LoadOptions, Model, ModelConfig, ParallelLayout};
-use moe_tests::{fixture, golden, load_model, load_sharded_model, max_abs_diff};
+use moe_tests::{fixture, golden, greedy_requests, load_model, load_sharded_model, max_abs_diff};
 
 /// Same bound as the golden tests (tests/golden.rs): a split model sums the same products
 /// in another order (partial sums over ranks), which moves f32 logits by ~1e-6.
@@ -91,18 +91,6 @@ fn split_models_give_one_ranks_logits_in_every_family_and_layout() {
     }
 }
 
-fn greedy_requests(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<GenerationRequest> {
-    prompts
-        .iter()
-        .map(|p| GenerationRequest {
-            prompt_token_ids: p.clone(),
-            max_tokens,
-            ignore_eos: true,
-            ..Default::default()
-        })
-        .collect()
-}
-
 /// Greedy outputs through the engine under a cache too small for all requests at once
 /// (24 blocks of 4), 16 tokens a step; each prompt submitted twice, the second copy after
 /// the first finished, so it starts from cached prefix blocks. Returns the outputs and the
@@ -152,30 +140,36 @@ fn split_models_generate_one_ranks_tokens_through_preemption_and_prefix_hits() {
     }
 }
 
+/// Fixtures whose per-rank bytes are checked: MLA, MLA with DSA, GQA with per-head and
+/// whole-projection QK-norms, INT4 experts, FP8 blocks.
+const BYTES_MODELS: &[&str] = &[
+    "deepseek-v3",
+    "deepseek-v32",
+    "qwen3-moe",
+    "minimax-m2",
+    "kimi-k25-int4",
+    "deepseek-v3-fp8",
+];
+
+/// Weight bytes each rank of `layout` holds for the fixture in `dir`.
+fn rank_bytes(dir: &std::path::Path, layout: ParallelLayout) -> Vec<u64> {
+    load_sharded_model(dir, DType::F32, layout)
+        .resident_bytes_per_rank()
+        .to_vec()
+}
+
 #[test]
 fn each_rank_holds_an_nth_of_what_is_split() {
     // A rank holds R + S / N bytes: R what stays whole on every rank (norms, routers, MLA's
     // low-rank down-projections, DSA's indexer), S what is split. One rank (R + S) and two
-    // ranks give R and S; every rank of every layout must then hold R + S / N (up to the
+    // ranks give R and S; every rank of every layout must then hold R + S / N, within 3% (the
     // zero embedding row, and quantization scales whose group is wider than a rank's 8-column
-    // slice here: within 3%); GQA's
-    // kv heads, when fewer than the ranks, are held whole by the ranks that read them. (FP8
-    // blocks that a rank's columns cut, as in deepseek-v3-fp8-ragged, cost extra scales:
-    // see `part_scheme` in the loader.)
-    for m in [
-        "deepseek-v3",
-        "deepseek-v32",
-        "qwen3-moe",
-        "minimax-m2",
-        "kimi-k25-int4",
-        "deepseek-v3-fp8",
-    ] {
+    // slice here). GQA's kv heads, when fewer than the ranks, are held whole by the ranks that
+    // read them. (FP8 blocks that a rank's columns cut, as in deepseek-v3-fp8-ragged, cost
+    // extra scales: see `part_scheme` in the loader.)
+    for m in BYTES_MODELS {
         let dir = fixture(m);
-        let bytes = |layout: ParallelLayout| -> Vec<u64> {
-            load_sharded_model(&dir, DType::F32, layout)
-                .resident_bytes_per_rank()
-                .to_vec()
-        };
+        let bytes = |layout: ParallelLayout| rank_bytes(&dir, layout);
         let whole = bytes(ParallelLayout::single())[0] as f64;
         let two = bytes(ParallelLayout::new(2, 1).unwrap());
         let split = 2.0 * (whole - two[0] as f64);
@@ -243,27 +237,35 @@ fn a_failing_rank_fails_the_step_everywhere_and_the_next_step_runs() {
     // The group recovered: the same step on the right cache matches transformers.
     let logits = split.forward(&ctx, &good).unwrap();
     assert!(max_abs_diff(&logits, &g.logits[1]) < F32_ATOL);
+
+    // Rank 0 failing alone (a group of one rank, a token outside the vocabulary): the
+    // group recovers too, and the next step runs.
+    let one = load_sharded_model(&dir, DType::F32, ParallelLayout::single());
+    let cache = one.new_cache(8, 16).unwrap();
+    let mut b = moe_engine::BatchBuilder::new(16);
+    b.push(&moe_engine::SeqChunk {
+        tokens: vec![5, 100_000],
+        start_pos: 0,
+        block_table: vec![0],
+        logits: moe_engine::LogitRows::All,
+    })
+    .unwrap();
+    let bad = b.tensors(one.device()).unwrap();
+    let err = one.forward(&bad.ctx(None), &cache).unwrap_err().to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+    let t = batch(vec![0]);
+    let logits = one.forward(&t.ctx(None), &cache).unwrap();
+    assert!(max_abs_diff(&logits, &g.logits[1]) < F32_ATOL);
 }
 
 #[test]
 fn inspects_per_rank_estimate_is_what_the_ranks_hold() {
     // The config-only estimate `moe inspect` prints against the bytes the ranks hold.
-    for m in [
-        "deepseek-v3",
-        "deepseek-v32",
-        "qwen3-moe",
-        "minimax-m2",
-        "kimi-k25-int4",
-        "deepseek-v3-fp8",
-    ] {
+    for m in BYTES_MODELS {
         let dir = fixture(m);
         let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
         for layout in layouts().into_iter().skip(1) {
-            let held = *load_sharded_model(&dir, DType::F32, layout)
-                .resident_bytes_per_rank()
-                .iter()
-                .max()
-                .unwrap() as f64;
+            let held = *rank_bytes(&dir, layout).iter().max().unwrap() as f64;
             let estimate = moe_models::inspect::rank_weight_bytes(&config, layout, 4) as f64;
             let off = (estimate - held).abs() / held;
             eprintln!(

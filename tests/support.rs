@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moe_engine::runner::ModelRunner;
-use moe_engine::{Engine, EngineConfig, TextTokenizer};
+use moe_engine::{Engine, EngineConfig, GenerationRequest, TextTokenizer};
 use moe_models::parallel::{comm, load_sharded};
 use moe_models::{load_model as build_model, Model, ModelConfig, ModelFiles, Weights};
 use moe_models::{LoadOptions, ParallelLayout, ShardedModel};
@@ -152,6 +152,20 @@ pub fn dir_tokenizer(dir: &Path) -> Arc<TextTokenizer> {
 /// The fixture tokenizer (byte-level BPE with a chat template).
 pub fn fixture_tokenizer() -> Arc<TextTokenizer> {
     dir_tokenizer(&fixture("deepseek-v3"))
+}
+
+/// Greedy requests for `prompts`, `max_tokens` each, EOS ignored (the fixtures' goldens
+/// continue through it).
+pub fn greedy_requests(prompts: &[Vec<u32>], max_tokens: usize) -> Vec<GenerationRequest> {
+    prompts
+        .iter()
+        .map(|p| GenerationRequest {
+            prompt_token_ids: p.clone(),
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// Cache and step limits of a test engine.

@@ -26,6 +26,8 @@ struct Shared {
 /// What a rank brings to an exchange.
 #[derive(Debug, Clone)]
 struct Deposit {
+    /// The collective it is in (every rank must be in the same one).
+    op: &'static str,
     tensor: Tensor,
     /// All-to-all: rows for each destination rank.
     counts: Vec<usize>,
@@ -39,13 +41,14 @@ struct State {
     filling: Vec<Option<Deposit>>,
     /// The deposits of the last completed exchange, in rank order.
     published: Arc<Vec<Deposit>>,
-    aborted: bool,
+    /// The rank that aborted the group first, until it recovers.
+    aborted_by: Option<usize>,
 }
 
 impl LocalGroup {
-    /// The handles of a new group of `size` ranks, in rank order (hand one to each thread).
+    /// The handles of a new group of `size` ranks, in rank order (hand one to each thread;
+    /// none for a size of 0).
     pub fn new(size: usize) -> Vec<LocalGroup> {
-        assert!(size > 0, "a group needs at least one rank");
         let shared = Arc::new(Shared {
             size,
             state: Mutex::new(State {
@@ -53,7 +56,7 @@ impl LocalGroup {
                 arrived: 0,
                 filling: vec![None; size],
                 published: Arc::new(Vec::new()),
-                aborted: false,
+                aborted_by: None,
             }),
             turn: Condvar::new(),
         });
@@ -72,16 +75,18 @@ impl LocalGroup {
     }
 
     /// Deposits `tensor` (and `counts`) and waits for every rank's; returns them in rank order.
-    fn exchange(&self, op: &str, tensor: &Tensor, counts: Vec<usize>) -> Result<Arc<Vec<Deposit>>> {
+    /// Every rank must call the same collective (`op`); a mismatch fails on every rank.
+    fn exchange(&self, op: &'static str, tensor: &Tensor, counts: Vec<usize>) -> Result<Arc<Vec<Deposit>>> {
         let mut s = self.lock();
-        if s.aborted {
-            bail!("{op}: the collective was aborted (another rank failed)");
+        if let Some(by) = s.aborted_by {
+            bail!("{op}: the collective was aborted (rank {by} failed)");
         }
         if s.filling[self.rank].is_some() {
             bail!("{op}: rank {} entered a collective twice", self.rank);
         }
         let my_round = s.round;
         s.filling[self.rank] = Some(Deposit {
+            op,
             tensor: tensor.clone(),
             counts,
         });
@@ -96,18 +101,34 @@ impl LocalGroup {
             s.arrived = 0;
             s.round += 1;
             self.shared.turn.notify_all();
-            return Ok(s.published.clone());
+            let all = s.published.clone();
+            drop(s);
+            return same_op(op, all);
         }
-        while s.round == my_round && !s.aborted {
+        while s.round == my_round && s.aborted_by.is_none() {
             s = self.shared.turn.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         if s.round == my_round {
-            bail!("{op}: the collective was aborted (another rank failed)");
+            let by = s.aborted_by.unwrap_or(self.rank);
+            bail!("{op}: the collective was aborted (rank {by} failed)");
         }
         // The next round cannot complete before this rank joins it, so `published` is still
         // this round's.
-        Ok(s.published.clone())
+        let all = s.published.clone();
+        drop(s);
+        same_op(op, all)
     }
+}
+
+/// Checks that every rank called the same collective.
+fn same_op(op: &str, all: Arc<Vec<Deposit>>) -> Result<Arc<Vec<Deposit>>> {
+    if let Some((rank, d)) = all.iter().enumerate().find(|(_, d)| d.op != op) {
+        bail!(
+            "{op}: rank {rank} called {} at the same point (the ranks ran different steps)",
+            d.op
+        );
+    }
+    Ok(all)
 }
 
 /// Checks that every rank brought a tensor of one shape and dtype.
@@ -195,6 +216,13 @@ impl Communicator for LocalGroup {
                     x.dims()
                 );
             }
+            if d.counts.len() != self.size() {
+                bail!(
+                    "all_to_all: rank {peer} sent {} counts among {} ranks",
+                    d.counts.len(),
+                    self.size()
+                );
+            }
             let offset: usize = d.counts[..self.rank].iter().sum();
             let len = d.counts[self.rank];
             if len != recv_counts[peer] {
@@ -225,13 +253,17 @@ impl Communicator for LocalGroup {
 
     fn abort(&self) {
         let mut s = self.lock();
-        s.aborted = true;
+        s.aborted_by.get_or_insert(self.rank);
         self.shared.turn.notify_all();
+    }
+
+    fn aborted_by(&self) -> Option<usize> {
+        self.lock().aborted_by
     }
 
     fn recover(&self) -> Result<()> {
         let mut s = self.lock();
-        s.aborted = false;
+        s.aborted_by = None;
         s.arrived = 0;
         s.filling.iter_mut().for_each(|d| *d = None);
         Ok(())

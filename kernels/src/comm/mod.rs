@@ -44,8 +44,12 @@ pub trait Communicator: Send + Sync + std::fmt::Debug {
     /// dtype, whose values are ignored).
     fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor>;
     /// Makes every collective in flight or to come fail on every rank, so that ranks that
-    /// wait for a rank that failed are released; see [`Communicator::recover`].
+    /// wait for a rank that failed are released; see [`Communicator::recover`]. Called by the
+    /// rank that failed: the group remembers it ([`Communicator::aborted_by`]).
     fn abort(&self);
+    /// The rank whose [`abort`](Communicator::abort) came first, until the group recovers:
+    /// the rank that failed, as opposed to the ranks whose collectives it aborted.
+    fn aborted_by(&self) -> Option<usize>;
     /// After an [`abort`](Communicator::abort), once no rank is inside a collective: makes
     /// the group usable again. Implementations that cannot recover return an error.
     fn recover(&self) -> Result<()>;
@@ -87,6 +91,9 @@ impl Communicator for SingleRank {
         Ok(x.clone())
     }
     fn abort(&self) {}
+    fn aborted_by(&self) -> Option<usize> {
+        None
+    }
     fn recover(&self) -> Result<()> {
         Ok(())
     }

@@ -109,11 +109,14 @@ fn abort_releases_waiting_ranks_and_recover_makes_the_group_usable() {
         .collect();
     thread::sleep(std::time::Duration::from_millis(50));
     g2.abort();
+    g0.abort(); // a rank that saw the abort and gives up too: the first stays the cause
     for w in waiting {
         assert!(w.join().unwrap(), "a waiting rank must get an error after abort");
     }
+    assert_eq!(g1.aborted_by(), Some(2));
     assert!(g2.all_gather(&values(2, 1)).is_err(), "collectives fail until recover");
     g2.recover().unwrap();
+    assert_eq!(g0.aborted_by(), None);
     let again = on_ranks_with(vec![g0, g1, g2], |g| {
         g.all_reduce_sum(&values(0, 1)).unwrap().to_vec2::<f32>().unwrap()
     });
@@ -137,6 +140,20 @@ fn on_ranks_with<T: Send + 'static>(
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn ranks_in_different_collectives_fail_instead_of_mixing_them() {
+    let errs = on_ranks(2, |g| {
+        let x = values(g.rank(), 2);
+        if g.rank() == 0 {
+            g.all_reduce_sum(&x).map(|_| ()).unwrap_err().to_string()
+        } else {
+            g.all_to_all(&x, &[1, 1], &[1, 1]).map(|_| ()).unwrap_err().to_string()
+        }
+    });
+    assert!(errs[0].contains("rank 1 called all_to_all"), "{}", errs[0]);
+    assert!(errs[1].contains("rank 0 called all_reduce"), "{}", errs[1]);
 }
 
 #[test]

@@ -49,9 +49,15 @@ enum WeightSource {
         dir: PathBuf,
     },
     /// Every tensor asked for is generated: normal with std `1/sqrt(fan_in)` for matrices,
-    /// ones for norm scales, zeros for biases (what a freshly initialised model holds).
-    Random,
+    /// ones for norm scales, zeros for biases (what a freshly initialised model holds). Each
+    /// tensor from its own seed (`seed` and its name), so the ranks of a split model make the
+    /// same values for the tensors every rank holds whole.
+    Random { seed: u64 },
 }
+
+/// Whole random tensors up to this many values are made on the host on the CPU (seeded;
+/// candle's CPU generator cannot be), larger ones by candle (unseeded there).
+const HOST_RANDOM_MAX: usize = 1 << 24;
 
 impl Weights {
     /// Opens the files and validates every header (offsets inside the file, dtypes known).
@@ -82,12 +88,12 @@ impl Weights {
     }
 
     /// Weights generated on `device` as they are asked for (synthetic models: real shapes,
-    /// no files). `seed` seeds the device generator where it can be seeded (CUDA); the CPU
-    /// generator cannot be, so CPU synthetic weights differ from run to run.
+    /// no files), each tensor from a seed made of `seed` and its name: the same values every
+    /// run on CUDA; on the CPU, whole tensors of up to 16M values too, while larger ones
+    /// (and parts of tensors) differ from run to run (candle's CPU generator has no seed).
     pub fn random(dtype: DType, device: &Device, seed: u64) -> Self {
-        let _ = device.set_seed(seed);
         Weights {
-            source: WeightSource::Random,
+            source: WeightSource::Random { seed },
             device: device.clone(),
             dtype,
             quant: None,
@@ -134,7 +140,7 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         match &self.source {
             WeightSource::Checkpoint { index, .. } => index.contains_key(name),
-            WeightSource::Random => name.ends_with("e_score_correction_bias"),
+            WeightSource::Random { .. } => name.ends_with("e_score_correction_bias"),
         }
     }
 
@@ -151,7 +157,7 @@ impl Weights {
     fn entry(&self, name: &str) -> Option<&HeaderEntry> {
         match &self.source {
             WeightSource::Checkpoint { index, .. } => index.get(name).map(|(_, e)| e),
-            WeightSource::Random => None,
+            WeightSource::Random { .. } => None,
         }
     }
 
@@ -223,15 +229,28 @@ impl Weights {
         Ok(v)
     }
 
-    /// `shape` (a part of a tensor whose rows have `fan_in` values) of random weights.
-    fn random_tensor(&self, name: &str, shape: &[usize], fan_in: usize, dtype: DType) -> Result<Tensor> {
+    /// `shape` (all of a tensor when `whole`, else a part of one whose rows have `fan_in`
+    /// values) of random weights.
+    fn random_tensor(&self, name: &str, shape: &[usize], fan_in: usize, whole: bool, dtype: DType) -> Result<Tensor> {
+        let WeightSource::Random { seed } = self.source else {
+            unreachable!("random_tensor is only called for random weights")
+        };
         let t = if name.ends_with("norm.weight") {
             Tensor::ones(shape, dtype, &self.device)?
         } else if name.ends_with("bias") || shape.len() < 2 {
             Tensor::zeros(shape, dtype, &self.device)?
         } else {
             let std = 1.0 / (fan_in as f32).sqrt();
-            Tensor::randn(0f32, std, shape, &self.device)?.to_dtype(dtype)?
+            let tensor_seed = name.bytes().fold(seed ^ 0x9E37_79B9_7F4A_7C15, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+            });
+            let count: usize = shape.iter().product();
+            if self.device.is_cpu() && whole && count <= HOST_RANDOM_MAX {
+                Tensor::from_vec(host_normals(tensor_seed, count, std), shape, &Device::Cpu)?.to_dtype(dtype)?
+            } else {
+                let _ = self.device.set_seed(tensor_seed);
+                Tensor::randn(0f32, std, shape, &self.device)?.to_dtype(dtype)?
+            }
         };
         Ok(t)
     }
@@ -262,6 +281,30 @@ impl Weights {
                 .get(0)?),
         }
     }
+}
+
+/// `count` normal values of standard deviation `std` from a generator seeded with `seed`
+/// (xorshift64, Box-Muller).
+fn host_normals(seed: u64, count: usize, std: f32) -> Vec<f32> {
+    let mut state = seed | 1;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        // 53 random bits in (0, 1].
+        ((state >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        let (u, v) = (uniform(), uniform());
+        let r = (-2.0 * u.ln()).sqrt();
+        let angle = std::f64::consts::TAU * v;
+        out.push((r * angle.cos()) as f32 * std);
+        if out.len() < count {
+            out.push((r * angle.sin()) as f32 * std);
+        }
+    }
+    out
 }
 
 /// Element types read straight from a file's little-endian bytes.

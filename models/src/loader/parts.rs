@@ -88,7 +88,10 @@ impl Weights {
                 };
                 t.to_dtype(dtype)?.to_device(&self.device)?
             }
-            WeightSource::Random => self.random_tensor(name, &dims, shape.last().copied().unwrap_or(1), dtype)?,
+            WeightSource::Random { .. } => {
+                let whole = part.iter().zip(shape).all(|(r, &d)| r.start == 0 && r.end == d);
+                self.random_tensor(name, &dims, shape.last().copied().unwrap_or(1), whole, dtype)?
+            }
         };
         self.count(t.elem_count() * dtype.size_in_bytes());
         Ok(t)
@@ -182,5 +185,32 @@ mod tests {
         assert_eq!(box_runs(&[3, 4, 2], &[1..3, 2..4, 0..2]), vec![(12, 4), (20, 4)]);
         // Empty part.
         assert!(box_runs(&[3, 4], &[0..0, 0..4]).is_empty());
+    }
+
+    #[test]
+    fn random_weights_held_whole_are_the_same_on_every_rank() {
+        // Two ranks' synthetic weights: a router gate (held whole) comes out alike, another
+        // tensor differently, and a part keeps the whole tensor's scale.
+        let (a, b) = (
+            Weights::random(DType::F32, &Device::Cpu, 0),
+            Weights::random(DType::F32, &Device::Cpu, 0),
+        );
+        let gate = |w: &Weights, name: &str| {
+            w.get(name, &[8, 64])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let g = gate(&a, "model.layers.1.mlp.gate.weight");
+        assert_eq!(g, gate(&b, "model.layers.1.mlp.gate.weight"));
+        assert_ne!(g, gate(&a, "model.layers.2.mlp.gate.weight"));
+        let std = (g.iter().map(|x| x * x).sum::<f32>() / g.len() as f32).sqrt();
+        assert!((std - 1.0 / 8.0).abs() < 0.02, "std {std}");
+        let part = a
+            .get_part("model.layers.1.self_attn.o_proj.weight", &[64, 64], &[0..64, 0..16])
+            .unwrap();
+        assert_eq!(part.dims(), &[64, 16]);
     }
 }

@@ -41,7 +41,7 @@ impl Weights {
             }
             ModuleQuant::Int4 { group_size } => Storage::Quant(QuantScheme::Int4 { group: group_size }, 1),
         };
-        if matches!(self.source, WeightSource::Random) {
+        if matches!(self.source, WeightSource::Random { .. }) {
             return Ok(declared.map_or(Storage::Plain, quant));
         }
         let weight = format!("{module}.weight");
@@ -86,7 +86,7 @@ impl Weights {
     fn dir(&self) -> std::path::PathBuf {
         match &self.source {
             WeightSource::Checkpoint { dir, .. } => dir.clone(),
-            WeightSource::Random => "synthetic".into(),
+            WeightSource::Random { .. } => "synthetic".into(),
         }
     }
 
@@ -207,7 +207,7 @@ impl Weights {
         let (module, n, k) = (p.module, p.n, p.k);
         let groups = p.held.groups(p.cols.len());
         let read_rows = p.rows.len();
-        if matches!(self.source, WeightSource::Random) {
+        if matches!(self.source, WeightSource::Random { .. }) {
             random_rows(module, p.held, dst);
             // Decoded weights of std ~ 1/sqrt(k), as the plain random weights have.
             let s = match p.scheme {

@@ -33,12 +33,12 @@ pub use moe_kernels::comm;
 pub struct ParallelLayout {
     /// Ranks in all (vLLM's `--tensor-parallel-size`): attention heads, dense MLPs, shared
     /// experts and the vocabulary are split over every one of them.
-    pub tensor_parallel: usize,
+    tensor_parallel: usize,
     /// Groups the routed experts are partitioned into. 1: every rank holds a slice of every
     /// expert; `tensor_parallel` (`--enable-expert-parallel`): each rank holds whole experts;
     /// in between, each group's experts are sliced over its `tensor_parallel /
     /// expert_parallel` ranks.
-    pub expert_parallel: usize,
+    expert_parallel: usize,
 }
 
 impl Default for ParallelLayout {
@@ -73,6 +73,16 @@ impl ParallelLayout {
     /// Ranks in all.
     pub fn ranks(&self) -> usize {
         self.tensor_parallel
+    }
+
+    /// Ranks in all (`--tensor-parallel-size`).
+    pub fn tensor_parallel(&self) -> usize {
+        self.tensor_parallel
+    }
+
+    /// Groups the routed experts are partitioned into (`--expert-parallel-size`).
+    pub fn expert_parallel(&self) -> usize {
+        self.expert_parallel
     }
 
     /// Ranks that share each expert group (each holding a slice of every expert of it).
@@ -146,6 +156,47 @@ impl ParallelLayout {
                     n,
                     TP,
                 )?;
+            }
+        }
+        self.check_int4_columns(config)
+    }
+
+    /// INT4 packs 8 weights in a word: a rank's columns of a row-parallel INT4 projection
+    /// (experts' and MLPs' down, o_proj) must start on a word.
+    fn check_int4_columns(&self, config: &ModelConfig) -> Result<()> {
+        use crate::config::ModuleQuant;
+        let Some(q) = &config.quantization else { return Ok(()) };
+        let int4 = |module: String| matches!(q.scheme_for(&module), Some(ModuleQuant::Int4 { .. }));
+        let root = config.names.model;
+        let n = self.tensor_parallel;
+        let mut columns: Vec<(usize, String, bool)> = Vec::new();
+        let heads_width = match &config.attention {
+            AttentionConfig::Mla(m) => m.num_heads * m.v_head_dim,
+            AttentionConfig::Gqa(g) => g.num_heads * g.head_dim,
+        };
+        let attn = int4(format!("{root}.layers.0.self_attn.o_proj"));
+        columns.push((heads_width / n, "the attention heads' width a rank holds".into(), attn));
+        if let Some(l) = (0..config.num_hidden_layers).find(|&l| !config.is_moe_layer(l)) {
+            let dense = int4(format!("{root}.layers.{l}.mlp.down_proj"));
+            columns.push((config.intermediate_size / n, "intermediate_size / ranks".into(), dense));
+        }
+        if let (Some(moe), Some(l)) = (
+            &config.moe,
+            (0..config.num_hidden_layers).find(|&l| config.is_moe_layer(l)),
+        ) {
+            let block = format!("{root}.layers.{l}.{}", moe.names.block);
+            let experts = int4(format!("{block}.experts.0.{}", moe.names.experts.down));
+            let slice = moe.moe_intermediate_size / self.expert_slices();
+            columns.push((slice, "moe_intermediate_size / ranks per expert group".into(), experts));
+            let shared = int4(format!("{block}.{}.down_proj", moe.names.shared_experts));
+            let width = moe.moe_intermediate_size * moe.n_shared_experts / n;
+            columns.push((width, "the shared experts' width / ranks".into(), shared));
+        }
+        for (width, what, packed) in columns {
+            if packed && n > 1 && width % 8 != 0 {
+                return Err(ModelError::Parallel(format!(
+                    "{what} = {width} is not a multiple of 8, which INT4 columns split at (--tensor-parallel-size / --expert-parallel-size)"
+                )));
             }
         }
         Ok(())
@@ -229,7 +280,7 @@ impl Shard {
 
     /// The routed experts this rank holds (a slice of each).
     pub fn experts(&self, num_experts: usize) -> Result<Range<usize>> {
-        let groups = self.layout.expert_parallel;
+        let groups = self.layout.expert_parallel();
         let group = self.rank() / self.layout.expert_slices();
         split_range(num_experts, groups, group, "n_routed_experts")
     }

@@ -198,11 +198,6 @@ fn run_rank(model: &dyn CausalLm, job: &Job) -> Result<()> {
     model.forward(&ctx, &job.cache).map(|_| ())
 }
 
-/// Whether `e` only says that a collective was aborted because some rank failed.
-fn is_abort(e: &ModelError) -> bool {
-    e.to_string().contains("collective was aborted")
-}
-
 impl ShardedModel {
     pub fn layout(&self) -> ParallelLayout {
         self.layout
@@ -221,6 +216,11 @@ impl ShardedModel {
 
 impl Drop for ShardedModel {
     fn drop(&mut self) {
+        // No step is in flight (forward waits for every rank); aborting releases any rank
+        // that is somehow still waiting, so the joins below cannot hang.
+        if !self.peers.is_empty() {
+            self.comm.abort();
+        }
         for peer in &mut self.peers {
             // Closing the job channel ends the worker's loop.
             let (closed, _) = channel();
@@ -291,7 +291,8 @@ impl CausalLm for ShardedModel {
             }
         }
         let lead = if failures.is_empty() {
-            self.lead.forward(ctx, cache)
+            catch_unwind(AssertUnwindSafe(|| self.lead.forward(ctx, cache)))
+                .unwrap_or_else(|_| Err(ModelError::Parallel("rank 0 panicked in its forward".into())))
         } else {
             Err(ModelError::Parallel("the step did not start on every rank".into()))
         };
@@ -309,19 +310,25 @@ impl CausalLm for ShardedModel {
                 failures.push((i + 1, e));
             }
         }
-        if failures.is_empty() {
+        if failures.is_empty() && lead.is_ok() {
             return lead;
         }
         if let Err(e) = lead {
             failures.insert(0, (0, e));
         }
-        self.comm.recover()?;
-        // The first failure that is not just another rank's abort is the cause.
-        let pick = failures.iter().position(|(_, e)| !is_abort(e)).unwrap_or(0);
+        // The cause is the failure of the rank that aborted first (the others' collectives
+        // were only aborted by it).
+        let cause_rank = self.comm.aborted_by().unwrap_or(failures[0].0);
+        let pick = failures.iter().position(|(r, _)| *r == cause_rank).unwrap_or(0);
         let (rank, cause) = failures.swap_remove(pick);
-        Err(match cause {
+        let cause = match cause {
             e @ (ModelError::Input(_) | ModelError::Parallel(_)) if rank == 0 => e,
             e => ModelError::Parallel(format!("rank {rank}: {e}")),
-        })
+        };
+        // Every rank is out of its collectives now: the group can start over.
+        match self.comm.recover() {
+            Ok(()) => Err(cause),
+            Err(e) => Err(ModelError::Parallel(format!("{cause}; and {e}"))),
+        }
     }
 }

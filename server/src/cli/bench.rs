@@ -282,8 +282,8 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
         "dtype": model_args.dtype,
         "router": model_args.router,
         "device": model_args.device,
-        "tensor_parallel_size": layout.tensor_parallel,
-        "expert_parallel_size": layout.expert_parallel,
+        "tensor_parallel_size": layout.tensor_parallel(),
+        "expert_parallel_size": layout.expert_parallel(),
     });
     let engine = Arc::new(Engine::start(runner, None, engine_config)?);
     let workload = Workload::generate(&spec);
@@ -322,7 +322,7 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
                 RunHooks {
                     before_run: &restart,
                     expert_load: &expert_load,
-                    expert_groups: layout.expert_parallel,
+                    expert_groups: layout.expert_parallel(),
                 },
             )
             .await,

@@ -208,7 +208,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.routing_stats {
         let load = engine.expert_load().unwrap_or_default();
-        let groups = args.model.layout()?.expert_parallel;
+        let groups = args.model.layout()?.expert_parallel();
         let text = serde_json::to_string_pretty(&ExpertLoadReport::of(&load, groups))?;
         std::fs::write(path, text + "\n").with_context(|| format!("--routing-stats: writing {}", path.display()))?;
     }

@@ -77,8 +77,8 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             "quantization": cfg.quantization.as_ref().map(|q| q.describe()),
             "weights": weights,
             "parallel": per_rank.map(|bytes| serde_json::json!({
-                "tensor_parallel_size": layout.tensor_parallel,
-                "expert_parallel_size": layout.expert_parallel,
+                "tensor_parallel_size": layout.tensor_parallel(),
+                "expert_parallel_size": layout.expert_parallel(),
                 "weight_bytes_per_rank": bytes,
             })),
             "layers": cfg.num_hidden_layers,

@@ -175,7 +175,8 @@ impl ModelArgs {
         let devices = rank_devices(&device, layout.ranks())?;
         let open = |rank: usize| -> moe_models::Result<Weights> {
             let weights = match &files {
-                None => Weights::random(dtype, &devices[rank], rank as u64),
+                // One seed for every rank: the tensors every rank holds whole come out alike.
+                None => Weights::random(dtype, &devices[rank], 0),
                 Some(files) => Weights::open(files, dtype, &devices[rank])?,
             };
             Ok(weights.for_config(&config))

@@ -14,7 +14,7 @@ use moe_kernels::comm::exchange_counts;
 
 use super::router::Routing;
 use super::MoeBlock;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 
 /// Where one copy of a token's row goes.
 struct Send {
@@ -34,20 +34,8 @@ impl MoeBlock {
         let layout = self.shard.layout();
         let (tokens, hidden) = x.dims2()?;
         let k = routing.top_k;
-        if routing.expert_ids.len() != tokens * k {
-            return Err(ModelError::Input(format!(
-                "routing covers {} slots, expected {}",
-                routing.expert_ids.len(),
-                tokens * k
-            )));
-        }
-        if let Some(&e) = routing.expert_ids.iter().find(|&&e| e as usize >= self.num_experts) {
-            return Err(ModelError::Input(format!(
-                "router chose expert {e} of {}",
-                self.num_experts
-            )));
-        }
-        let per_rank = self.num_experts / layout.expert_parallel;
+        routing.check(tokens, self.num_experts)?;
+        let per_rank = self.num_experts / layout.expert_parallel();
         let chunk = tokens.div_ceil(ranks);
         let mine = (rank * chunk).min(tokens)..((rank + 1) * chunk).min(tokens);
 

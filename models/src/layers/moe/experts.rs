@@ -14,7 +14,7 @@ use moe_kernels::moe::{grouped_expert_mlp, permute_by_expert, ExpertWeights};
 
 use super::router::Routing;
 use crate::config::ExpertProjNames;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::loader::Weights;
 
 #[derive(Debug, Clone)]
@@ -102,21 +102,8 @@ impl Experts {
     /// `x`: `[tokens, H]`; returns `Σ_j weight_j · expert_{id_j}(x)` per token, `[tokens, H]`,
     /// through the shared grouped reference (`moe_kernels::moe::grouped_expert_mlp`).
     pub fn forward(&self, x: &Tensor, routing: &Routing) -> Result<Tensor> {
-        let tokens = x.dims2()?.0;
         let k = routing.top_k;
-        if routing.expert_ids.len() != tokens * k || routing.weights.len() != tokens * k {
-            return Err(ModelError::Input(format!(
-                "routing covers {} slots, expected {}",
-                routing.expert_ids.len(),
-                tokens * k
-            )));
-        }
-        if let Some(&e) = routing.expert_ids.iter().find(|&&e| e as usize >= self.num_experts) {
-            return Err(ModelError::Input(format!(
-                "router chose expert {e} of {}",
-                self.num_experts
-            )));
-        }
+        routing.check(x.dims2()?.0, self.num_experts)?;
         // One row per slot: the host path has no GEMM tile to pad to.
         let perm = permute_by_expert(&routing.expert_ids, self.num_experts, 1);
         let weights = ExpertWeights {

@@ -121,7 +121,7 @@ impl MoeBlock {
     /// on the host and runs the reference experts (dispatched to their ranks when
     /// partitioned).
     pub fn forward(&self, x: &Tensor, trace: Option<&RoutingTrace>) -> Result<Tensor> {
-        if self.shard.layout().expert_parallel > 1 {
+        if self.shard.layout().expert_parallel() > 1 {
             let routing = self.route(x, trace)?;
             return self.forward_dispatched(x, &routing);
         }

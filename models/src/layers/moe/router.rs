@@ -40,6 +40,24 @@ pub struct Routing {
     pub weights: Vec<f32>,
 }
 
+impl Routing {
+    /// Checks that this routing covers `tokens` tokens and names only experts below
+    /// `num_experts` (a custom router could break either).
+    pub fn check(&self, tokens: usize, num_experts: usize) -> Result<()> {
+        let slots = tokens * self.top_k;
+        if self.expert_ids.len() != slots || self.weights.len() != slots {
+            return Err(ModelError::Input(format!(
+                "routing covers {} slots, expected {slots}",
+                self.expert_ids.len()
+            )));
+        }
+        if let Some(&e) = self.expert_ids.iter().find(|&&e| e as usize >= num_experts) {
+            return Err(ModelError::Input(format!("router chose expert {e} of {num_experts}")));
+        }
+        Ok(())
+    }
+}
+
 /// A routing strategy. Implementations must be deterministic for a given input.
 pub trait Router: Send + Sync + Debug {
     /// A one-line description (shown by `moe inspect` and in logs).
