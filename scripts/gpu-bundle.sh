@@ -71,12 +71,16 @@ cat > "$DEST/run.sh" <<'RUN'
 # 13 user-space libraries (cuBLAS, cuRAND, NVRTC, NCCL) from a CUDA toolkit or PyTorch's
 # wheels. Run it from the repository root: tests/cuda_parallel reads tests/fixtures.
 set -uo pipefail
+# Parts of the bundle may be carried alone (tests/ in one run, bin/ and benches/ in another:
+# with the source tree, the whole bundle exceeds what one remote run may carry): what is
+# absent is skipped.
+shopt -s nullglob
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 # Unpack the xz-compressed executables (python's lzma: no xz binary needed).
 WORK=${MOE_GPU_WORK:-$(mktemp -d)}
-for f in $(cd "$HERE" && find bin tests benches -name '*.xz'); do
+for f in $(cd "$HERE" && find bin tests benches -name '*.xz' 2>/dev/null); do
   mkdir -p "$WORK/$(dirname "$f")"
   python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
     "$HERE/$f" "$WORK/${f%.xz}"
