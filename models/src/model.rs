@@ -24,6 +24,11 @@ pub trait CausalLm: Send + Sync {
     /// Descriptions of the router of each MoE layer (`(layer, description)`).
     fn routers(&self) -> Vec<(usize, String)>;
 
+    /// Ranks the model is split over (each holds its own part of the weights and the cache).
+    fn ranks(&self) -> usize {
+        1
+    }
+
     /// What one token of one layer keeps in the cache.
     fn kv_cache_spec(&self) -> KvCacheSpec {
         self.config().kv_cache_spec()
@@ -88,6 +93,9 @@ impl<T: CausalLm + ?Sized> CausalLm for Box<T> {
     }
     fn routers(&self) -> Vec<(usize, String)> {
         (**self).routers()
+    }
+    fn ranks(&self) -> usize {
+        (**self).ranks()
     }
     fn kv_cache_spec(&self) -> KvCacheSpec {
         (**self).kv_cache_spec()

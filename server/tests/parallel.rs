@@ -214,3 +214,35 @@ fn bench_reports_the_load_of_each_expert_parallel_rank() {
         assert!(groups["imbalance"].as_f64().unwrap() >= 1.0);
     }
 }
+
+#[test]
+fn cpu_ranks_share_the_kv_cache_budget() {
+    // CPU ranks share the host's memory: --kv-cache-memory is the total, split over them.
+    let dir = fixture("qwen3-moe");
+    let o = run_moe(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "5,6,7",
+        "--max-tokens",
+        "2",
+        "--tensor-parallel-size",
+        "4",
+        "--kv-cache-memory",
+        "8MiB",
+        "-v",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    // 2 MiB a rank; a rank keeps 1 of the 2 kv heads: 3 layers x (16 + 16) x 4 bytes a token.
+    let per_token = 3 * 32 * 4;
+    let blocks = (2 << 20) / (per_token * 16);
+    let mib = (blocks * 16 * per_token) >> 20;
+    assert!(
+        err.contains(&format!(
+            "KV cache: {blocks} blocks of 16 tokens ({mib} MiB a rank, on each of 4 ranks"
+        )),
+        "{err}"
+    );
+}

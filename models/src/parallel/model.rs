@@ -249,6 +249,10 @@ impl CausalLm for ShardedModel {
         self.lead.routers()
     }
 
+    fn ranks(&self) -> usize {
+        self.layout.ranks()
+    }
+
     fn kv_cache_spec(&self) -> KvCacheSpec {
         self.lead.kv_cache_spec()
     }

@@ -21,8 +21,9 @@ pub struct EngineArgs {
     #[arg(long)]
     pub max_model_len: Option<usize>,
 
-    /// KV-cache size in bytes on the CPU, e.g. 2GiB, 512MiB, 1000000000 (default: enough for
-    /// max-num-seqs full-length sequences, at most 4GiB).
+    /// KV-cache size in bytes, e.g. 2GiB, 512MiB, 1000000000 (default: enough for max-num-seqs
+    /// full-length sequences, at most 4GiB): per GPU for a model split over GPUs, in all for
+    /// one split over CPU ranks (they share the host's memory).
     #[arg(long, value_parser = parse_bytes)]
     pub kv_cache_memory: Option<usize>,
 
@@ -77,24 +78,37 @@ impl EngineArgs {
             );
         }
         let spec = model.kv_cache_spec();
+        // What one rank keeps per token; CPU ranks share one memory, GPU ranks have their own.
         let per_token = spec.bytes_per_token(cfg.num_hidden_layers, model.dtype());
+        let sharing = if model.device().is_cpu() {
+            model.ranks().max(1)
+        } else {
+            1
+        };
         let bytes = self.kv_cache_memory.unwrap_or_else(|| {
             let wanted = self
                 .max_num_seqs
                 .saturating_mul(max_model_len)
-                .saturating_mul(per_token);
+                .saturating_mul(per_token)
+                .saturating_mul(sharing);
             wanted.min(4 << 30)
-        });
+        }) / sharing;
         let num_blocks =
             ModelRunner::blocks_for_memory(&spec, cfg.num_hidden_layers, model.dtype(), bytes, self.block_size);
+        let ranks = model.ranks();
+        let per_rank = if ranks > 1 {
+            format!(" a rank, on each of {ranks} ranks")
+        } else {
+            String::new()
+        };
         if num_blocks * self.block_size < max_model_len {
             anyhow::bail!(
-                "--kv-cache-memory {bytes} bytes holds {} tokens ({per_token} bytes each), fewer than --max-model-len {max_model_len}",
+                "--kv-cache-memory: {bytes} bytes{per_rank} hold {} tokens ({per_token} bytes each), fewer than --max-model-len {max_model_len}",
                 num_blocks * self.block_size
             );
         }
         tracing::info!(
-            "KV cache: {num_blocks} blocks of {} tokens ({} MiB; {}, {per_token} bytes a token)",
+            "KV cache: {num_blocks} blocks of {} tokens ({} MiB{per_rank}; {}, {per_token} bytes a token)",
             self.block_size,
             (num_blocks * self.block_size * per_token) >> 20,
             spec.describe()
