@@ -7,9 +7,9 @@
 //! their storage (like [`crate::write_latent_cache`]); the caller must not rely on any other
 //! tensor sharing that storage staying unchanged.
 //!
-//! Nothing here has run on a GPU yet: `tests/cuda_kernels.rs`, `tests/cuda_moe.rs`,
-//! `tests/cuda_gqa.rs` and `tests/cuda_dsa.rs` compare each kernel with its reference; `benches/cuda_mla_decode.rs`,
-//! `benches/cuda_gqa_decode.rs` and `benches/cuda_moe_layer.rs` time the decode kernels and one
+//! Nothing here has run on a GPU yet: the modules of `tests/cuda/` (one test binary, `cuda`)
+//! compare each kernel with its reference; those of `benches/cuda/` (one bench binary) time
+//! the MLA, GQA and DSA decode kernels and one
 //! MoE layer.
 
 mod decode;

@@ -3,15 +3,14 @@
 //! index_topk 2048), bf16, 1 and 16 sequences at 8k, 32k and 128k tokens of context.
 //! Dense: `paged_mla_decode` over every position. Sparse: `dsa_indexer_topk` (scores every
 //! position, keeps 2048) then `sparse_mla_decode` over them, timed together and apart.
-//! Needs a GPU: `cargo bench -p moe-kernels --features cuda --bench cuda_dsa_decode`.
+//! Needs a GPU: `cargo bench -p moe-kernels --features cuda --bench cuda dsa_decode`.
 
 use candle_core::{DType, Device, Result, Tensor};
 use moe_kernels::cuda::{dsa_indexer_topk, paged_mla_decode, sparse_mla_decode, MlaDecodeParams};
 
-mod common;
-use common::time_ms;
+use crate::timing::time_ms;
 
-fn main() -> Result<()> {
+pub fn run() -> Result<()> {
     let dev = Device::new_cuda(0)?;
     let (heads, d, dv, ih, id, topk, block) = (128usize, 576usize, 512usize, 64usize, 128usize, 2048usize, 64usize);
     println!("seqs context  dense us  indexer us  sparse attn us  sparse total us  sparse/dense");

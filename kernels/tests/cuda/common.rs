@@ -1,5 +1,4 @@
-//! Helpers shared by the GPU test files: a deterministic RNG and device transfers.
-#![allow(dead_code)]
+//! Helpers shared by the GPU tests: a deterministic RNG and device transfers.
 
 use candle_core::{DType, Device, Tensor};
 

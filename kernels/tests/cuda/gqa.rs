@@ -15,14 +15,11 @@
 //! noise) and cosine >= 0.99999 per sequence (bf16 rounding alone gives ~1 - 1e-6); f32 allows
 //! `2e-5 + 1e-4 |ref|` and cosine >= 0.999999. A wrong head mapping, mask, slot or merge moves
 //! outputs by >= 1e-2.
-#![cfg(feature = "cuda")]
-
 use candle_core::{DType, Device, Result, Tensor};
 use moe_kernels::cuda::{kv_cache_write, paged_gqa_decode, GqaDecodeParams};
 use moe_kernels::{paged_gqa_attention, write_kv_cache, PagedSeq};
 
-mod common;
-use common::{gpu, host, slot_tensor, Rng};
+use crate::common::{gpu, host, slot_tensor, Rng};
 
 /// One decode batch: caches written on both devices, block tables, the reference's sequences.
 struct Batch {

@@ -1,5 +1,5 @@
 //! Times `paged_mla_decode` (bf16) with CUDA events and prints achieved cache bandwidth.
-//! Needs a GPU: `cargo bench -p moe-kernels --features cuda --bench cuda_mla_decode`
+//! Needs a GPU: `cargo bench -p moe-kernels --features cuda --bench cuda mla_decode`
 //! (or build with `--no-run` and run the binary on the GPU machine).
 //! GB/s counts the latent rows read once (S * context * 576 * 2 bytes) plus q and the output;
 //! H100 SXM copies at about 3.0 TB/s.
@@ -8,10 +8,9 @@ use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::{DType, Device, Result, Tensor};
 use moe_kernels::cuda::{decode_split_plan, paged_mla_decode, MlaDecodeParams};
 
-mod common;
-use common::time_ms;
+use crate::timing::time_ms;
 
-fn main() -> Result<()> {
+pub fn run() -> Result<()> {
     let dev = Device::new_cuda(0)?;
     let Device::Cuda(cuda) = &dev else { unreachable!() };
     let stream = cuda.cuda_stream();

@@ -6,14 +6,11 @@
 //! bf16 rounding boundary: at most one bf16 ulp (2^-8 relative) of the value. Decode
 //! accumulates in a different order (tiles, splits, online softmax) and rounds its output to
 //! bf16: abs error <= 2e-2 + 1e-2 * |ref| and cosine similarity >= 0.9999 per sequence.
-#![cfg(feature = "cuda")]
-
 use candle_core::{DType, Device, Result, Tensor};
 use moe_kernels::cuda::{latent_cache_write, paged_mla_decode, rmsnorm_residual, rope_inplace, MlaDecodeParams};
 use moe_kernels::{paged_mla_attention, reference, write_latent_cache, PagedSeq};
 
-mod common;
-use common::{gpu, host, slot_tensor, Rng};
+use crate::common::{gpu, host, slot_tensor, Rng};
 
 fn max_ulp_violation(got: &[f32], want: &[f32]) -> f32 {
     got.iter()

@@ -7,14 +7,11 @@
 //! read the same rounded keys but sum in another order, so a score within rounding of the
 //! k-th may swap: at most 0.5% of the selected positions may differ. Sparse decode: abs
 //! error <= 2e-2 + 1e-2 * |ref| on the bf16 output (f32: 1e-4), as the dense decode test.
-#![cfg(feature = "cuda")]
-
 use candle_core::{DType, Device, Result, Tensor};
 use moe_kernels::cuda::{dsa_indexer_topk, sparse_mla_decode, MlaDecodeParams};
 use moe_kernels::{indexer_topk, sparse_mla_attention, PagedSeq};
 
-mod common;
-use common::{gpu, host, Rng};
+use crate::common::{gpu, host, Rng};
 
 struct Paged {
     seqs: Vec<PagedSeq>,

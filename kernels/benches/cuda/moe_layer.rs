@@ -5,7 +5,7 @@
 //! gather, the gate/up GEMM, SiLU-and-multiply, the down GEMM, the weighting and an
 //! index-add). Both run on the same GPU in one process; times from CUDA events.
 //!
-//! Needs a GPU: `cargo bench -p moe-kernels --features cuda --bench cuda_moe_layer` (or build
+//! Needs a GPU: `cargo bench -p moe-kernels --features cuda --bench cuda moe_layer` (or build
 //! with `--no-run` and run the binary on the GPU machine). TFLOP/s counts 6 * slots * H * I;
 //! GB/s counts the active experts' weights read once plus the activations each path moves.
 //! H100 SXM: ~3.0 TB/s measured copy, ~800 TFLOP/s bf16 dense.
@@ -13,8 +13,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 use moe_kernels::cuda::moe_experts;
 
-mod common;
-use common::time_ms;
+use crate::timing::time_ms;
 
 const EXPERTS: usize = 64;
 const TOP_K: usize = 6;
@@ -32,7 +31,7 @@ impl Rng {
     }
 }
 
-fn main() -> Result<()> {
+pub fn run() -> Result<()> {
     let dev = Device::new_cuda(0)?;
     let gate_up = (Tensor::randn(0f32, 1.0, (EXPERTS, 2 * INTER, HIDDEN), &dev)? * 0.02)?.to_dtype(DType::BF16)?;
     let down = (Tensor::randn(0f32, 1.0, (EXPERTS, HIDDEN, INTER), &dev)? * 0.02)?.to_dtype(DType::BF16)?;

@@ -15,8 +15,6 @@
 //!   2^-9 of the output's RMS after the sum) and the output to bf16 (2^-9 of the value), and
 //!   accumulates in another order. Allowed per element: 1e-2 * rms(row) + 2^-8 * |ref|, and a
 //!   cosine similarity >= 0.9999 per token.
-#![cfg(feature = "cuda")]
-
 use candle_core::{DType, Device, Result, Tensor};
 use moe_kernels::cuda::{moe_experts, moe_permute, moe_route, TILE_ROWS};
 use moe_kernels::dense::Weight;
@@ -24,8 +22,7 @@ use moe_kernels::moe::{
     grouped_expert_mlp, permute_by_expert, route, ExpertWeights, RoutingMethod, RoutingParams, Scoring,
 };
 
-mod common;
-use common::{gpu, host, Rng};
+use crate::common::{gpu, host, Rng};
 
 fn u32s(t: &Tensor) -> Vec<u32> {
     t.to_device(&Device::Cpu)

@@ -1,6 +1,6 @@
 //! Times `paged_gqa_decode` (bf16) with CUDA events at the Qwen3-30B-A3B attention shape (32
 //! query heads over 4 kv heads, head dim 128, block size 16) and prints the achieved bandwidth.
-//! Needs a GPU: `cargo bench -p moe-kernels --features cuda --bench cuda_gqa_decode`
+//! Needs a GPU: `cargo bench -p moe-kernels --features cuda --bench cuda gqa_decode`
 //! (or build with `--no-run` and run the binary on the GPU machine).
 //! GB/s counts the K and V bytes read (S * context * kv_heads * 128 * 2 bytes each; q and the
 //! output add < 0.1% at context 1k); the H200 copies at about 4.3 TB/s.
@@ -9,10 +9,9 @@ use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::{DType, Device, Result, Tensor};
 use moe_kernels::cuda::{gqa_decode_split_plan, paged_gqa_decode, GqaDecodeParams};
 
-mod common;
-use common::time_ms;
+use crate::timing::time_ms;
 
-fn main() -> Result<()> {
+pub fn run() -> Result<()> {
     let dev = Device::new_cuda(0)?;
     let Device::Cuda(cuda) = &dev else { unreachable!() };
     let sms = cuda
