@@ -70,9 +70,7 @@ cat > "$DEST/run.sh" <<'RUN'
 # 13 user-space libraries (cuBLAS, cuRAND, NVRTC, NCCL) from a CUDA toolkit or PyTorch's
 # wheels. Run it from the repository root: tests/cuda_parallel reads tests/fixtures.
 set -uo pipefail
-# Parts of the bundle may be carried alone (tests/ in one run, bin/ and benches/ in another:
-# with the source tree, the whole bundle exceeds what one remote run may carry): what is
-# absent is skipped.
+# Parts of the bundle may be carried alone: what is absent is skipped.
 shopt -s nullglob
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-$PWD/gpu-out}
@@ -105,7 +103,28 @@ print(":".join(sorted(dirs)))
 PY
 )
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/device.csv" 2>&1
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > "$OUT/environment.txt"
+# Stop early, with a clear message, when the machine cannot run the bundle: no driver or GPU,
+# or a library the executables link that is not found (ldd's view, written to $OUT).
+if ! nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/device.csv" 2>&1; then
+  echo "no usable NVIDIA driver or GPU (nvidia-smi failed):" | tee -a "$OUT/summary.txt"
+  tee -a "$OUT/summary.txt" < "$OUT/device.csv"
+  exit 2
+fi
+missing=0
+for exe in "$WORK"/bin/* "$WORK"/tests/* "$WORK"/benches/*; do
+  ldd "$exe" >> "$OUT/ldd.txt" 2>&1
+  if ldd "$exe" | grep -q "not found"; then
+    echo "$(basename "$exe") cannot load: $(ldd "$exe" | grep "not found" | awk '{print $1}' | tr '\n' ' ')" |
+      tee -a "$OUT/summary.txt"
+    missing=1
+  fi
+done
+if [ "$missing" = 1 ]; then
+  echo "missing libraries (see ldd.txt; LD_LIBRARY_PATH in environment.txt): stopping" | tee -a "$OUT/summary.txt"
+  exit 2
+fi
+cat "$OUT/device.csv" | tee -a "$OUT/summary.txt"
 status=0
 for t in "$WORK"/tests/*; do
   name=$(basename "$t")
