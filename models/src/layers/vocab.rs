@@ -130,3 +130,94 @@ impl VocabHead {
         Ok(all.narrow(1, 0, self.vocab)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use candle_core::{DType, Device, Tensor};
+    use moe_kernels::comm::LocalGroup;
+
+    use super::*;
+    use crate::loader::ModelFiles;
+    use crate::parallel::ParallelLayout;
+
+    /// A vocabulary of 10 rows split over 3 ranks (4, 4 and 2 rows): every rank embeds every
+    /// id and computes every logit exactly as the whole tables would.
+    #[test]
+    fn an_uneven_vocabulary_split_gives_the_whole_tables_results() {
+        let (vocab, hidden) = (10usize, 4usize);
+        let embed: Vec<f32> = (0..vocab * hidden).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let head: Vec<f32> = (0..vocab * hidden).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let dir = std::env::temp_dir().join(format!("moe-vocab-split-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("model.safetensors");
+        let cpu = Device::Cpu;
+        let tensors = [
+            ("embed", Tensor::from_vec(embed.clone(), (vocab, hidden), &cpu).unwrap()),
+            (
+                "lm_head.weight",
+                Tensor::from_vec(head.clone(), (vocab, hidden), &cpu).unwrap(),
+            ),
+        ];
+        candle_core::safetensors::save(&tensors.iter().cloned().collect(), &file).unwrap();
+        let files = ModelFiles {
+            dir: dir.clone(),
+            config: dir.join("config.json"),
+            weights: vec![file],
+            tokenizer: None,
+            tokenizer_config: None,
+            generation_config: None,
+        };
+        let ids = [0u32, 5, 9, 3, 8];
+        let x: Vec<f32> = (0..2 * hidden).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let layout = ParallelLayout::new(3, 1).unwrap();
+        let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = LocalGroup::new(3)
+                .into_iter()
+                .map(|g| {
+                    let (files, x) = (&files, &x);
+                    s.spawn(move || {
+                        let shard = Shard::new(layout, Arc::new(g)).unwrap();
+                        let w = Weights::open(files, DType::F32, &Device::Cpu).unwrap();
+                        let emb = VocabEmbedding::load(&w, "embed", vocab, hidden, &shard).unwrap();
+                        let head = VocabHead::load(&w, "lm_head", vocab, hidden, &shard).unwrap();
+                        let id_t = Tensor::new(&ids, &Device::Cpu).unwrap();
+                        let e = emb
+                            .forward(&id_t, &ids)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap();
+                        let xt = Tensor::from_vec(x.clone(), (2, hidden), &Device::Cpu).unwrap();
+                        let l = head.forward(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                        (e, l)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        std::fs::remove_dir_all(&dir).ok();
+        let want_e: Vec<f32> = ids
+            .iter()
+            .flat_map(|&t| embed[t as usize * hidden..(t as usize + 1) * hidden].to_vec())
+            .collect();
+        let want_l: Vec<f32> = (0..2)
+            .flat_map(|r| {
+                let (x, head) = (&x, &head);
+                (0..vocab).map(move |v| {
+                    (0..hidden)
+                        .map(|c| x[r * hidden + c] * head[v * hidden + c])
+                        .sum::<f32>()
+                })
+            })
+            .collect();
+        for (rank, (e, l)) in results.iter().enumerate() {
+            assert_eq!(e, &want_e, "rank {rank} embedding");
+            for (g, w) in l.iter().zip(&want_l) {
+                assert!((g - w).abs() < 1e-5, "rank {rank} logits {l:?} vs {want_l:?}");
+            }
+        }
+    }
+}
