@@ -8,10 +8,10 @@
 #   tests/cuda_parallel.xz     the NCCL path: fixtures as a group on cuda:0 (and 2 GPUs if present)
 #   benches/cuda.xz            the kernel benchmarks (mla_decode, gqa_decode, dsa_decode,
 #                              moe_layer) in one binary
-#   run.sh                     unpacks them, runs the tests and benchmarks, scores the demo
-#                              model's held-out problems in bf16 on the GPU (when run from
-#                              the repository root, where models/demo is), logs under $OUT
-#                              (or ./gpu-out)
+#   run.sh [1|2|all]           unpacks them; phase 1 runs the tests and benchmarks, phase 2
+#                              scores the demo model's held-out problems in bf16 on the GPU
+#                              (from the repository root, where models/demo is) and runs the
+#                              end-to-end benchmarks; logs under $OUT (or ./gpu-out)
 #
 # Executables are stripped and xz-compressed so the folder fits the device tool's 64 MiB carry.
 #
@@ -70,8 +70,14 @@ cat > "$DEST/run.sh" <<'RUN'
 # 13 user-space libraries (cuBLAS, cuRAND, NVRTC, NCCL) from a CUDA toolkit or PyTorch's
 # wheels. Run it from the repository root: tests/cuda_parallel reads tests/fixtures.
 set -uo pipefail
-# Parts of the bundle may be carried alone: what is absent is skipped.
+# Usage: run.sh [1|2|all]. Phase 1: the GPU tests and kernel benchmarks; phase 2: the demo
+# model's accuracy and the end-to-end runs; all (default): both. Each phase fits one remote
+# command (every step has a timeout). Parts of the bundle may be carried alone: what is
+# absent is skipped.
 shopt -s nullglob
+PHASE=${1:-all}
+case "$PHASE" in 1|2|all) ;; *) echo "usage: run.sh [1|2|all]" >&2; exit 2 ;; esac
+in_phase() { [ "$PHASE" = all ] || [ "$PHASE" = "$1" ]; }
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -126,29 +132,29 @@ if [ "$missing" = 1 ]; then
 fi
 cat "$OUT/device.csv" | tee -a "$OUT/summary.txt"
 status=0
-for t in "$WORK"/tests/*; do
+in_phase 1 && for t in "$WORK"/tests/*; do
   name=$(basename "$t")
   echo "== test $name" | tee -a "$OUT/summary.txt"
-  "$t" --test-threads 1 > "$OUT/test-$name.log" 2>&1 || status=1
+  timeout 150 "$t" --test-threads 1 > "$OUT/test-$name.log" 2>&1 || status=1
   grep -E "^test result|FAILED|panicked" "$OUT/test-$name.log" | tee -a "$OUT/summary.txt" ||
     tail -3 "$OUT/test-$name.log" | tee -a "$OUT/summary.txt"
 done
-if [ -x "$WORK/benches/cuda" ]; then
+if in_phase 1 && [ -x "$WORK/benches/cuda" ]; then
   for name in mla_decode gqa_decode dsa_decode moe_layer; do
     echo "== bench $name" | tee -a "$OUT/summary.txt"
-    timeout 300 "$WORK/benches/cuda" "$name" > "$OUT/bench-$name.log" 2>&1 || status=1
+    timeout 60 "$WORK/benches/cuda" "$name" > "$OUT/bench-$name.log" 2>&1 || status=1
     cat "$OUT/bench-$name.log" | tee -a "$OUT/summary.txt"
   done
 fi
 # The trained demo model's 500 held-out problems on GPU 0 in bf16, raw and through the chat
 # template: a correctness check that does not sit on float ties (run from the repository root,
 # where models/demo is; skipped elsewhere). The CPU's f32 answers equal transformers'.
-if [ -f models/demo/heldout.jsonl ]; then
+if in_phase 2 && [ -f models/demo/heldout.jsonl ]; then
   for form in raw chat; do
     flag=$([ "$form" = chat ] && echo --chat || true)
     echo "== demo accuracy, bf16 on cuda, $form prompts" | tee -a "$OUT/summary.txt"
     python3 models/demo/score.py prompts $flag > "$OUT/demo-prompts-$form.jsonl"
-    timeout 120 "$WORK/bin/moe" generate --model models/demo --device cuda --dtype bf16 \
+    timeout 90 "$WORK/bin/moe" generate --model models/demo --device cuda --dtype bf16 \
       --prompts-file "$OUT/demo-prompts-$form.jsonl" --json > "$OUT/demo-$form.jsonl" 2> "$OUT/demo-$form.log" &&
       python3 models/demo/score.py score "$OUT/demo-$form.jsonl" $flag --min-accuracy 0.98 |
         tee -a "$OUT/summary.txt" || { status=1; tail -5 "$OUT/demo-$form.log" | tee -a "$OUT/summary.txt"; }
@@ -157,14 +163,14 @@ fi
 # End to end (skip with MOE_GPU_E2E=0): synthetic DeepSeek-V2-Lite in bf16 on GPU 0, decode of
 # 512-token prompts to 256 tokens at batch 1 and 64, with the grouped MoE kernels and with the
 # reference experts (A/B). Attention still runs as candle ops (the decode kernel is not wired in).
-if [ "${MOE_GPU_E2E:-1}" != 0 ]; then
+if in_phase 2 && [ "${MOE_GPU_E2E:-1}" != 0 ]; then
   for backend in grouped reference; do
     for c in 1 64; do
       n=$(( c == 1 ? 4 : 64 ))
       tag="$backend-c$c"
       echo "== e2e moe bench, synthetic deepseek-v2-lite bf16, --expert-backend $backend, concurrency $c" |
         tee -a "$OUT/summary.txt"
-      timeout 300 "$WORK/bin/moe" bench --model synthetic:deepseek-v2-lite --dtype bf16 --device cuda \
+      timeout 90 "$WORK/bin/moe" bench --model synthetic:deepseek-v2-lite --dtype bf16 --device cuda \
         --expert-backend "$backend" --max-model-len 1024 --kv-cache-memory 8GiB --max-num-seqs 64 \
         --input-len 512 --output-len 256 --num-prompts "$n" --concurrency "$c" \
         --output-json "$OUT/e2e-$tag.json" > "$OUT/e2e-$tag.log" 2>&1 || status=1
