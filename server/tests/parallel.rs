@@ -111,6 +111,11 @@ async fn serve_split_over_ranks_answers_like_one_rank() {
     assert!(server.logs().contains("TP 4, EP 2"), "{}", server.logs());
 }
 
+/// A JSON array of counts.
+fn u64s(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
 /// `moe generate --routing-stats` on the V3 fixture with `layout`: the stats JSON.
 fn routing_stats(layout: &[&str]) -> serde_json::Value {
     let tmp = tempfile::tempdir().unwrap();
@@ -149,18 +154,7 @@ fn routing_stats_under_expert_parallelism_add_up_per_rank() {
         .iter()
         .zip(ep["layers"].as_array().unwrap())
     {
-        let experts: Vec<u64> = layer["tokens_per_expert"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect();
-        let per_group: Vec<u64> = groups["tokens_per_group"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect();
+        let (experts, per_group) = (u64s(&layer["tokens_per_expert"]), u64s(&groups["tokens_per_group"]));
         // 8 experts over 4 ranks: rank r computed the tokens of experts 2r and 2r + 1.
         let want: Vec<u64> = experts.chunks(2).map(|c| c.iter().sum()).collect();
         assert_eq!(per_group, want, "layer {}", layer["layer"]);
@@ -209,7 +203,7 @@ fn bench_reports_the_load_of_each_expert_parallel_rank() {
         .iter()
         .zip(ep["layers"].as_array().unwrap())
     {
-        let total = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).sum::<u64>();
+        let total = |v: &serde_json::Value| u64s(v).iter().sum::<u64>();
         assert_eq!(total(&experts["tokens_per_expert"]), total(&groups["tokens_per_group"]));
         assert!(groups["imbalance"].as_f64().unwrap() >= 1.0);
     }

@@ -277,10 +277,15 @@ impl CausalLm for ShardedModel {
                 self.peers.len() + 1
             )));
         }
-        let batch = Arc::new(HostBatch::of(ctx)?);
+        // The host copy of the batch is for the other ranks: none in a group of one.
+        let batch = match self.peers.is_empty() {
+            true => None,
+            false => Some(Arc::new(HostBatch::of(ctx)?)),
+        };
         let mut failures: Vec<(usize, ModelError)> = Vec::new();
         let mut started = Vec::with_capacity(self.peers.len());
         for (i, (peer, part)) in self.peers.iter().zip(&cache.peer_ranks).enumerate() {
+            let Some(batch) = &batch else { break };
             let job = Job {
                 batch: batch.clone(),
                 cache: part.clone(),
