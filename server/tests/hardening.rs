@@ -50,8 +50,9 @@ async fn output_of(server: &Server, path: &str, body: &Value) -> String {
         .to_string()
 }
 
-/// Sends raw bytes as a request body; returns (status, JSON body).
-async fn post_raw(server: &Server, path: &str, body: Vec<u8>) -> (u16, Value) {
+/// Sends raw bytes as a request body; returns (status, JSON body, whether the server closes
+/// the connection after answering).
+async fn post_raw(server: &Server, path: &str, body: Vec<u8>) -> (u16, Value, bool) {
     let r = server
         .client
         .post(server.url(path))
@@ -61,9 +62,10 @@ async fn post_raw(server: &Server, path: &str, body: Vec<u8>) -> (u16, Value) {
         .await
         .expect("POST");
     let status = r.status().as_u16();
+    let closes = r.headers().get("connection").is_some_and(|v| v == "close");
     let text = r.text().await.unwrap();
     let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {text}"));
-    (status, v)
+    (status, v, closes)
 }
 
 /// Hostile bodies: (path, raw body, status, error.param).
@@ -198,7 +200,10 @@ async fn hostile_requests_get_4xx_while_good_requests_run_unchanged() {
         }
     }
     for (path, body, status, param) in hostile_bodies() {
-        let (got, v) = post_raw(&server, path, body).await;
+        let (got, v, closes) = post_raw(&server, path, body).await;
+        // A refused body was not read whole, so that connection must not be reused; a
+        // request that was read whole keeps its connection.
+        assert_eq!(closes, status == 413, "Connection: close on a {status}");
         let kind = "invalid_request_error";
         let code = match status {
             413 => Some("request_too_large"),

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode, Version};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use http_body_util::BodyExt;
 use moe_engine::engine::{RequestStream, TokenLogprobs};
 use moe_engine::{EngineError, GenerationRequest, RequestOutput};
 use serde_json::{json, Value};
@@ -29,22 +31,66 @@ pub(super) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// How much of a too-large body is read and dropped before answering 413, so that a client
+/// still sending it gets the answer rather than a broken pipe (bounded by the body deadline too).
+const DRAIN_AFTER_LIMIT_BYTES: usize = 64 << 20;
+
 /// Reads the whole request body within the body deadline and size limit: 408 for a client
-/// too slow to send it (a slow-loris), 413 for one too large, 400 for a broken one.
-pub(super) async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+/// too slow to send it (a slow-loris), 413 for one too large, 400 for a broken one. The rest
+/// of a too-large body is drained (up to [`DRAIN_AFTER_LIMIT_BYTES`], within the deadline)
+/// before the 413 goes out, and both answers close the connection ([`close_after_refused_body`]).
+pub(super) async fn read_body(state: &AppState, mut body: Body) -> Result<Bytes, ApiError> {
     let limit = state.max_body_bytes;
-    match tokio::time::timeout(state.body_read_timeout, axum::body::to_bytes(body, limit)).await {
-        Err(_) => Err(ApiError::timeout(state.body_read_timeout)),
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            Err(if too_large {
-                ApiError::too_large(limit)
-            } else {
-                ApiError::bad_request(format!("cannot read the request body: {e}"), None)
-            })
+    let deadline = tokio::time::Instant::now() + state.body_read_timeout;
+    let timeout = || ApiError::timeout(state.body_read_timeout);
+    let mut bytes = Vec::new();
+    let mut drained = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) if drained > 0 => return Err(ApiError::too_large(limit)),
+            Err(_) => return Err(timeout()),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(
+                    format!("cannot read the request body: {e}"),
+                    None,
+                ))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        if drained > 0 || bytes.len() + data.len() > limit {
+            drained += data.len();
+            bytes = Vec::new();
+            if drained > DRAIN_AFTER_LIMIT_BYTES {
+                return Err(ApiError::too_large(limit));
+            }
+            continue;
         }
+        bytes.extend_from_slice(&data);
     }
+    if drained > 0 {
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(Bytes::from(bytes))
+}
+
+/// Marks 408 and 413 answers `Connection: close` on HTTP/1: their request body was not read
+/// to its end (or not trusted to have been), so the connection must not carry another request;
+/// without the header a pooling client would send its next request into a closing socket.
+pub(super) async fn close_after_refused_body(request: Request, next: Next) -> Response {
+    let http1 = request.version() <= Version::HTTP_11;
+    let mut response = next.run(request).await;
+    let refused = matches!(
+        response.status(),
+        StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE
+    );
+    if http1 && refused {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 impl AppState {

@@ -179,6 +179,7 @@ pub fn router(state: Arc<AppState>, public_metrics: bool) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn(handlers::close_after_refused_body))
         .layer(middleware::from_fn_with_state(state.clone(), limit_headers))
         .with_state(state)
 }
