@@ -3,6 +3,7 @@
 //! (`[102400, 2048]`), for f32 and bf16 weights at batch rows 1 to 128.
 //! `cargo bench -p moe-kernels --bench cpu_matmul`; prints a table (median ms and the
 //! weight-read GB/s it implies). Timings vary with the machine: quote ratios of one run.
+//! On a CPU with AMX the bf16 rows take its tiles; `MOE_CPU_AMX=0` times the AVX path there.
 
 mod cpu_timing;
 use candle_core::{DType, Device, Result, Tensor};
@@ -11,6 +12,12 @@ use moe_kernels::dense::matmul_nt;
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
+    let bf16_path = if moe_kernels::dense::amx::available() {
+        "AMX tiles"
+    } else {
+        "AVX dot kernels and gemm"
+    };
+    println!("bf16 weights: {bf16_path}");
     println!("weight          dtype  rows  ours ms  GB/s  candle ms  candle/ours");
     for (name, n, k, reps) in [
         ("expert gate_up", 2816usize, 2048usize, 15usize),

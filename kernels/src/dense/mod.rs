@@ -11,12 +11,17 @@
 //! ([`crate::quant`]) weights are decoded a tile or chunk at a time, never whole. Other
 //! devices go through candle's matmul.
 //!
+//! On CPUs with AMX (Intel Sapphire Rapids and later), bf16 weights take [`amx`]'s tiles
+//! at every batch size instead: `x` is packed once per product as bf16 (which a bf16
+//! model's activations already are) and the weight is read in place.
+//!
 //! (candle 0.11's CPU matmul has no bf16 kernel: it widens the *whole storage* of both
 //! operands to f32 first, which for a view into a stacked `[E, N, K]` expert tensor is every
 //! expert's weights on every call.)
 //!
 //! [`Weight`] is a projection weight as models hold it: plain, or quantized.
 
+pub mod amx;
 pub mod dots;
 
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
@@ -34,6 +39,8 @@ pub const GEMM_TILE_ROWS: usize = 128;
 /// with `benches/cpu_matmul`: gemm's own threading loses to parallel tiles at 32 rows, wins
 /// at 128).
 pub const WHOLE_GEMM_ROWS: usize = 64;
+/// Weight rows per parallel job of a GEMM-sized product on AMX tiles.
+pub const AMX_TILE_ROWS: usize = 128;
 /// Up to this many rows of `x`, products use the skinny dot kernels.
 pub const SKINNY_ROWS: usize = 32;
 
@@ -103,22 +110,33 @@ pub fn product(x: &[f32], m: usize, k: usize, n: usize, w: WeightRows<'_>) -> Ve
     if m == 0 || n == 0 {
         return vec![0f32; m * n];
     }
+    if let WeightRows::Bf16(v) = w {
+        if amx::applies(k) {
+            return amx_product(x, m, k, n, v);
+        }
+    }
     if m > WHOLE_GEMM_ROWS {
         return gemm_product(x, m, k, n, w);
     }
     // Tiles write disjoint chunks of the transposed output `[n, m]`.
     let tile = if m <= SKINNY_ROWS { TILE_ROWS } else { GEMM_TILE_ROWS };
+    let lhs = Lhs::new(x, m, k, w);
     let mut out_t = vec![0f32; n * m];
     out_t
         .par_chunks_mut(tile * m)
         .enumerate()
-        .for_each_init(Vec::new, |scratch, (t, chunk)| {
+        .for_each_init(TileScratch::default, |scratch, (t, chunk)| {
             let rows = chunk.len() / m;
-            tile_product(x, m, k, w, t * tile, rows, chunk, 1, m, scratch);
+            tile_product(&lhs, w, t * tile, rows, chunk, 1, m, scratch);
         });
     if m == 1 {
         return out_t;
     }
+    transpose(&out_t, m, n)
+}
+
+/// `[n, m]` -> `[m, n]`.
+fn transpose(out_t: &[f32], m: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     for (j, col) in out_t.chunks_exact(m).enumerate() {
         for (i, &v) in col.iter().enumerate() {
@@ -126,6 +144,34 @@ pub fn product(x: &[f32], m: usize, k: usize, n: usize, w: WeightRows<'_>) -> Ve
         }
     }
     out
+}
+
+/// The product over a bf16 weight on AMX tiles: `x` packed once, then tiles of weight rows in
+/// parallel, each writing its own columns of the output `[m, n]`.
+fn amx_product(x: &[f32], m: usize, k: usize, n: usize, w: &[bf16]) -> Vec<f32> {
+    let packed = amx::PackedX::new(x, m, k);
+    let tile = if m <= SKINNY_ROWS { TILE_ROWS } else { AMX_TILE_ROWS };
+    let mut out = vec![0f32; m * n];
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..n.div_ceil(tile))
+        .into_par_iter()
+        .for_each_init(Vec::new, |scratch, t| {
+            let (r0, rows) = (t * tile, tile.min(n - t * tile));
+            // SAFETY: job t writes out[i * n + r0 + j] for i < m, j < rows: inside `out`
+            // (m * n long), and columns r0..r0 + rows belong to this job alone.
+            unsafe { amx::tile_product_into(&packed, k, &w[r0 * k..(r0 + rows) * k], rows, dst.at(r0), n, 1, scratch) };
+        });
+    out
+}
+
+/// The output of parallel jobs that write disjoint elements of it.
+struct SharedOut(*mut f32);
+// SAFETY: the jobs sharing it write disjoint elements (see `amx_product`).
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
 }
 
 /// Weight elements widened per GEMM chunk of a non-f32 weight (16 MiB of f32).
@@ -208,29 +254,72 @@ fn gemm_f32(
     }
 }
 
-/// One tile: `out[i * si + j * sj] = x_i · w_{r0 + j}` for `i < m`, `j < rows`. `scratch` is
-/// the caller's reusable buffer for decoded or widened weight rows.
-#[allow(clippy::too_many_arguments)]
-pub fn tile_product(
-    x: &[f32],
+/// The left operand of [`tile_product`]: `x` `[m, k]` f32, with its AMX packing when the
+/// weight it meets takes that path (packed once, shared by every tile).
+pub struct Lhs<'a> {
+    x: &'a [f32],
     m: usize,
     k: usize,
+    packed: Option<amx::PackedX>,
+}
+
+impl<'a> Lhs<'a> {
+    /// `x` `[m, k]` for products with `w`.
+    pub fn new(x: &'a [f32], m: usize, k: usize, w: WeightRows<'_>) -> Self {
+        let amx = matches!(w, WeightRows::Bf16(_)) && amx::applies(k);
+        Lhs {
+            x,
+            m,
+            k,
+            packed: amx.then(|| amx::PackedX::new(x, m, k)),
+        }
+    }
+}
+
+/// Reusable buffers of one worker of the tiled products.
+#[derive(Default)]
+pub struct TileScratch {
+    /// Decoded or widened weight rows.
+    rows: Vec<f32>,
+    /// Zero-padded bf16 weight rows (AMX).
+    padded: Vec<bf16>,
+}
+
+/// One tile: `out[i * si + j * sj] = x_i · w_{r0 + j}` for `i < m`, `j < rows`.
+#[allow(clippy::too_many_arguments)]
+pub fn tile_product(
+    lhs: &Lhs<'_>,
     w: WeightRows<'_>,
     r0: usize,
     rows: usize,
     out: &mut [f32],
     si: usize,
     sj: usize,
-    scratch: &mut Vec<f32>,
+    scratch: &mut TileScratch,
 ) {
+    let (x, m, k) = (lhs.x, lhs.m, lhs.k);
+    if let (Some(packed), WeightRows::Bf16(v)) = (&lhs.packed, w) {
+        amx::tile_product(
+            packed,
+            k,
+            &v[r0 * k..(r0 + rows) * k],
+            rows,
+            out,
+            si,
+            sj,
+            &mut scratch.padded,
+        );
+        return;
+    }
+    let buf = &mut scratch.rows;
     if m <= SKINNY_ROWS {
         match w {
             WeightRows::F32(v) => dots::dots(x, m, k, &v[r0 * k..(r0 + rows) * k], rows, out, si, sj),
             WeightRows::Bf16(v) => dots::dots(x, m, k, &v[r0 * k..(r0 + rows) * k], rows, out, si, sj),
             WeightRows::Decode(decode) => {
-                scratch.resize(rows * k, 0.0);
-                decode(r0, rows, &mut scratch[..rows * k]);
-                dots::dots(x, m, k, &scratch[..rows * k], rows, out, si, sj)
+                buf.resize(rows * k, 0.0);
+                decode(r0, rows, &mut buf[..rows * k]);
+                dots::dots(x, m, k, &buf[..rows * k], rows, out, si, sj)
             }
         }
         return;
@@ -238,9 +327,9 @@ pub fn tile_product(
     let tile: &[f32] = match w {
         WeightRows::F32(v) => &v[r0 * k..(r0 + rows) * k],
         _ => {
-            scratch.resize(rows * k, 0.0);
-            widen(w, r0, rows, k, &mut scratch[..rows * k]);
-            &scratch[..rows * k]
+            buf.resize(rows * k, 0.0);
+            widen(w, r0, rows, k, &mut buf[..rows * k]);
+            &buf[..rows * k]
         }
     };
     gemm_f32(x, m, k, tile, rows, out, si, sj, gemm::Parallelism::None);

@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::permute::ExpertPermutation;
-use crate::dense::{tile_product, WeightRows, GEMM_TILE_ROWS, SKINNY_ROWS, TILE_ROWS};
+use crate::dense::{tile_product, Lhs, TileScratch, WeightRows, GEMM_TILE_ROWS, SKINNY_ROWS, TILE_ROWS};
 
 /// The tokens routed to one expert, in ascending slot order.
 struct Group<'a> {
@@ -59,22 +59,20 @@ pub fn host_expert_mlp(
     }
 
     // Phase 1: act_t, each group's activations transposed ([I, count]), tile by tile.
+    let lhs = group_operands(&gathered, &groups, &first_row, hidden, gate_up);
     let mut act_t = vec![0f32; rows * intermediate];
     let jobs = split_jobs(&mut act_t, &groups, intermediate);
     jobs.into_par_iter()
         .for_each_init(Scratch::default, |scratch, (gi, r0, out)| {
             let (g, count) = (&groups[gi], groups[gi].slots.len());
-            let xs = &gathered[first_row[gi] * hidden..(first_row[gi] + count) * hidden];
             let n = out.len() / count;
             let base = g.expert * 2 * intermediate;
             scratch.gate.resize(n * count, 0.0);
             scratch.up.resize(n * count, 0.0);
-            let w = &mut scratch.weights;
-            tile_product(xs, count, hidden, gate_up, base + r0, n, &mut scratch.gate, 1, count, w);
+            let w = &mut scratch.tiles;
+            tile_product(&lhs[gi], gate_up, base + r0, n, &mut scratch.gate, 1, count, w);
             tile_product(
-                xs,
-                count,
-                hidden,
+                &lhs[gi],
                 gate_up,
                 base + intermediate + r0,
                 n,
@@ -101,25 +99,15 @@ pub fn host_expert_mlp(
     }
 
     // Phase 2: y_t, each group's outputs transposed ([H, count]).
+    let lhs = group_operands(&act, &groups, &first_row, intermediate, down);
     let mut y_t = vec![0f32; rows * hidden];
     let jobs = split_jobs(&mut y_t, &groups, hidden);
-    jobs.into_par_iter().for_each_init(Vec::new, |scratch, (gi, r0, out)| {
-        let (g, count) = (&groups[gi], groups[gi].slots.len());
-        let xs = &act[first_row[gi] * intermediate..(first_row[gi] + count) * intermediate];
-        let n = out.len() / count;
-        tile_product(
-            xs,
-            count,
-            intermediate,
-            down,
-            g.expert * hidden + r0,
-            n,
-            out,
-            1,
-            count,
-            scratch,
-        );
-    });
+    jobs.into_par_iter()
+        .for_each_init(TileScratch::default, |scratch, (gi, r0, out)| {
+            let (g, count) = (&groups[gi], groups[gi].slots.len());
+            let n = out.len() / count;
+            tile_product(&lhs[gi], down, g.expert * hidden + r0, n, out, 1, count, scratch);
+        });
 
     // Combine: each token sums its slots in slot order.
     let mut where_is = vec![None; tokens * top_k];
@@ -149,7 +137,26 @@ pub fn host_expert_mlp(
 struct Scratch {
     gate: Vec<f32>,
     up: Vec<f32>,
-    weights: Vec<f32>,
+    tiles: TileScratch,
+}
+
+/// Each group's rows of `x` (`[rows, width]`, groups one after the other) as the left
+/// operand of its products with `w` (packed in parallel when the products need it).
+fn group_operands<'x>(
+    x: &'x [f32],
+    groups: &[Group],
+    first_row: &[usize],
+    width: usize,
+    w: WeightRows<'_>,
+) -> Vec<Lhs<'x>> {
+    (0..groups.len())
+        .into_par_iter()
+        .map(|gi| {
+            let count = groups[gi].slots.len();
+            let r0 = first_row[gi];
+            Lhs::new(&x[r0 * width..(r0 + count) * width], count, width, w)
+        })
+        .collect()
 }
 
 /// Cuts `buf` (each group's `[width, count]` block, groups one after the other) into jobs of
