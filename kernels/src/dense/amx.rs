@@ -37,7 +37,7 @@ pub fn available() -> bool {
 
 /// Whether a product of inner dimension `k` over bf16 weights goes through AMX.
 pub fn applies(k: usize) -> bool {
-    k > 0 && k % K_BLOCK == 0 && available()
+    k > 0 && k.is_multiple_of(K_BLOCK) && available()
 }
 
 /// `x` `[m, k]` in AMX's right-operand layout: per tile of 16 rows of `x` and block of 32
@@ -53,7 +53,7 @@ impl PackedX {
     /// Packs `x` `[m, k]` (`k` a multiple of [`K_BLOCK`]), rounding to bf16 (nearest even).
     pub fn new(x: &[f32], m: usize, k: usize) -> Self {
         assert!(
-            k % K_BLOCK == 0 && x.len() >= m * k,
+            k.is_multiple_of(K_BLOCK) && x.len() >= m * k,
             "PackedX: k must be a multiple of 32"
         );
         let k_blocks = k / K_BLOCK;
