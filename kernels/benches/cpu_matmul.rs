@@ -4,11 +4,14 @@
 //! `cargo bench -p moe-kernels --bench cpu_matmul`; prints a table (median ms and the
 //! weight-read GB/s it implies). Timings vary with the machine: quote ratios of one run.
 //! On a CPU with AMX the bf16 rows take its tiles; `MOE_CPU_AMX=0` times the AVX path there.
+//! Then the routed experts of one DeepSeek-V2-Lite MoE layer (64 experts of `[2816, 2048]` +
+//! `[2048, 1408]`, top-6) for 1 to 32 tokens, in GB/s of the active experts' weights.
 
 mod cpu_timing;
 use candle_core::{DType, Device, Result, Tensor};
 use cpu_timing::median_ms;
-use moe_kernels::dense::matmul_nt;
+use moe_kernels::dense::{matmul_nt, Weight};
+use moe_kernels::moe::{grouped_expert_mlp, permute_by_expert, ExpertWeights};
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
@@ -48,6 +51,33 @@ fn main() -> Result<()> {
                     format!("{dtype:?}")
                 );
             }
+        }
+    }
+    routed_experts(&dev)
+}
+
+/// One MoE layer's routed experts at decode-sized batches: each token picks 6 of 64
+/// experts (a fixed spread), every active expert's weights are read once per call.
+fn routed_experts(dev: &Device) -> Result<()> {
+    let (experts, hidden, inter, top_k) = (64usize, 2048usize, 1408usize, 6usize);
+    println!("routed experts  dtype  tokens  active  ms     GB/s");
+    for dtype in [DType::F32, DType::BF16] {
+        let gate_up = Weight::Dense(Tensor::randn(0f32, 0.02, (experts, 2 * inter, hidden), dev)?.to_dtype(dtype)?);
+        let down = Weight::Dense(Tensor::randn(0f32, 0.02, (experts, hidden, inter), dev)?.to_dtype(dtype)?);
+        for tokens in [1usize, 8, 32] {
+            let ids: Vec<u32> = (0..tokens * top_k).map(|s| ((s * 37 + s / top_k * 11) % experts) as u32).collect();
+            let perm = permute_by_expert(&ids, experts, 16);
+            let active = perm.counts.iter().filter(|&&c| c > 0).count();
+            let weights = vec![1.0 / top_k as f32; tokens * top_k];
+            let x = Tensor::randn(0f32, 1.0, (tokens, hidden), dev)?.to_dtype(dtype)?;
+            let w = ExpertWeights {
+                gate_up: &gate_up,
+                down: &down,
+            };
+            let ms = median_ms(7, || grouped_expert_mlp(&x, w, &perm, &weights, top_k).map(|_| ()))?;
+            let bytes = active * 3 * inter * hidden * dtype.size_in_bytes();
+            let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
+            println!("routed experts  {:<5}  {tokens:>6}  {active:>6}  {ms:6.2}  {gbs:5.1}", format!("{dtype:?}"));
         }
     }
     Ok(())
