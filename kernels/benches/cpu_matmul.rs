@@ -65,7 +65,9 @@ fn routed_experts(dev: &Device) -> Result<()> {
         let gate_up = Weight::Dense(Tensor::randn(0f32, 0.02, (experts, 2 * inter, hidden), dev)?.to_dtype(dtype)?);
         let down = Weight::Dense(Tensor::randn(0f32, 0.02, (experts, hidden, inter), dev)?.to_dtype(dtype)?);
         for tokens in [1usize, 8, 32] {
-            let ids: Vec<u32> = (0..tokens * top_k).map(|s| ((s * 37 + s / top_k * 11) % experts) as u32).collect();
+            let ids: Vec<u32> = (0..tokens * top_k)
+                .map(|s| ((s * 37 + s / top_k * 11) % experts) as u32)
+                .collect();
             let perm = permute_by_expert(&ids, experts, 16);
             let active = perm.counts.iter().filter(|&&c| c > 0).count();
             let weights = vec![1.0 / top_k as f32; tokens * top_k];
@@ -77,7 +79,10 @@ fn routed_experts(dev: &Device) -> Result<()> {
             let ms = median_ms(7, || grouped_expert_mlp(&x, w, &perm, &weights, top_k).map(|_| ()))?;
             let bytes = active * 3 * inter * hidden * dtype.size_in_bytes();
             let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
-            println!("routed experts  {:<5}  {tokens:>6}  {active:>6}  {ms:6.2}  {gbs:5.1}", format!("{dtype:?}"));
+            println!(
+                "routed experts  {:<5}  {tokens:>6}  {active:>6}  {ms:6.2}  {gbs:5.1}",
+                format!("{dtype:?}")
+            );
         }
     }
     Ok(())

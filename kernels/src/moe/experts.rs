@@ -189,48 +189,62 @@ mod tests {
         Ok(())
     }
 
-    /// Groups larger than the skinny kernels take (GEMM tiles), widths that are not tile
-    /// multiples, bf16 weights on the host against candle on the same values in f32.
+    /// Groups larger than the skinny kernels take (GEMM tiles) and decode-sized ones, widths
+    /// that are not tile multiples and ones AMX takes (multiples of 32), bf16 weights on the
+    /// host against candle on the same values in f32.
     #[test]
     fn host_path_matches_candle_for_large_groups_and_bf16_weights() -> Result<()> {
-        let (t, h, i, e, k) = (128usize, 72usize, 40usize, 3usize, 2usize);
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (t, h), &dev)?;
-        let gate_up = Tensor::randn(0f32, 0.2, (e, 2 * i, h), &dev)?.to_dtype(DType::BF16)?;
-        let down = Tensor::randn(0f32, 0.2, (e, h, i), &dev)?.to_dtype(DType::BF16)?;
-        let ids: Vec<u32> = (0..t * k).map(|s| ((s * 7 + s / 5) % e) as u32).collect();
-        let wts: Vec<f32> = (0..t * k).map(|s| 0.2 + (s % 7) as f32 * 0.1).collect();
-        let perm = permute_by_expert(&ids, e, 1);
-        assert!(perm.counts.iter().all(|&c| c as usize > crate::dense::SKINNY_ROWS));
-        let (gu_half, d_half) = (Weight::Dense(gate_up.clone()), Weight::Dense(down.clone()));
-        let host = grouped_expert_mlp(
-            &x,
-            ExpertWeights {
-                gate_up: &gu_half,
-                down: &d_half,
-            },
-            &perm,
-            &wts,
-            k,
-        )?;
-        let (gu32, d32) = (
-            Weight::Dense(gate_up.to_dtype(DType::F32)?),
-            Weight::Dense(down.to_dtype(DType::F32)?),
-        );
-        let want = candle_expert_mlp(
-            &x,
-            ExpertWeights {
-                gate_up: &gu32,
-                down: &d32,
-            },
-            &perm,
-            &wts,
-            k,
-            i,
-        )?;
-        let err = crate::test_values::max_abs_diff(&host, &want);
-        let scale = crate::test_values::max_abs(&want);
-        assert!(err <= 1e-5 * scale.max(1.0) * h as f32, "err {err} at scale {scale}");
+        for (t, h, i) in [(128usize, 72usize, 40usize), (128, 64, 96), (5, 96, 64)] {
+            let (e, k) = (3usize, 2usize);
+            let dev = Device::Cpu;
+            // bf16-exact activations, as a bf16 model's are.
+            let x = Tensor::randn(0f32, 1.0, (t, h), &dev)?
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)?;
+            let gate_up = Tensor::randn(0f32, 0.2, (e, 2 * i, h), &dev)?.to_dtype(DType::BF16)?;
+            let down = Tensor::randn(0f32, 0.2, (e, h, i), &dev)?.to_dtype(DType::BF16)?;
+            let ids: Vec<u32> = (0..t * k).map(|s| ((s * 7 + s / 5) % e) as u32).collect();
+            let wts: Vec<f32> = (0..t * k).map(|s| 0.2 + (s % 7) as f32 * 0.1).collect();
+            let perm = permute_by_expert(&ids, e, 1);
+            let large = perm.counts.iter().all(|&c| c as usize > crate::dense::SKINNY_ROWS);
+            assert_eq!(large, t > 64, "{t} tokens: group sizes {:?}", perm.counts);
+            let (gu_half, d_half) = (Weight::Dense(gate_up.clone()), Weight::Dense(down.clone()));
+            let host = grouped_expert_mlp(
+                &x,
+                ExpertWeights {
+                    gate_up: &gu_half,
+                    down: &d_half,
+                },
+                &perm,
+                &wts,
+                k,
+            )?;
+            let (gu32, d32) = (
+                Weight::Dense(gate_up.to_dtype(DType::F32)?),
+                Weight::Dense(down.to_dtype(DType::F32)?),
+            );
+            let want = candle_expert_mlp(
+                &x,
+                ExpertWeights {
+                    gate_up: &gu32,
+                    down: &d32,
+                },
+                &perm,
+                &wts,
+                k,
+                i,
+            )?;
+            let err = crate::test_values::max_abs_diff(&host, &want);
+            let scale = crate::test_values::max_abs(&want);
+            // On AMX the down projection's input (the f32 activation) is rounded to bf16
+            // once; otherwise both sides are f32 products summed in another order.
+            let tol = if crate::dense::amx::applies(i) {
+                scale * 2f32.powi(-7)
+            } else {
+                1e-5 * scale.max(1.0) * h as f32
+            };
+            assert!(err <= tol, "{t}x{h}x{i}: err {err} at scale {scale}");
+        }
         Ok(())
     }
 }
