@@ -204,6 +204,10 @@ mod imp {
 
     use super::{TILE, TILE_PAIRS};
 
+    /// arch_prctl's request for an extended state component, and AMX's tile data component.
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+
     pub fn detect() -> bool {
         // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
         let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
@@ -212,12 +216,8 @@ mod imp {
         }
         // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): without it the first tile
         // instruction faults; kernels without AMX support refuse it.
-        let ret: i64;
-        // SAFETY: a plain syscall with integer arguments; rcx and r11 are clobbered by it.
-        unsafe {
-            asm!("syscall", inlateout("rax") 158i64 => ret, in("rdi") 0x1023i64, in("rsi") 18i64,
-                 lateout("rcx") _, lateout("r11") _, options(nostack));
-        }
+        // SAFETY: arch_prctl with integer arguments only.
+        let ret = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
         ret == 0
     }
 

@@ -23,6 +23,7 @@
 
 pub mod amx;
 pub mod dots;
+pub mod pages;
 
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use half::bf16;

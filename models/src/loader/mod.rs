@@ -271,11 +271,11 @@ impl Weights {
         cols: Range<usize>,
     ) -> Result<Weight> {
         match self.storage_of(prefix)? {
-            quantized::Storage::Plain => Ok(Weight::Dense(self.get_part(
-                &format!("{prefix}.weight"),
-                &shape,
-                &[rows, cols],
-            )?)),
+            quantized::Storage::Plain => {
+                let weight = Weight::Dense(self.get_part(&format!("{prefix}.weight"), &shape, &[rows, cols])?);
+                moe_kernels::dense::pages::prefer_huge_pages(&weight);
+                Ok(weight)
+            }
             quantized::Storage::Quant(..) => Ok(self
                 .stacked_part(&[vec![prefix.to_string()]], &[shape[0]], shape[1], &[rows], cols)?
                 .get(0)?),

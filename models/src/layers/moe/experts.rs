@@ -91,6 +91,9 @@ impl Experts {
                 )?,
             )
         };
+        // The bulk of a MoE model's bytes, streamed every step: on huge pages where allowed.
+        moe_kernels::dense::pages::prefer_huge_pages(&gate_up);
+        moe_kernels::dense::pages::prefer_huge_pages(&down);
         Ok(Experts {
             gate_up,
             down,
