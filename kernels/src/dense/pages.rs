@@ -18,7 +18,7 @@ const HUGE_PAGE: usize = 2 << 20;
 /// OS declined or deferred it).
 pub fn prefer_huge_pages(w: &Weight) -> bool {
     let Weight::Dense(t) = w else { return false };
-    enabled() && with_cpu_bytes(t, |start, len| advise(start, len)).unwrap_or(false)
+    enabled() && with_cpu_bytes(t, advise).unwrap_or(false)
 }
 
 fn enabled() -> bool {
