@@ -302,7 +302,16 @@ async fn slow_clients_are_cut_off_and_big_headers_refused() {
 async fn public_metrics_opens_only_metrics() {
     let server = Server::start(&["--api-key", "k3y", "--public-metrics"]);
     assert_eq!(server.get("/metrics").await.status().as_u16(), 200);
-    assert_eq!(server.get("/v1/models").await.status().as_u16(), 401);
+    let refused = server.get("/v1/models").await;
+    assert_eq!(refused.status().as_u16(), 401);
+    // No body to leave unread: the connection stays open.
+    assert!(refused.headers().get("connection").is_none());
+    // A body refused unread (no key): the connection closes, so a pooling client opens a
+    // fresh one for its next request instead of writing into a closing socket.
+    let (status, v, closes) = post_raw(&server, "/v1/completions", vec![b' '; 64 << 10]).await;
+    assert_eq!(status, 401, "{v}");
+    assert!(closes, "a 401 to a request with an unread body keeps its connection");
+    assert_eq!(server.get("/metrics").await.status().as_u16(), 200);
     let keyed = server
         .client
         .get(server.url("/v1/models"))

@@ -5,8 +5,9 @@
 //! columns, loaded with the weight's own row stride. The right operand is `x` packed once per
 //! product ([`PackedX`]): bf16-rounded (exact for a bf16 model, whose activations are bf16
 //! already), in AMX's pair-interleaved layout, zero-padded to whole tiles. An accumulator tile
-//! is 16 weight rows by 16 rows of `x`, in f32; a micro-kernel keeps 2 x 2 (or 2 x 1 for
-//! decode-sized batches) of them in the 8 tile registers across the whole inner dimension.
+//! is 16 weight rows by 16 rows of `x`, in f32; a micro-kernel keeps 2 x 2 (or 2 x 1 for a
+//! last odd tile of `x`, which is every tile of a decode-sized batch) of them in the 8 tile
+//! registers across the whole inner dimension.
 //!
 //! Each output element is the same sequence of `tdpbf16ps` steps whatever the other rows of
 //! `x` are, so a row's result does not depend on its batch.
@@ -52,10 +53,8 @@ pub struct PackedX {
 impl PackedX {
     /// Packs `x` `[m, k]` (`k` a multiple of [`K_BLOCK`]), rounding to bf16 (nearest even).
     pub fn new(x: &[f32], m: usize, k: usize) -> Self {
-        assert!(
-            k.is_multiple_of(K_BLOCK) && x.len() >= m * k,
-            "PackedX: k must be a multiple of 32"
-        );
+        assert!(k.is_multiple_of(K_BLOCK), "PackedX: k = {k} is not a multiple of 32");
+        assert!(x.len() >= m * k, "PackedX: x holds {} values, not {m} x {k}", x.len());
         let k_blocks = k / K_BLOCK;
         let x_tiles = m.div_ceil(TILE);
         let mut data = vec![0u32; x_tiles * k_blocks * TILE_PAIRS];
@@ -103,7 +102,11 @@ pub fn tile_product(
     if x.m == 0 || rows == 0 {
         return;
     }
-    assert!(out.len() > (x.m - 1) * si + (rows - 1) * sj, "amx: output too short");
+    let last = (x.m - 1)
+        .checked_mul(si)
+        .zip((rows - 1).checked_mul(sj))
+        .and_then(|(a, b)| a.checked_add(b));
+    assert!(last.is_some_and(|last| last < out.len()), "amx: output too short");
     // SAFETY: every index written, i * si + j * sj for i < m, j < rows, is inside `out`
     // (checked just above), which this call borrows exclusively.
     unsafe { tile_product_into(x, k, w, rows, out.as_mut_ptr(), si, sj, scratch) }
@@ -200,7 +203,6 @@ pub unsafe fn tile_product_into(
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
     use std::arch::asm;
-    use std::cell::Cell;
 
     use super::{TILE, TILE_PAIRS};
 
@@ -221,30 +223,21 @@ mod imp {
         ret == 0
     }
 
-    thread_local! {
-        static CONFIGURED: Cell<bool> = const { Cell::new(false) };
-    }
-
-    /// Loads the tile configuration on this thread once: palette 1, all eight tiles 16 rows
-    /// of 64 bytes.
+    /// Loads the tile configuration: palette 1, all eight tiles 16 rows of 64 bytes. Done at
+    /// the start of every block (a few dozen cycles against the block's thousands), so no
+    /// other tile user on the thread can leave a configuration these kernels do not expect.
     fn configure() {
-        CONFIGURED.with(|done| {
-            if done.get() {
-                return;
-            }
-            #[repr(C, align(64))]
-            struct Config([u8; 64]);
-            let mut cfg = Config([0; 64]);
-            cfg.0[0] = 1;
-            for t in 0..8 {
-                cfg.0[16 + 2 * t] = 64;
-                cfg.0[48 + t] = TILE as u8;
-            }
-            // SAFETY: AMX was detected and permitted (callers hold `available()`); the
-            // configuration is a valid palette-1 layout.
-            unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
-            done.set(true);
-        });
+        #[repr(C, align(64))]
+        struct Config([u8; 64]);
+        let mut cfg = Config([0; 64]);
+        cfg.0[0] = 1;
+        for t in 0..8 {
+            cfg.0[16 + 2 * t] = 64;
+            cfg.0[48 + t] = TILE as u8;
+        }
+        // SAFETY: AMX was detected and permitted (callers hold `available()`); the
+        // configuration is a valid palette-1 layout.
+        unsafe { asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack)) };
     }
 
     /// Stores tile `tmm{t}` into slot `slot` of `acc` (16 x 16 f32 each), for each pair.
@@ -382,7 +375,14 @@ mod tests {
             s ^= s << 17;
             bf16::from_f32((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
         };
-        for (m, k, rows) in [(1, 32, 32), (3, 64, 40), (16, 96, 32), (17, 128, 70), (40, 64, 33)] {
+        for (m, k, rows) in [
+            (1, 32, 32),
+            (3, 64, 40),
+            (16, 96, 32),
+            (17, 128, 70),
+            (40, 64, 33),
+            (130, 64, 40),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| rand().to_f32()).collect();
             let w: Vec<bf16> = (0..rows * k).map(|_| rand()).collect();
             let packed = PackedX::new(&x, m, k);

@@ -106,7 +106,9 @@ pub fn with_weight_rows<R>(w: &Tensor, body: impl FnOnce(WeightRows<'_>) -> R) -
     })
 }
 
-/// `x` `[m, k]` f32 times the transpose of the `[n, k]` weight `w`, as `[m, n]`.
+/// `x` `[m, k]` f32 times the transpose of the `[n, k]` weight `w`, as `[m, n]`. A bf16
+/// weight on AMX meets `x` rounded to bf16 (exact when `x` comes from a bf16 tensor, as a
+/// bf16 model's activations do).
 pub fn product(x: &[f32], m: usize, k: usize, n: usize, w: WeightRows<'_>) -> Vec<f32> {
     if m == 0 || n == 0 {
         return vec![0f32; m * n];

@@ -2,7 +2,8 @@
 //! every (expert, tile of output rows) pair is a job on rayon's pool, so the work is spread
 //! across experts and rows at once, and each active expert's weights are read once per call
 //! whatever the number of its tokens (the dot kernels of [`crate::dense`] for decode-sized
-//! groups, the GEMM tiles for larger ones).
+//! groups, the GEMM tiles for larger ones, AMX tiles for bf16 weights where the CPU has them,
+//! each group's tokens packed for them once).
 //!
 //! Two phases: gate and up rows of a tile are multiplied together and leave
 //! `silu(gate) * up` for the tile's intermediate columns; then the down projection. Everything

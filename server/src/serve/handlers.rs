@@ -38,17 +38,22 @@ const DRAIN_AFTER_LIMIT_BYTES: usize = 64 << 20;
 /// Reads the whole request body within the body deadline and size limit: 408 for a client
 /// too slow to send it (a slow-loris), 413 for one too large, 400 for a broken one. The rest
 /// of a too-large body is drained (up to [`DRAIN_AFTER_LIMIT_BYTES`], within the deadline)
-/// before the 413 goes out, and both answers close the connection ([`close_after_refused_body`]).
+/// before the 413 goes out (a declared length past that is refused at once), and both answers
+/// close the connection ([`close_after_refused_body`]).
 pub(super) async fn read_body(state: &AppState, mut body: Body) -> Result<Bytes, ApiError> {
     let limit = state.max_body_bytes;
+    // A declared length past what would be drained is refused before reading anything.
+    if axum::body::HttpBody::size_hint(&body).lower() as usize > limit.saturating_add(DRAIN_AFTER_LIMIT_BYTES) {
+        return Err(ApiError::too_large(limit));
+    }
     let deadline = tokio::time::Instant::now() + state.body_read_timeout;
-    let timeout = || ApiError::timeout(state.body_read_timeout);
     let mut bytes = Vec::new();
     let mut drained = 0usize;
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Err(_) if drained > 0 => return Err(ApiError::too_large(limit)),
-            Err(_) => return Err(timeout()),
+            // Past the limit, whatever ends the drain, the answer is the 413.
+            Err(_) | Ok(Some(Err(_))) if drained > 0 => return Err(ApiError::too_large(limit)),
+            Err(_) => return Err(ApiError::timeout(state.body_read_timeout)),
             Ok(None) => break,
             Ok(Some(Err(e))) => {
                 return Err(ApiError::bad_request(
@@ -75,16 +80,28 @@ pub(super) async fn read_body(state: &AppState, mut body: Body) -> Result<Bytes,
     Ok(Bytes::from(bytes))
 }
 
-/// Marks 408 and 413 answers `Connection: close` on HTTP/1: their request body was not read
-/// to its end (or not trusted to have been), so the connection must not carry another request;
-/// without the header a pooling client would send its next request into a closing socket.
+/// Marks `Connection: close` on HTTP/1 answers given without reading the request body to its
+/// end: 408 and 413 always, and 401, 403, 404, 405 and 431 when the request declared a body
+/// (those are answered before any handler reads it). The connection must not carry another
+/// request; without the header a pooling client would send its next one into a closing socket.
 pub(super) async fn close_after_refused_body(request: Request, next: Next) -> Response {
     let http1 = request.version() <= Version::HTTP_11;
+    let headers = request.headers();
+    let declared_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
     let mut response = next.run(request).await;
-    let refused = matches!(
-        response.status(),
-        StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE
-    );
+    let refused = match response.status() {
+        StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE => true,
+        StatusCode::UNAUTHORIZED
+        | StatusCode::FORBIDDEN
+        | StatusCode::NOT_FOUND
+        | StatusCode::METHOD_NOT_ALLOWED
+        | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => declared_body,
+        _ => false,
+    };
     if http1 && refused {
         response
             .headers_mut()

@@ -179,8 +179,9 @@ pub fn router(state: Arc<AppState>, public_metrics: bool) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
-        .layer(middleware::from_fn(handlers::close_after_refused_body))
         .layer(middleware::from_fn_with_state(state.clone(), limit_headers))
+        // Outermost, so it also sees the answers of the layers above.
+        .layer(middleware::from_fn(handlers::close_after_refused_body))
         .with_state(state)
 }
 
