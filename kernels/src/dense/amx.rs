@@ -16,6 +16,7 @@
 //! other paths); weight rows past a multiple of 32 are copied into a zero-padded scratch.
 
 use half::bf16;
+use rayon::prelude::*;
 
 /// bf16 columns per tile (64 bytes, one tile row).
 pub const K_BLOCK: usize = 32;
@@ -53,24 +54,32 @@ pub struct PackedX {
 impl PackedX {
     /// Packs `x` `[m, k]` (`k` a multiple of [`K_BLOCK`]), rounding to bf16 (nearest even).
     pub fn new(x: &[f32], m: usize, k: usize) -> Self {
-        assert!(k.is_multiple_of(K_BLOCK), "PackedX: k = {k} is not a multiple of 32");
+        assert!(
+            k > 0 && k.is_multiple_of(K_BLOCK),
+            "PackedX: k = {k} is not a positive multiple of 32"
+        );
         assert!(x.len() >= m * k, "PackedX: x holds {} values, not {m} x {k}", x.len());
         let k_blocks = k / K_BLOCK;
         let x_tiles = m.div_ceil(TILE);
         let mut data = vec![0u32; x_tiles * k_blocks * TILE_PAIRS];
-        let mut row = vec![bf16::ZERO; k];
-        for i in 0..m {
-            for (dst, &v) in row.iter_mut().zip(&x[i * k..(i + 1) * k]) {
-                *dst = bf16::from_f32(v);
-            }
-            let (tile, c) = (i / TILE, i % TILE);
-            for (kb, block) in row.chunks_exact(K_BLOCK).enumerate() {
-                let base = (tile * k_blocks + kb) * TILE_PAIRS + c;
-                for (p, pair) in block.chunks_exact(2).enumerate() {
-                    data[base + p * TILE] = pair[0].to_bits() as u32 | (pair[1].to_bits() as u32) << 16;
+        // Tiles of `x` pack in parallel (a prefill's `x` is megabytes): each owns its chunk.
+        data.par_chunks_mut(k_blocks * TILE_PAIRS).enumerate().for_each_init(
+            || vec![bf16::ZERO; k],
+            |row, (tile, chunk)| {
+                for c in 0..TILE.min(m - tile * TILE) {
+                    let i = tile * TILE + c;
+                    for (dst, &v) in row.iter_mut().zip(&x[i * k..(i + 1) * k]) {
+                        *dst = bf16::from_f32(v);
+                    }
+                    for (kb, block) in row.chunks_exact(K_BLOCK).enumerate() {
+                        let base = kb * TILE_PAIRS + c;
+                        for (p, pair) in block.chunks_exact(2).enumerate() {
+                            chunk[base + p * TILE] = pair[0].to_bits() as u32 | (pair[1].to_bits() as u32) << 16;
+                        }
+                    }
                 }
-            }
-        }
+            },
+        );
         PackedX { data, m, k_blocks }
     }
 

@@ -85,23 +85,12 @@ mod tests {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let before = t
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let values = |t: &Tensor| crate::dense::host_f32(t).unwrap();
+        let before = values(&t);
         let w = Weight::Dense(t.clone());
         let collapsed = prefer_huge_pages(&w);
         eprintln!("collapsed into huge pages: {collapsed}");
-        let after = t
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let after = values(&t);
         assert_eq!(before, after);
         let small = Weight::Dense(Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap());
         assert!(!prefer_huge_pages(&small), "a 64-byte tensor has no whole huge page");
