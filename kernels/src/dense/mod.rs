@@ -264,6 +264,8 @@ pub struct Lhs<'a> {
     m: usize,
     k: usize,
     packed: Option<amx::PackedX>,
+    /// For the dot kernels (decode-sized batches on other paths).
+    dots: Option<dots::DotsLhs<'a>>,
 }
 
 impl<'a> Lhs<'a> {
@@ -275,6 +277,7 @@ impl<'a> Lhs<'a> {
             m,
             k,
             packed: amx.then(|| amx::PackedX::new(x, m, k)),
+            dots: (!amx && m <= SKINNY_ROWS).then(|| dots::DotsLhs::new(x, m, k)),
         }
     }
 }
@@ -286,6 +289,8 @@ pub struct TileScratch {
     rows: Vec<f32>,
     /// Zero-padded bf16 weight rows (AMX).
     padded: Vec<bf16>,
+    /// The dot kernels' parked accumulators.
+    acc: Vec<dots::Line>,
 }
 
 /// One tile: `out[i * si + j * sj] = x_i · w_{r0 + j}` for `i < m`, `j < rows`.
@@ -315,14 +320,15 @@ pub fn tile_product(
         return;
     }
     let buf = &mut scratch.rows;
-    if m <= SKINNY_ROWS {
+    if let Some(lhs) = &lhs.dots {
+        let acc = &mut scratch.acc;
         match w {
-            WeightRows::F32(v) => dots::dots(x, m, k, &v[r0 * k..(r0 + rows) * k], rows, out, si, sj),
-            WeightRows::Bf16(v) => dots::dots(x, m, k, &v[r0 * k..(r0 + rows) * k], rows, out, si, sj),
+            WeightRows::F32(v) => dots::dots_with(lhs, &v[r0 * k..(r0 + rows) * k], rows, out, si, sj, acc),
+            WeightRows::Bf16(v) => dots::dots_with(lhs, &v[r0 * k..(r0 + rows) * k], rows, out, si, sj, acc),
             WeightRows::Decode(decode) => {
                 buf.resize(rows * k, 0.0);
                 decode(r0, rows, &mut buf[..rows * k]);
-                dots::dots(x, m, k, &buf[..rows * k], rows, out, si, sj)
+                dots::dots_with(lhs, &buf[..rows * k], rows, out, si, sj, acc)
             }
         }
         return;

@@ -1,7 +1,9 @@
-//! Reference paged MLA attention over the latent cache (absorbed form).
+//! Paged MLA attention over the latent cache (absorbed form): the CPU kernel of
+//! [`super::host_attention`] for a CPU cache, and a reference in candle ops for other devices.
 
 use candle_core::{DType, Result, Tensor};
 
+use super::host_attention::host_paged_mla_attention;
 use crate::paged::{causal_bias, check_seq, softmax_last_dim, PagedSeq};
 
 /// Causal attention of absorbed queries over each sequence's cached latents.
@@ -21,11 +23,36 @@ pub fn paged_mla_attention(
     value_dim: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    let (num_tokens, num_heads, latent_dim) = q.dims3()?;
-    let (num_blocks, block_size, cache_dim) = cache.dims3()?;
+    check_dims(q, cache, value_dim)?;
+    if q.device().is_cpu() && cache.device().is_cpu() {
+        if let Some(out) = host_paged_mla_attention(q, cache, seqs, value_dim, scale)? {
+            return Ok(out);
+        }
+    }
+    reference_paged_mla_attention(q, cache, seqs, value_dim, scale)
+}
+
+fn check_dims(q: &Tensor, cache: &Tensor, value_dim: usize) -> Result<()> {
+    let (_, _, latent_dim) = q.dims3()?;
+    let (_, _, cache_dim) = cache.dims3()?;
     if cache_dim != latent_dim || value_dim > latent_dim {
         candle_core::bail!("paged_mla_attention: q dim {latent_dim}, cache dim {cache_dim}, value dim {value_dim}");
     }
+    Ok(())
+}
+
+/// [`paged_mla_attention`] in candle ops, on any device: per sequence, the context's rows
+/// gathered, a causal mask, two matmuls.
+pub(crate) fn reference_paged_mla_attention(
+    q: &Tensor,
+    cache: &Tensor,
+    seqs: &[PagedSeq],
+    value_dim: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    check_dims(q, cache, value_dim)?;
+    let (num_tokens, num_heads, latent_dim) = q.dims3()?;
+    let (num_blocks, block_size, cache_dim) = cache.dims3()?;
     let device = q.device();
     let rows = cache.reshape((num_blocks * block_size, cache_dim))?;
     let mut outputs = Vec::with_capacity(seqs.len());

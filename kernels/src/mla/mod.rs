@@ -9,6 +9,7 @@
 
 mod attention;
 mod cache_write;
+mod host_attention;
 pub mod sparse;
 
 pub use attention::paged_mla_attention;

@@ -80,20 +80,89 @@ fn paged_attention_matches_dense_reference_on_awkward_shapes() -> candle_core::R
         let q_host = values(start * heads * dim, 99 + heads as u32);
         let q = Tensor::from_vec(q_host.clone(), (start, heads, dim), &dev)?;
         let scale = 0.37f32;
-        let got = paged_mla_attention(&q, &cache, &seqs, value_dim, scale as f64)?;
-        assert_eq!(got.dims(), &[start, heads, value_dim]);
-        let got = got.flatten_all()?.to_vec1::<f32>()?;
-        for (seq, latents) in seqs.iter().zip(&all_latents) {
-            if seq.query_len == 0 {
-                continue;
+        // The CPU kernel (what `paged_mla_attention` runs here) and the candle-ops reference.
+        for got in [
+            paged_mla_attention(&q, &cache, &seqs, value_dim, scale as f64)?,
+            reference_paged_mla_attention(&q, &cache, &seqs, value_dim, scale as f64)?,
+        ] {
+            assert_eq!(got.dims(), &[start, heads, value_dim]);
+            let got = got.flatten_all()?.to_vec1::<f32>()?;
+            for (seq, latents) in seqs.iter().zip(&all_latents) {
+                if seq.query_len == 0 {
+                    continue;
+                }
+                let want = reference(&q_host, heads, dim, value_dim, latents, seq, scale);
+                let got_rows = &got[seq.query_start * heads * value_dim..][..want.len()];
+                // f32 dot products of length <= 16 and sums of <= 20 terms: 1e-5 absolute covers
+                // reordering error with a wide margin while catching any masking or slot mix-up.
+                for (a, b) in got_rows.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "heads {heads} seq {seq:?}: {a} vs {b}");
+                }
             }
-            let want = reference(&q_host, heads, dim, value_dim, latents, seq, scale);
-            let got_rows = &got[seq.query_start * heads * value_dim..][..want.len()];
-            // f32 dot products of length <= 16 and sums of <= 20 terms: 1e-5 absolute covers
-            // reordering error with a wide margin while catching any masking or slot mix-up.
-            for (a, b) in got_rows.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-5, "heads {heads} seq {seq:?}: {a} vs {b}");
-            }
+        }
+    }
+    Ok(())
+}
+
+/// DeepSeek's widths (576-wide keys, 512-wide values, 16 heads, 16-token blocks) in f32 and
+/// bf16 caches: the CPU kernel agrees with the candle reference on decode tokens and on a
+/// prefill chunk longer than one job, and a sequence's rows are the same bits alone or batched.
+#[test]
+fn cpu_kernel_matches_the_reference_at_real_widths_and_ignores_the_batch() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let (heads, value_dim, dim, block_size, num_blocks) = (16usize, 512usize, 576usize, 16usize, 40usize);
+    for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+        let rows = num_blocks * block_size;
+        let latents = Tensor::from_vec(values(rows * dim, 7), (num_blocks, block_size, dim), &dev)?.to_dtype(dtype)?;
+        // (query_len, context_len), blocks handed out back to front.
+        let plans = [(1usize, 37usize), (11, 50), (1, 1), (1, 64)];
+        let mut next = num_blocks;
+        let mut start = 0;
+        let seqs: Vec<PagedSeq> = plans
+            .iter()
+            .map(|&(query_len, context_len)| {
+                let blocks = context_len.div_ceil(block_size);
+                let table = (next - blocks..next).rev().map(|b| b as u32).collect();
+                next -= blocks;
+                let seq = PagedSeq {
+                    query_start: start,
+                    query_len,
+                    context_len,
+                    block_table: table,
+                };
+                start += query_len;
+                seq
+            })
+            .collect();
+        let q = Tensor::from_vec(values(start * heads * dim, 8), (start, heads, dim), &dev)?;
+        let scale = 1.0 / (dim as f64).sqrt();
+        let got = paged_mla_attention(&q, &latents, &seqs, value_dim, scale)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let want = reference_paged_mla_attention(&q, &latents, &seqs, value_dim, scale)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (n, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{dtype:?} element {n}: {a} vs {b}"
+            );
+        }
+        for seq in &seqs {
+            let alone = PagedSeq {
+                query_start: 0,
+                ..seq.clone()
+            };
+            let q_seq = q.narrow(0, seq.query_start, seq.query_len)?;
+            let one = paged_mla_attention(&q_seq, &latents, &[alone], value_dim, scale)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let width = heads * value_dim;
+            assert_eq!(
+                one,
+                got[seq.query_start * width..][..seq.query_len * width],
+                "{dtype:?} {seq:?}"
+            );
         }
     }
     Ok(())
