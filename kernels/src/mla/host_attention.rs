@@ -31,6 +31,10 @@ pub(super) fn host_paged_mla_attention(
 ) -> Result<Option<Tensor>> {
     let (num_tokens, num_heads, latent_dim) = q.dims3()?;
     let (num_blocks, block_size, _) = cache.dims3()?;
+    if num_heads == 0 || value_dim == 0 {
+        // Degenerate widths: nothing to gain here; the reference handles them.
+        return Ok(None);
+    }
     let (storage, layout) = cache.storage_and_layout();
     let Some((start, end)) = layout.contiguous_offsets() else {
         return Ok(None);
