@@ -20,9 +20,12 @@
 //! on a fuel budget ([`RENDER_FUEL`] instructions) so a template that loops
 //! forever fails with an error instead of hanging a server thread, and
 //! minijinja bounds recursion, `range` and string/list repetition itself.
-//! Memory is not bounded: a template that doubles a string in a loop
-//! (`{% set ns.s = ns.s ~ ns.s %}` forty times) exhausts it in few
-//! instructions, so only serve templates you would run as code.
+//! A namespace may only be used through its attributes (`namespace_guard`):
+//! stored in a value, it could hold itself, and that cycle leaks and
+//! overflows the stack when printed. Memory is not bounded: a template that
+//! doubles a string in a loop (`{% set ns.s = ns.s ~ ns.s %}` forty times)
+//! exhausts it in few instructions, so only serve templates you would run as
+//! code.
 //!
 //! The rendered text normally begins with the BOS token already (as the
 //! template writes it), so callers should tokenize it without adding special
@@ -30,6 +33,7 @@
 
 mod filters;
 mod messages;
+mod namespace_guard;
 #[cfg(test)]
 mod real_templates;
 #[cfg(test)]
@@ -64,6 +68,10 @@ pub enum ChatTemplateError {
     /// The template (or the config holding it) does not parse.
     #[error("chat template syntax error: {0}")]
     Syntax(String),
+    /// The template could build a value that minijinja cannot render safely (see
+    /// `namespace_guard`).
+    #[error("chat template refused: {0}")]
+    Refused(String),
     /// Rendering failed, including the template calling `raise_exception`
     /// (the message is then exactly what the template passed).
     #[error("chat template error: {0}")]
@@ -177,6 +185,7 @@ impl ChatTemplate {
         env.add_test("iterable", is_iterable);
         env.add_template_owned(TEMPLATE_NAME, template.to_owned())
             .map_err(|e| ChatTemplateError::Syntax(describe(&e)))?;
+        namespace_guard::check_namespaces(template).map_err(ChatTemplateError::Refused)?;
         let mut template = ChatTemplate {
             env,
             source: template.to_owned(),

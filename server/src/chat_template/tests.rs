@@ -205,6 +205,21 @@ fn chat_template_syntax_error() {
     ));
 }
 
+/// The fuzzer's find (fuzz/corpus/chat_template/namespace_cycle*): a namespace stored in
+/// itself leaked, and printing it overflowed the stack. Such templates are refused at load.
+#[test]
+fn chat_template_refuses_namespaces_used_as_values() {
+    for source in [
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns %}{% endfor %}",
+        "{% set ns = namespace(n=0) %}{% set ns.n = ns %}{{ ns }}{{ ns|tojson }}",
+    ] {
+        match ChatTemplate::new(source, None, None) {
+            Err(ChatTemplateError::Refused(m)) => assert!(m.contains("namespace `ns` is used as a value"), "{m}"),
+            other => panic!("{source}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn chat_template_whitespace_control_like_transformers() {
     // trim_blocks + lstrip_blocks: block tags on their own lines leave no
