@@ -6,4 +6,5 @@ pub mod agent;
 pub mod bench;
 pub mod chat_template;
 pub mod cli;
+pub mod energy;
 pub mod serve;

@@ -317,6 +317,14 @@ async fn models_health_and_metrics() {
     assert_eq!(m["moe_generation_tokens_total"], 4.0);
     assert_eq!(m["moe_e2e_request_latency_seconds_count"], 1.0);
     assert!(m["moe_kv_cache_blocks_total"] > 0.0);
+    // A model on the CPU has no GPU energy: the series are absent, not zero.
+    for name in [
+        "moe_gpu_energy_joules_total",
+        "moe_gpu_power_watts",
+        "moe_output_tokens_per_joule",
+    ] {
+        assert!(!m.contains_key(name), "{name} on a CPU server: {m:?}");
+    }
     // The cache is sized by the model's KV-cache spec: V3's latent row is 32 + 8 values in 3
     // layers, 480 bytes a token in f32, in blocks of 16 tokens.
     assert_eq!(m["moe_kv_cache_bytes_per_token"], 480.0);

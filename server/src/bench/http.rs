@@ -198,6 +198,7 @@ impl Backend for HttpBackend {
             preemptions: get("moe_preemptions_total").map(|v| v as u64),
             prefix_cache_queries: get("moe_prefix_cache_queries_total").map(|v| v as u64),
             prefix_cache_hits: get("moe_prefix_cache_hits_total").map(|v| v as u64),
+            gpu_energy_joules: get("moe_gpu_energy_joules_total"),
         }
     }
 

@@ -62,6 +62,7 @@ impl Backend for InProcessBackend {
                 preemptions: Some(s.preemptions),
                 prefix_cache_queries: Some(s.prefix_cache_queries),
                 prefix_cache_hits: Some(s.prefix_cache_hits),
+                gpu_energy_joules: None,
             }
         }
     }

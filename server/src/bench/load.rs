@@ -78,6 +78,8 @@ pub struct Counters {
     pub preemptions: Option<u64>,
     pub prefix_cache_queries: Option<u64>,
     pub prefix_cache_hits: Option<u64>,
+    /// The server's GPU energy counter (`moe_gpu_energy_joules_total`), in joules.
+    pub gpu_energy_joules: Option<f64>,
 }
 
 impl Counters {

@@ -2,7 +2,6 @@
 //! OpenAI-compatible server): seeded workloads, load policies, per-request timing, energy,
 //! expert load, and the JSON / table / SVG reports. The CLI glue is `cli::bench`.
 
-pub mod energy;
 pub mod http;
 pub mod in_process;
 pub mod load;
@@ -16,7 +15,7 @@ use std::sync::Arc;
 
 use moe_engine::ExpertLoad;
 
-use energy::EnergyMeter;
+use crate::energy::EnergyMeter;
 use load::{run_load, Backend, LoadPolicy};
 use report::RunReport;
 use workload::Workload;

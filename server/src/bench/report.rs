@@ -7,10 +7,10 @@ use moe_engine::ExpertLoad;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::energy::EnergyFigures;
 use super::load::{LoadPolicy, RunOutcome};
 use super::stats::Summary;
 use super::workload::{WorkloadKind, WorkloadSpec};
+use crate::energy::EnergyFigures;
 
 pub const SCHEMA: &str = "moe-bench/1";
 
@@ -226,7 +226,9 @@ fn delta(before: Option<u64>, after: Option<u64>) -> Option<u64> {
 }
 
 impl RunReport {
-    /// The figures of one run. `energy_mj` is the NVML counter before and after, if read.
+    /// The figures of one run. Energy comes from the server's own counter when its `/metrics`
+    /// has one (it covers exactly the GPUs the server uses), else from `energy_mj`, this
+    /// machine's NVML counter before and after, if read.
     pub fn of(
         load: LoadPolicy,
         outcome: &RunOutcome,
@@ -307,7 +309,10 @@ impl RunReport {
             peak_kv_cache_usage: outcome.peak_kv_usage,
             preemptions: delta(outcome.before.preemptions, outcome.after.preemptions),
             prefix_cache,
-            energy: energy_mj.and_then(|(a, b)| EnergyFigures::between(a, b, outcome.duration_s, output_tokens)),
+            energy: match (outcome.before.gpu_energy_joules, outcome.after.gpu_energy_joules) {
+                (Some(a), Some(b)) => EnergyFigures::of_joules(b - a, outcome.duration_s, output_tokens, "server"),
+                _ => energy_mj.and_then(|(a, b)| EnergyFigures::between(a, b, outcome.duration_s, output_tokens)),
+            },
             expert_load: expert_load.map(|l| ExpertLoadReport::of(l, expert_groups)),
             errors,
         }
@@ -390,4 +395,64 @@ pub fn write_table(out: &mut impl Write, runs: &[RunReport]) -> std::io::Result<
 /// The current time as RFC 3339 UTC, seconds precision.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::load::{Completion, Counters, LoadPolicy, RequestRecord, RunOutcome};
+    use super::RunReport;
+
+    /// One request of 10 output tokens over 2 s, with these counters around the run.
+    fn outcome(before: Counters, after: Counters) -> RunOutcome {
+        let done = Completion {
+            pieces: vec![(0.5, 1), (1.0, 9)],
+            e2e_s: 2.0,
+            token_ids: None,
+            usage_output_tokens: Some(10),
+        };
+        RunOutcome {
+            records: vec![RequestRecord {
+                session: 0,
+                turn: 0,
+                input_tokens: 4,
+                expected_output_tokens: 10,
+                result: Ok(done),
+            }],
+            duration_s: 2.0,
+            before,
+            after,
+            peak_kv_usage: None,
+            stand_in_replies: 0,
+        }
+    }
+
+    #[test]
+    fn energy_comes_from_the_servers_counter_when_it_has_one() {
+        let at = |j| Counters {
+            gpu_energy_joules: Some(j),
+            ..Counters::default()
+        };
+        let local = Some((0, 40_000)); // 40 J on this machine's GPU
+        let served = RunReport::of(
+            LoadPolicy::AllAtOnce,
+            &outcome(at(100.0), at(120.0)),
+            10,
+            local,
+            None,
+            1,
+        );
+        let e = served.energy.unwrap();
+        assert_eq!(
+            (e.source, e.joules, e.avg_power_w, e.output_tokens_per_joule),
+            ("server", 20.0, 10.0, 0.5)
+        );
+        let plain = outcome(Counters::default(), Counters::default());
+        let e = RunReport::of(LoadPolicy::AllAtOnce, &plain, 10, local, None, 1)
+            .energy
+            .unwrap();
+        assert_eq!((e.source, e.joules), ("nvml", 40.0));
+        assert!(RunReport::of(LoadPolicy::AllAtOnce, &plain, 10, None, None, 1)
+            .energy
+            .is_none());
+    }
 }

@@ -10,14 +10,15 @@ use clap::{Args, Subcommand};
 use moe_engine::Engine;
 use serde_json::json;
 
+use super::model_args::model_gpus;
 use super::{EngineArgs, ModelArgs};
-use crate::bench::energy::EnergyMeter;
 use crate::bench::http::HttpBackend;
 use crate::bench::in_process::InProcessBackend;
 use crate::bench::load::LoadPolicy;
 use crate::bench::report::{now_rfc3339, write_table, BenchReport, DeviceInfo, ModelInfo, WorkloadInfo, SCHEMA};
 use crate::bench::workload::{Workload, WorkloadKind, WorkloadSpec, LOWEST_TOKEN_ID};
 use crate::bench::{plot, run_suite, RunHooks};
+use crate::energy::EnergyMeter;
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -119,7 +120,8 @@ pub struct BenchOptions {
     #[arg(long, allow_negative_numbers = true)]
     pub concurrency: Option<String>,
 
-    /// Energy from this GPU's NVML counter.
+    /// `moe bench serve` on a server without its own energy counter in /metrics: energy from
+    /// this GPU's NVML counter (`moe bench` meters the GPUs its model runs on).
     #[arg(long, default_value_t = 0)]
     pub gpu: u32,
 
@@ -264,6 +266,7 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
     let loaded = model_args.load()?;
     let model_path = loaded.files.as_ref().map(|f| f.dir.display().to_string());
     let (runner, engine_config) = engine_args.build(loaded.model)?;
+    let gpus = model_gpus(runner.model());
     let needed = spec.max_prompt_len() + spec.max_output_len();
     if needed > engine_config.max_model_len {
         anyhow::bail!(
@@ -287,8 +290,8 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
     });
     let engine = Arc::new(Engine::start(runner, None, engine_config)?);
     let workload = Workload::generate(&spec);
-    let on_gpu = model_args.device.starts_with("cuda");
-    let meter = if on_gpu { EnergyMeter::open(options.gpu) } else { None };
+    let on_gpu = !gpus.is_empty();
+    let meter = EnergyMeter::open_all(&gpus);
     let device = if on_gpu {
         DeviceInfo {
             kind: "cuda",
@@ -296,7 +299,7 @@ fn run_in_process(model_args: ModelArgs, engine_args: EngineArgs, options: Bench
                 .as_ref()
                 .and_then(EnergyMeter::gpu_name)
                 .unwrap_or_else(|| model_args.device.clone()),
-            gpu_index: Some(options.gpu),
+            gpu_index: gpus.first().copied(),
         }
     } else {
         DeviceInfo {

@@ -244,6 +244,19 @@ impl ModelArgs {
     }
 }
 
+/// NVML indices of the GPUs `model` runs on (consecutive CUDA ordinals, one a rank; none on
+/// the CPU), for its energy figures.
+pub fn model_gpus(model: &dyn moe_models::CausalLm) -> Vec<u32> {
+    match model.device().location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => crate::energy::nvml_indices(
+            gpu_id as u32,
+            model.ranks() as u32,
+            std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+        ),
+        _ => Vec::new(),
+    }
+}
+
 /// One device per rank: the CPU for every rank, or consecutive CUDA devices from `first`'s
 /// ordinal.
 fn rank_devices(first: &Device, ranks: usize) -> anyhow::Result<Vec<Device>> {

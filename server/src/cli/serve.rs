@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use moe_engine::{Engine, GrammarCompiler, TextTokenizer};
 
+use super::model_args::model_gpus;
 use super::{EngineArgs, ModelArgs};
 use crate::agent::reasoning::REASONING_PARSERS;
 use crate::agent::tool_calls::TOOL_CALL_PARSERS;
@@ -172,6 +173,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (runner, config) = args.engine.build(loaded.model)?;
     let kv_bytes_per_token = runner.model().config().kv_bytes_per_token(runner.model().dtype());
     let block_size = runner.block_size();
+    let gpus = model_gpus(runner.model());
     let engine = Engine::start(runner, tokenizer.clone(), config)?;
     let agent = agent_config(
         &args,
@@ -193,6 +195,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         kv_bytes_per_token,
         block_size,
         agent,
+        gpus,
     };
     let options = ServerOptions {
         addr,

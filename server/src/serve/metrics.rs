@@ -1,7 +1,10 @@
 //! Prometheus metrics of `/metrics`: engine gauges and counters (read from the engine at
-//! scrape time) and request latency histograms (recorded by the handlers).
+//! scrape time), request latency histograms (recorded by the handlers) and, where NVML can
+//! read the model's GPUs, their energy, power and output tokens per joule.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use moe_engine::engine::EngineStats;
 use prometheus_client::encoding::text::encode;
@@ -9,6 +12,69 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::energy::{EnergyMeter, EnergyWindow};
+
+/// The span of `moe_output_tokens_per_joule`.
+pub const ENERGY_WINDOW: Duration = Duration::from_secs(60);
+
+/// The GPU energy series; they exist only with a meter (absent, not zero, without NVML).
+struct GpuEnergy {
+    meter: EnergyMeter,
+    joules: Counter<f64, AtomicU64>,
+    watts: Gauge<f64, AtomicU64>,
+    tokens_per_joule: Gauge<f64, AtomicU64>,
+    /// The counter reading already added to `joules` and the window of readings.
+    seen: Mutex<(Option<u64>, EnergyWindow)>,
+}
+
+impl GpuEnergy {
+    fn register(meter: EnergyMeter, registry: &mut Registry) -> Self {
+        let energy = GpuEnergy {
+            meter,
+            joules: Counter::default(),
+            watts: Gauge::default(),
+            tokens_per_joule: Gauge::default(),
+            seen: Mutex::new((None, EnergyWindow::new(ENERGY_WINDOW))),
+        };
+        registry.register(
+            "gpu_energy_joules",
+            "Energy the model's GPUs used since the server started (NVML's counter)",
+            energy.joules.clone(),
+        );
+        registry.register(
+            "gpu_power_watts",
+            "Power the model's GPUs draw now",
+            energy.watts.clone(),
+        );
+        registry.register(
+            "output_tokens_per_joule",
+            "Tokens generated per joule of GPU energy over the last minute",
+            energy.tokens_per_joule.clone(),
+        );
+        energy
+    }
+
+    /// Reads the GPUs now; `generation_tokens` is the engine's total so far.
+    fn sample(&self, generation_tokens: u64) {
+        let Some(mj) = self.meter.millijoules() else { return };
+        if let Ok(mut seen) = self.seen.lock() {
+            let (last, window) = &mut *seen;
+            if let Some(before) = *last {
+                // A counter that went back (driver reload) adds nothing this time.
+                self.joules.inc_by(mj.saturating_sub(before) as f64 / 1000.0);
+            }
+            *last = Some(mj);
+            window.push(Instant::now(), mj, generation_tokens);
+            if let Some(tpj) = window.tokens_per_joule() {
+                self.tokens_per_joule.set(tpj);
+            }
+        }
+        if let Some(w) = self.meter.watts() {
+            self.watts.set(w);
+        }
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -32,12 +98,14 @@ pub struct Metrics {
     pub e2e: Histogram,
     /// Engine totals already added to the counters.
     seen: Mutex<EngineStats>,
+    energy: Option<GpuEnergy>,
 }
 
 impl Metrics {
     /// Metrics of a server whose cache keeps `kv_bytes_per_token` bytes a token (all layers,
-    /// from the model's KV-cache spec) in blocks of `block_size` tokens.
-    pub fn new(kv_bytes_per_token: usize, block_size: usize) -> Self {
+    /// from the model's KV-cache spec) in blocks of `block_size` tokens; with `meter`, the
+    /// GPU energy series too.
+    pub fn new(kv_bytes_per_token: usize, block_size: usize, meter: Option<EnergyMeter>) -> Self {
         let mut registry = Registry::with_prefix("moe");
         let running = Gauge::default();
         let waiting = Gauge::default();
@@ -118,6 +186,10 @@ impl Metrics {
             "Request latency, start to finish",
             e2e.clone(),
         );
+        let energy = meter.map(|m| GpuEnergy::register(m, &mut registry));
+        if let Some(e) = &energy {
+            e.sample(0);
+        }
         Metrics {
             registry,
             running,
@@ -138,6 +210,19 @@ impl Metrics {
             inter_token,
             e2e,
             seen: Mutex::new(EngineStats::default()),
+            energy,
+        }
+    }
+
+    /// Whether the GPU energy series are exported.
+    pub fn has_energy(&self) -> bool {
+        self.energy.is_some()
+    }
+
+    /// Reads the GPUs' energy and power (the server does every second, for the window).
+    pub fn sample_energy(&self, generation_tokens: u64) {
+        if let Some(e) = &self.energy {
+            e.sample(generation_tokens);
         }
     }
 
@@ -165,6 +250,7 @@ impl Metrics {
                 .inc_by(stats.prefix_cache_hits.saturating_sub(seen.prefix_cache_hits));
             *seen = stats;
         }
+        self.sample_energy(stats.generation_tokens);
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();

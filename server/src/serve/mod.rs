@@ -25,6 +25,7 @@ use axum::Router;
 use moe_engine::{Engine, TextTokenizer};
 
 use crate::chat_template::ChatTemplate;
+use crate::energy::EnergyMeter;
 use error::ApiError;
 use listener::{ConnectionLimits, Drain};
 use metrics::Metrics;
@@ -43,6 +44,8 @@ pub struct ServedModel {
     pub block_size: usize,
     /// How outputs are read for tools, reasoning and structured outputs.
     pub agent: agent::AgentConfig,
+    /// NVML indices of the GPUs the model runs on (none on the CPU), for the energy metrics.
+    pub gpus: Vec<u32>,
 }
 
 /// How the HTTP server listens and what it lets clients do.
@@ -225,7 +228,11 @@ pub fn run(model: ServedModel, options: ServerOptions) -> anyhow::Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        metrics: Metrics::new(model.kv_bytes_per_token, model.block_size),
+        metrics: Metrics::new(
+            model.kv_bytes_per_token,
+            model.block_size,
+            EnergyMeter::open_all(&model.gpus),
+        ),
         agent: model.agent,
     });
     let addr = options.addr;
@@ -244,6 +251,19 @@ pub fn run(model: ServedModel, options: ServerOptions) -> anyhow::Result<()> {
             max_headers: 100,
             drain_timeout: options.drain_timeout,
         };
+        if state.metrics.has_energy() {
+            // Readings every second keep the last minute's tokens per joule current between
+            // scrapes.
+            let sampled = state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let tokens = sampled.engine.stats().generation_tokens;
+                    sampled.metrics.sample_energy(tokens);
+                }
+            });
+        }
         let app = router(state.clone(), options.public_metrics);
         match listener::serve(listener, app, limits, shutdown_signal())
             .await
