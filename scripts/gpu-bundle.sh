@@ -164,6 +164,14 @@ fi
 # 512-token prompts to 256 tokens at batch 1 and 64, with the grouped MoE kernels and with the
 # reference experts (A/B). Attention still runs as candle ops (the decode kernel is not wired in).
 if in_phase 2 && [ "${MOE_GPU_E2E:-1}" != 0 ]; then
+  # The cache sized from free memory (--gpu-memory-utilization, no --kv-cache-memory): the
+  # profiling forward at --max-num-batched-tokens, then the blocks the rest holds.
+  echo "== memory sizing, synthetic deepseek-v2-lite bf16, --gpu-memory-utilization 0.9" | tee -a "$OUT/summary.txt"
+  timeout 90 "$WORK/bin/moe" -v bench --model synthetic:deepseek-v2-lite --dtype bf16 --device cuda \
+    --gpu-memory-utilization 0.9 --max-num-batched-tokens 2048 --max-model-len 1024 --max-num-seqs 64 \
+    --input-len 64 --output-len 8 --num-prompts 2 --concurrency 1 \
+    --output-json "$OUT/e2e-memory.json" > "$OUT/e2e-memory.log" 2>&1 || status=1
+  grep -E "rank [0-9]+ on|KV cache:|Error|error" "$OUT/e2e-memory.log" | tee -a "$OUT/summary.txt"
   for backend in grouped reference; do
     for c in 1 64; do
       n=$(( c == 1 ? 4 : 64 ))

@@ -1,11 +1,16 @@
 //! The batching engine end to end on the V3 fixture: continuous batching with chunked
 //! prefill gives every request exactly the tokens it gets alone (1, 7 and 64 concurrent
 //! requests of mixed lengths), preemption under a too-small cache changes nothing, seeded
-//! sampling does not depend on the batch, stop strings and aborts behave, no block leaks.
+//! sampling does not depend on the batch, stop strings and aborts behave, no block leaks;
+//! the memory-profiling step runs and leaves the model as it was.
 
-use moe_engine::engine::{Engine, GenerationRequest, RequestOutput};
+use candle_core::DType;
+use moe_engine::engine::{Engine, EngineConfig, GenerationRequest, RequestOutput};
+use moe_engine::memory::profile_sequences;
+use moe_engine::runner::ModelRunner;
 use moe_engine::{FinishReason, SamplingParams};
-use moe_tests::{fixture, golden, v3_engine, EngineLimits, TestRng};
+use moe_models::LoadOptions;
+use moe_tests::{fixture, golden, load_model, v3_engine, EngineLimits, TestRng};
 
 /// An engine over the V3 fixture with the given cache and step limits (prefix caching on).
 fn engine(block_size: usize, num_blocks: usize, max_num_batched_tokens: usize, max_num_seqs: usize) -> Engine {
@@ -243,4 +248,33 @@ fn invalid_requests_are_rejected_at_submit() {
     hot.sampling.temperature = -1.0;
     assert!(bad(hot).contains("temperature"));
     assert!(e.submit(ok).unwrap().collect().is_some());
+}
+
+/// The profiling step that sizes the cache under `--gpu-memory-utilization` runs the model at
+/// the engine's largest step (here on the CPU, where nothing is read), refuses a cache too
+/// small for it, and hands back a model that serves exactly as a fresh one.
+#[test]
+fn the_memory_profiling_step_runs_and_leaves_the_model_as_it_was() {
+    let lens = profile_sequences(300, 4, 256);
+    assert_eq!(lens, vec![75; 4]);
+    let model = load_model(&fixture("deepseek-v3"), DType::F32, &LoadOptions::default());
+    let blocks = ModelRunner::profile_blocks(&lens, 16);
+    assert_eq!(blocks, 4 * 5);
+    let runner = ModelRunner::new(model, blocks, 16).unwrap();
+    runner.profile_step(&lens).unwrap();
+    let err = runner.profile_step(&[75; 5]).unwrap_err().to_string();
+    assert!(err.contains("needs 25 cache blocks, the cache has 20"), "{err}");
+    let runner = ModelRunner::new(runner.into_model(), 64, 16).unwrap();
+    let config = EngineConfig {
+        max_num_batched_tokens: 4096,
+        max_num_seqs: 8,
+        max_model_len: 256,
+        enable_prefix_caching: true,
+    };
+    let profiled = Engine::start(runner, None, config).unwrap();
+    let reqs: Vec<GenerationRequest> = requests().into_iter().take(8).collect();
+    let after = run_all(&profiled, &reqs);
+    for ((a, b), r) in after.iter().zip(alone(&reqs)).zip(&reqs) {
+        assert_eq!(a.token_ids, b.token_ids, "prompt {:?}", r.prompt_token_ids);
+    }
 }

@@ -9,6 +9,7 @@ pub mod detokenizer;
 pub mod engine;
 pub mod error;
 pub mod expert_load;
+pub mod memory;
 pub mod prefix_cache;
 pub mod runner;
 pub mod sampling;

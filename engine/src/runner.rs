@@ -44,6 +44,52 @@ impl ModelRunner {
         self.model.as_ref()
     }
 
+    /// The model back, its cache freed.
+    pub fn into_model(self) -> Model {
+        self.model
+    }
+
+    /// Cache blocks [`ModelRunner::profile_step`] needs for sequences of `seq_lens` tokens.
+    pub fn profile_blocks(seq_lens: &[usize], block_size: usize) -> usize {
+        seq_lens.iter().map(|l| l.div_ceil(block_size.max(1))).sum()
+    }
+
+    /// Runs one forward over made-up prompts of `seq_lens` tokens (each asking for its last
+    /// logits row), the shape of the engine's largest step, so that the caller can read the
+    /// device's peak memory (`crate::memory`). The cache must hold
+    /// [`ModelRunner::profile_blocks`] blocks; what the step writes there is garbage.
+    pub fn profile_step(&self, seq_lens: &[usize]) -> Result<()> {
+        let block_size = self.cache.block_size;
+        let needed = Self::profile_blocks(seq_lens, block_size);
+        if needed > self.cache.num_blocks {
+            return Err(EngineError::InvalidRequest(format!(
+                "the profiling step needs {needed} cache blocks, the cache has {}",
+                self.cache.num_blocks
+            )));
+        }
+        let vocab = self.model.config().vocab_size.max(1);
+        let mut batch = BatchBuilder::new(block_size);
+        let mut next_block = 0u32;
+        for (s, &len) in seq_lens.iter().enumerate() {
+            let blocks = len.div_ceil(block_size) as u32;
+            batch.push(&SeqChunk {
+                tokens: (0..len).map(|i| ((s * 7919 + i) % vocab) as u32).collect(),
+                start_pos: 0,
+                block_table: (next_block..next_block + blocks).collect(),
+                logits: LogitRows::Last,
+            })?;
+            next_block += blocks;
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let tensors = batch.tensors(self.model.device())?;
+        let logits = self.model.forward(&tensors.ctx(None), &self.cache)?;
+        // Bring the rows to the host as a step does, so their copy counts too.
+        logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(())
+    }
+
     /// Bytes of the cache tensors.
     pub fn cache_bytes(&self) -> usize {
         self.cache.bytes(self.model.dtype())

@@ -10,6 +10,7 @@
 
 pub mod comm;
 pub mod dense;
+pub mod device_memory;
 pub mod gqa;
 pub mod mla;
 pub mod moe;

@@ -361,7 +361,7 @@ fn bad_flags_fail_in_one_line() {
     }
 }
 
-/// The end-to-end step of `scripts/gpu-bundle.sh`'s run.sh (`moe bench` on a synthetic model)
+/// The end-to-end steps of `scripts/gpu-bundle.sh`'s run.sh (`moe bench` on a synthetic model)
 /// with the same flags but `--device cpu`, two layers (one dense, one MoE) and short requests, so a GPU lease is
 /// never lost to an argument error (a synthetic model once failed here: bench resolved model
 /// files before it looked for `synthetic:`).
@@ -407,4 +407,38 @@ fn the_gpu_bundle_bench_command_runs_on_the_cpu() {
         assert!(v["model"]["path"].is_null(), "a synthetic model has no files");
         assert_eq!(int(&v["runs"][0], "completed"), 2);
     }
+    // run.sh's memory-sizing step: `-v`, --gpu-memory-utilization and no --kv-cache-memory
+    // (the CPU sizes its cache as before; the flags must parse and the run complete).
+    let v = bench_json(
+        &[
+            "-v",
+            "bench",
+            "--model",
+            "synthetic:deepseek-v2-lite",
+            "--num-layers",
+            "2",
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--gpu-memory-utilization",
+            "0.9",
+            "--max-num-batched-tokens",
+            "2048",
+            "--max-model-len",
+            "1024",
+            "--max-num-seqs",
+            "64",
+            "--input-len",
+            "64",
+            "--output-len",
+            "8",
+            "--num-prompts",
+            "2",
+            "--concurrency",
+            "1",
+        ],
+        dir.path(),
+    );
+    assert_eq!(int(&v["runs"][0], "completed"), 2);
 }

@@ -235,7 +235,8 @@ fn cpu_ranks_share_the_kv_cache_budget() {
     let mib = (blocks * 16 * per_token) >> 20;
     assert!(
         err.contains(&format!(
-            "KV cache: {blocks} blocks of 16 tokens ({mib} MiB a rank, on each of 4 ranks"
+            "KV cache: {blocks} blocks of 16 tokens, {} tokens ({mib} MiB a rank, on each of 4 ranks",
+            blocks * 16
         )),
         "{err}"
     );

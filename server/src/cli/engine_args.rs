@@ -1,11 +1,17 @@
 //! Engine options shared by every command that runs the batching engine (vLLM's names):
-//! sequence and token limits, the model length cap and the KV-cache size.
+//! sequence and token limits, the model length cap and the KV-cache size: given in bytes, or
+//! on GPUs what `--gpu-memory-utilization` leaves after the weights and a profiling forward.
 
 use anyhow::Context;
+use candle_core::Device;
 use clap::Args;
 use moe_engine::engine::EngineConfig;
+use moe_engine::memory::{cache_budget, profile_sequences, MemoryProfile};
 use moe_engine::runner::{ModelRunner, DEFAULT_BLOCK_SIZE};
+use moe_kernels::device_memory::{device_memory, peak_since, start_peak};
 use moe_models::Model;
+
+use super::model_args::rank_devices;
 
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
@@ -21,11 +27,19 @@ pub struct EngineArgs {
     #[arg(long)]
     pub max_model_len: Option<usize>,
 
-    /// KV-cache size in bytes, e.g. 2GiB, 512MiB, 1000000000 (default: enough for max-num-seqs
-    /// full-length sequences, at most 4GiB): per GPU for a model split over GPUs, in all for
-    /// one split over CPU ranks (they share the host's memory).
+    /// KV-cache size in bytes, e.g. 2GiB, 512MiB, 1000000000: per GPU for a model split over
+    /// GPUs, in all for one split over CPU ranks (they share the host's memory). Default on
+    /// GPUs: from --gpu-memory-utilization; on the CPU: enough for max-num-seqs full-length
+    /// sequences, at most 4GiB.
     #[arg(long, value_parser = parse_bytes)]
     pub kv_cache_memory: Option<usize>,
+
+    /// Fraction of each GPU's memory the server may use (weights, activations and KV cache),
+    /// in (0, 1]: after loading, one forward at --max-num-batched-tokens measures the
+    /// activation peak, and the cache gets the rest. Ignored with --kv-cache-memory and on
+    /// the CPU.
+    #[arg(long, default_value_t = 0.9, value_parser = parse_fraction)]
+    pub gpu_memory_utilization: f32,
 
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
@@ -35,6 +49,14 @@ pub struct EngineArgs {
     /// prefix (prefix caching is on by default).
     #[arg(long, alias = "no-enable-prefix-caching")]
     pub no_prefix_caching: bool,
+}
+
+/// Parses a fraction in (0, 1].
+pub fn parse_fraction(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a fraction in (0, 1]")),
+    }
 }
 
 /// Parses a byte count with an optional K/M/G/T suffix (powers of 1024; `B`/`iB` optional).
@@ -70,8 +92,8 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
 impl EngineArgs {
     /// Sizes the cache and builds the runner and the engine limits.
     pub fn build(&self, model: Model) -> anyhow::Result<(ModelRunner, EngineConfig)> {
-        let cfg = model.config();
-        let max_model_len = self.max_model_len.unwrap_or(cfg.max_position_embeddings);
+        let num_layers = model.config().num_hidden_layers;
+        let max_model_len = self.max_model_len.unwrap_or(model.config().max_position_embeddings);
         if max_model_len == 0 || self.block_size == 0 || self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
             anyhow::bail!(
                 "--max-model-len, --block-size, --max-num-seqs and --max-num-batched-tokens must be positive"
@@ -79,22 +101,31 @@ impl EngineArgs {
         }
         let spec = model.kv_cache_spec();
         // What one rank keeps per token; CPU ranks share one memory, GPU ranks have their own.
-        let per_token = spec.bytes_per_token(cfg.num_hidden_layers, model.dtype());
+        let per_token = spec.bytes_per_token(num_layers, model.dtype());
         let sharing = if model.device().is_cpu() {
             model.ranks().max(1)
         } else {
             1
         };
-        let bytes = self.kv_cache_memory.unwrap_or_else(|| {
-            let wanted = self
-                .max_num_seqs
-                .saturating_mul(max_model_len)
-                .saturating_mul(per_token)
-                .saturating_mul(sharing);
-            wanted.min(4 << 30)
-        }) / sharing;
-        let num_blocks =
-            ModelRunner::blocks_for_memory(&spec, cfg.num_hidden_layers, model.dtype(), bytes, self.block_size);
+        let on_gpu = device_memory(model.device())?.is_some();
+        let sized_by = if self.kv_cache_memory.is_none() && on_gpu {
+            format!("--gpu-memory-utilization {}", self.gpu_memory_utilization)
+        } else {
+            "--kv-cache-memory".to_string()
+        };
+        let (model, bytes) = match self.kv_cache_memory {
+            Some(bytes) => (model, bytes / sharing),
+            None if on_gpu => self.bytes_from_device_memory(model, max_model_len)?,
+            None => {
+                let wanted = self
+                    .max_num_seqs
+                    .saturating_mul(max_model_len)
+                    .saturating_mul(per_token)
+                    .saturating_mul(sharing);
+                (model, wanted.min(4 << 30) / sharing)
+            }
+        };
+        let num_blocks = ModelRunner::blocks_for_memory(&spec, num_layers, model.dtype(), bytes, self.block_size);
         let ranks = model.ranks();
         let per_rank = if ranks > 1 {
             format!(" a rank, on each of {ranks} ranks")
@@ -103,13 +134,14 @@ impl EngineArgs {
         };
         if num_blocks * self.block_size < max_model_len {
             anyhow::bail!(
-                "--kv-cache-memory: {bytes} bytes{per_rank} hold {} tokens ({per_token} bytes each), fewer than --max-model-len {max_model_len}",
+                "{sized_by}: {bytes} bytes{per_rank} hold {} tokens ({per_token} bytes each), fewer than --max-model-len {max_model_len}",
                 num_blocks * self.block_size
             );
         }
         tracing::info!(
-            "KV cache: {num_blocks} blocks of {} tokens ({} MiB{per_rank}; {}, {per_token} bytes a token)",
+            "KV cache: {num_blocks} blocks of {} tokens, {} tokens ({} MiB{per_rank}; {}, {per_token} bytes a token)",
             self.block_size,
+            num_blocks * self.block_size,
             (num_blocks * self.block_size * per_token) >> 20,
             spec.describe()
         );
@@ -124,9 +156,79 @@ impl EngineArgs {
     }
 }
 
+impl EngineArgs {
+    /// Cache bytes per rank from `--gpu-memory-utilization`: one profiling forward of the
+    /// largest step on a throwaway cache, then the smallest budget over the ranks' GPUs.
+    /// Returns the model back with the bytes.
+    fn bytes_from_device_memory(&self, model: Model, max_model_len: usize) -> anyhow::Result<(Model, usize)> {
+        let devices = rank_devices(model.device(), model.ranks())?;
+        let lens = profile_sequences(self.max_num_batched_tokens, self.max_num_seqs, max_model_len);
+        let blocks = ModelRunner::profile_blocks(&lens, self.block_size);
+        let runner = ModelRunner::new(model, blocks, self.block_size).context("allocating the profiling cache")?;
+        let mut baselines = Vec::with_capacity(devices.len());
+        for d in &devices {
+            baselines.push(start_peak(d)?.unwrap_or(0));
+        }
+        tracing::info!(
+            "profiling a step of {} tokens in {} sequences for --gpu-memory-utilization {}",
+            self.max_num_batched_tokens,
+            lens.len(),
+            self.gpu_memory_utilization
+        );
+        runner.profile_step(&lens).context(
+            "the profiling forward at --max-num-batched-tokens failed (lower it, or give --kv-cache-memory)",
+        )?;
+        let mut peaks = Vec::with_capacity(devices.len());
+        for (d, &base) in devices.iter().zip(&baselines) {
+            peaks.push(peak_since(d, base)?.unwrap_or(0));
+        }
+        let model = runner.into_model();
+        let mut smallest: Option<usize> = None;
+        for (rank, (d, &peak)) in devices.iter().zip(&peaks).enumerate() {
+            let Some(memory) = device_memory(d)? else { continue };
+            let profile = MemoryProfile {
+                total: memory.total,
+                used: memory.used(),
+                activation_peak: peak as usize,
+            };
+            let budget = cache_budget(profile, self.gpu_memory_utilization)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", describe(d)))?;
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            tracing::info!(
+                "rank {rank} on {}: {:.2} GiB of {:.2} GiB allowed; in use {:.2} GiB, activation peak {:.2} GiB, KV cache {:.2} GiB",
+                describe(d),
+                gib(budget.allowed),
+                gib(memory.total),
+                gib(profile.used),
+                gib(profile.activation_peak),
+                gib(budget.cache)
+            );
+            smallest = Some(smallest.map_or(budget.cache, |s| s.min(budget.cache)));
+        }
+        let bytes = smallest.context("no GPU memory could be read")?;
+        Ok((model, bytes))
+    }
+}
+
+fn describe(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::{parse_bytes, parse_fraction};
+
+    #[test]
+    fn utilization_is_a_fraction() {
+        assert_eq!(parse_fraction("0.9"), Ok(0.9));
+        assert_eq!(parse_fraction("1"), Ok(1.0));
+        assert!(parse_fraction("0").is_err());
+        assert!(parse_fraction("1.5").is_err());
+        assert!(parse_fraction("most").is_err());
+    }
 
     #[test]
     fn byte_counts_parse_with_binary_units() {

@@ -259,7 +259,7 @@ pub fn model_gpus(model: &dyn moe_models::CausalLm) -> Vec<u32> {
 
 /// One device per rank: the CPU for every rank, or consecutive CUDA devices from `first`'s
 /// ordinal.
-fn rank_devices(first: &Device, ranks: usize) -> anyhow::Result<Vec<Device>> {
+pub(crate) fn rank_devices(first: &Device, ranks: usize) -> anyhow::Result<Vec<Device>> {
     match first {
         Device::Cpu => Ok(vec![Device::Cpu; ranks]),
         Device::Cuda(_) => {

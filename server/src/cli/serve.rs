@@ -70,11 +70,6 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
 
-    /// Fraction of GPU memory for weights and KV cache (used by the CUDA build; ignored on
-    /// the CPU, where --kv-cache-memory sizes the cache).
-    #[arg(long, default_value_t = 0.9)]
-    pub gpu_memory_utilization: f32,
-
     /// How tool calls are read out of the model's output: `auto` (from the chat template's
     /// markup), `none`, or one of deepseek_v3, deepseek_v31, deepseek_r1, deepseek_v32,
     /// deepseek_v4, kimi_k2, glm45,
