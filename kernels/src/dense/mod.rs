@@ -2,7 +2,7 @@
 //! dtype: the weight's rows are split into tiles that run in parallel on rayon's pool, and each
 //! tile is read once per call, whatever the batch.
 //!
-//! Decode-sized batches (up to [`SKINNY_ROWS`] rows of `x`) go through the register-blocked
+//! Decode-sized batches (up to [`skinny_rows`] rows of `x`) go through the register-blocked
 //! dot kernels of [`dots`]: f32 and bf16 weight rows are read in place (bf16 widened in
 //! registers), so a step is one sweep over the weights. Larger batches multiply each tile
 //! with the `gemm` crate's f32 kernel, the tile widened to f32 first in a thread-local buffer
@@ -42,8 +42,32 @@ pub const GEMM_TILE_ROWS: usize = 128;
 pub const WHOLE_GEMM_ROWS: usize = 64;
 /// Weight rows per parallel job of a GEMM-sized product on AMX tiles.
 pub const AMX_TILE_ROWS: usize = 128;
-/// Up to this many rows of `x`, products use the skinny dot kernels.
+/// Up to this many rows of `x`, products use the skinny dot kernels ([`skinny_rows`] says
+/// where f32 weights stop sooner).
 pub const SKINNY_ROWS: usize = 32;
+/// The same for f32 weights where gemm runs its AVX-512 kernels: `cpu_matmul` on this
+/// project's AVX-512 build machine had gemm tiles 1.3x faster at 32 rows, level at 24 and
+/// slower at 16 (expert and lm_head shapes).
+pub const SKINNY_ROWS_F32_AVX512: usize = 24;
+
+/// Rows of `x` up to which products with `w` take the dot kernels.
+pub fn skinny_rows(w: WeightRows<'_>) -> usize {
+    match w {
+        WeightRows::F32(_) if has_avx512() => SKINNY_ROWS_F32_AVX512,
+        _ => SKINNY_ROWS,
+    }
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// The rows of a CPU weight `[rows, k]` (a matrix, or a stack's matrices one after the
 /// other), as the tiled products read them.
@@ -122,7 +146,7 @@ pub fn product(x: &[f32], m: usize, k: usize, n: usize, w: WeightRows<'_>) -> Ve
         return gemm_product(x, m, k, n, w);
     }
     // Tiles write disjoint chunks of the transposed output `[n, m]`.
-    let tile = if m <= SKINNY_ROWS { TILE_ROWS } else { GEMM_TILE_ROWS };
+    let tile = if m <= skinny_rows(w) { TILE_ROWS } else { GEMM_TILE_ROWS };
     let lhs = Lhs::new(x, m, k, w);
     let mut out_t = vec![0f32; n * m];
     out_t
@@ -277,7 +301,7 @@ impl<'a> Lhs<'a> {
             m,
             k,
             packed: amx.then(|| amx::PackedX::new(x, m, k)),
-            dots: (!amx && m <= SKINNY_ROWS).then(|| dots::DotsLhs::new(x, m, k)),
+            dots: (!amx && m <= skinny_rows(w)).then(|| dots::DotsLhs::new(x, m, k)),
         }
     }
 }
