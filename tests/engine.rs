@@ -6,7 +6,7 @@
 
 use candle_core::DType;
 use moe_engine::engine::{Engine, EngineConfig, GenerationRequest, RequestOutput};
-use moe_engine::memory::profile_sequences;
+use moe_engine::memory::{profile_steps, ProfileChunk};
 use moe_engine::runner::ModelRunner;
 use moe_engine::{FinishReason, SamplingParams};
 use moe_models::LoadOptions;
@@ -255,15 +255,20 @@ fn invalid_requests_are_rejected_at_submit() {
 /// small for it, and hands back a model that serves exactly as a fresh one.
 #[test]
 fn the_memory_profiling_step_runs_and_leaves_the_model_as_it_was() {
-    let lens = profile_sequences(300, 4, 256);
-    assert_eq!(lens, vec![75; 4]);
+    let steps = profile_steps(300, 4, 256);
+    assert_eq!(steps[0], vec![ProfileChunk { start: 0, len: 75 }; 4]);
+    assert_eq!(steps[1], vec![ProfileChunk { start: 0, len: 256 }]);
     let model = load_model(&fixture("deepseek-v3"), DType::F32, &LoadOptions::default());
-    let blocks = ModelRunner::profile_blocks(&lens, 16);
+    let blocks = steps.iter().map(|s| ModelRunner::profile_blocks(s, 16)).max().unwrap();
     assert_eq!(blocks, 4 * 5);
     let runner = ModelRunner::new(model, blocks, 16).unwrap();
-    runner.profile_step(&lens).unwrap();
-    let err = runner.profile_step(&[75; 5]).unwrap_err().to_string();
-    assert!(err.contains("needs 25 cache blocks, the cache has 20"), "{err}");
+    for step in &steps {
+        runner.profile_step(step).unwrap();
+    }
+    // A chunk late in a long context needs the blocks before it too.
+    let late = [ProfileChunk { start: 300, len: 75 }];
+    let err = runner.profile_step(&late).unwrap_err().to_string();
+    assert!(err.contains("needs 24 cache blocks, the cache has 20"), "{err}");
     let runner = ModelRunner::new(runner.into_model(), 64, 16).unwrap();
     let config = EngineConfig {
         max_num_batched_tokens: 4096,

@@ -66,7 +66,39 @@ pub fn cache_budget(profile: MemoryProfile, utilization: f32) -> Result<CacheBud
     }
 }
 
-/// The shape of the profiling step: `max_num_batched_tokens` prompt tokens split evenly over
+/// One prompt chunk of a profiling step: `len` tokens from position `start` (the positions
+/// before it are in the cache, as garbage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProfileChunk {
+    pub start: usize,
+    pub len: usize,
+}
+
+/// The profiling steps, whose peaks the cache must leave room for: the widest step (see
+/// [`profile_sequences`], every sequence asking for logits) and the longest one, one chunk of
+/// `min(max_num_batched_tokens, max_model_len)` tokens ending at `max_model_len` (attention
+/// over a full context).
+pub fn profile_steps(
+    max_num_batched_tokens: usize,
+    max_num_seqs: usize,
+    max_model_len: usize,
+) -> Vec<Vec<ProfileChunk>> {
+    let wide: Vec<ProfileChunk> = profile_sequences(max_num_batched_tokens, max_num_seqs, max_model_len)
+        .into_iter()
+        .map(|len| ProfileChunk { start: 0, len })
+        .collect();
+    let len = max_num_batched_tokens.min(max_model_len);
+    let long = vec![ProfileChunk {
+        start: max_model_len - len,
+        len,
+    }];
+    [wide, long]
+        .into_iter()
+        .filter(|s| s.iter().any(|c| c.len > 0))
+        .collect()
+}
+
+/// The shape of the widest profiling step: `max_num_batched_tokens` prompt tokens split evenly over
 /// as many sequences as may run at once (each asking for logits, as last prompt chunks do),
 /// but never a sequence longer than `max_model_len`. Returns the tokens of each sequence.
 pub fn profile_sequences(max_num_batched_tokens: usize, max_num_seqs: usize, max_model_len: usize) -> Vec<usize> {
@@ -108,6 +140,20 @@ mod tests {
             "{text}"
         );
         assert!(cache_budget(profile, 0.1).is_err());
+    }
+
+    #[test]
+    fn the_profile_steps_are_the_widest_and_the_longest() {
+        let steps = profile_steps(2048, 256, 4096);
+        assert_eq!(steps.len(), 2);
+        assert_eq!(steps[0], vec![ProfileChunk { start: 0, len: 8 }; 256]);
+        assert_eq!(steps[1], vec![ProfileChunk { start: 2048, len: 2048 }]);
+        // A model shorter than the token budget: one chunk of the whole length.
+        assert_eq!(
+            profile_steps(2048, 4, 1000)[1],
+            vec![ProfileChunk { start: 0, len: 1000 }]
+        );
+        assert!(profile_steps(0, 4, 1000).is_empty());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use moe_models::{CausalLm, KvCache, KvCacheSpec, Model, RoutingTrace};
 
 use crate::batch::{BatchBuilder, LogitRows, SeqChunk};
 use crate::error::{EngineError, Result};
+use crate::memory::ProfileChunk;
 use crate::scheduler::{RequestId, SchedulerOutput};
 
 /// Default tokens per KV block. A DeepSeek token is 576 latent values per layer (a Qwen3-30B
@@ -49,18 +50,22 @@ impl ModelRunner {
         self.model
     }
 
-    /// Cache blocks [`ModelRunner::profile_step`] needs for sequences of `seq_lens` tokens.
-    pub fn profile_blocks(seq_lens: &[usize], block_size: usize) -> usize {
-        seq_lens.iter().map(|l| l.div_ceil(block_size.max(1))).sum()
+    /// Cache blocks [`ModelRunner::profile_step`] needs for `chunks` (each sequence's
+    /// positions up to the end of its chunk).
+    pub fn profile_blocks(chunks: &[ProfileChunk], block_size: usize) -> usize {
+        chunks
+            .iter()
+            .map(|c| (c.start + c.len).div_ceil(block_size.max(1)))
+            .sum()
     }
 
-    /// Runs one forward over made-up prompts of `seq_lens` tokens (each asking for its last
-    /// logits row), the shape of the engine's largest step, so that the caller can read the
-    /// device's peak memory (`crate::memory`). The cache must hold
-    /// [`ModelRunner::profile_blocks`] blocks; what the step writes there is garbage.
-    pub fn profile_step(&self, seq_lens: &[usize]) -> Result<()> {
+    /// Runs one forward over made-up prompt chunks (each asking for its last logits row),
+    /// a step of the shape the engine may schedule, so that the caller can read the device's
+    /// peak memory (`crate::memory`). The cache must hold [`ModelRunner::profile_blocks`]
+    /// blocks; what the step reads and writes there is garbage.
+    pub fn profile_step(&self, chunks: &[ProfileChunk]) -> Result<()> {
         let block_size = self.cache.block_size;
-        let needed = Self::profile_blocks(seq_lens, block_size);
+        let needed = Self::profile_blocks(chunks, block_size);
         if needed > self.cache.num_blocks {
             return Err(EngineError::InvalidRequest(format!(
                 "the profiling step needs {needed} cache blocks, the cache has {}",
@@ -70,11 +75,11 @@ impl ModelRunner {
         let vocab = self.model.config().vocab_size.max(1);
         let mut batch = BatchBuilder::new(block_size);
         let mut next_block = 0u32;
-        for (s, &len) in seq_lens.iter().enumerate() {
-            let blocks = len.div_ceil(block_size) as u32;
+        for (s, c) in chunks.iter().enumerate() {
+            let blocks = (c.start + c.len).div_ceil(block_size) as u32;
             batch.push(&SeqChunk {
-                tokens: (0..len).map(|i| ((s * 7919 + i) % vocab) as u32).collect(),
-                start_pos: 0,
+                tokens: (0..c.len).map(|i| ((s * 7919 + i) % vocab) as u32).collect(),
+                start_pos: c.start,
                 block_table: (next_block..next_block + blocks).collect(),
                 logits: LogitRows::Last,
             })?;

@@ -1,7 +1,7 @@
 //! Device memory readings for sizing the KV cache from free memory: the device's free and
 //! total bytes, and the peak of live allocations over a stretch of work (a profiling forward).
 //! On CUDA, candle allocates through cudarc's stream-ordered allocator (`cuMemAllocAsync`)
-//! from the device's current memory pool, whose high watermark of used bytes is the peak;
+//! from the device's current memory pool, whose high watermark of reserved bytes is the peak;
 //! the CPU has no device memory to read (`None`).
 
 use candle_core::{Device, Result};
@@ -30,8 +30,8 @@ pub fn device_memory(device: &Device) -> Result<Option<DeviceMemory>> {
     }
 }
 
-/// Starts measuring `device`'s peak allocation: returns the bytes live now (the baseline that
-/// [`peak_since`] subtracts); `None` on the CPU.
+/// Starts measuring `device`'s peak allocation: returns the bytes its pool holds now (the
+/// baseline that [`peak_since`] subtracts); `None` on the CPU.
 pub fn start_peak(device: &Device) -> Result<Option<u64>> {
     match device {
         #[cfg(feature = "cuda")]
@@ -40,7 +40,8 @@ pub fn start_peak(device: &Device) -> Result<Option<u64>> {
     }
 }
 
-/// The most bytes live at once on `device` above `baseline` since [`start_peak`] returned it.
+/// The most bytes `device`'s pool held at once above `baseline` since [`start_peak`] returned
+/// it.
 pub fn peak_since(device: &Device, baseline: u64) -> Result<Option<u64>> {
     match device {
         #[cfg(feature = "cuda")]
@@ -62,9 +63,17 @@ mod cuda {
         candle_core::Error::Msg(format!("{what}: {e}"))
     }
 
-    /// The device's current memory pool (the one `cuMemAllocAsync` draws from).
+    /// The device's current memory pool (the one `cuMemAllocAsync` draws from); an error on
+    /// GPUs without memory pools, where candle allocates outside any pool.
     fn pool(dev: &CudaDevice) -> Result<sys::CUmemoryPool> {
         let ctx = dev.cuda_stream().context().clone();
+        if !ctx.has_async_alloc() {
+            return Err(candle_core::Error::Msg(
+                "this GPU has no stream-ordered memory pools, so the profiling forward cannot be measured: \
+                 give --kv-cache-memory"
+                    .into(),
+            ));
+        }
         ctx.bind_to_thread()
             .map_err(|e| driver_err("binding the CUDA context", e))?;
         // SAFETY: the device handle comes from a live context.
@@ -101,26 +110,30 @@ mod cuda {
         Ok(super::DeviceMemory { free, total })
     }
 
+    /// The peak is of memory the pool reserved from the device (what the GPU must hold,
+    /// fragmentation included), from a baseline trimmed to the live allocations.
     pub(super) fn reset_pool_peak(dev: &CudaDevice) -> Result<u64> {
         synchronize(dev)?;
         let pool = pool(dev)?;
+        // SAFETY: the pool is the device's current one; trimming only releases unused memory.
+        unsafe { result::mem_pool::trim_to(pool, 0) }.map_err(|e| driver_err("cuMemPoolTrimTo", e))?;
         let mut zero: u64 = 0;
-        // SAFETY: USED_MEM_HIGH is a cuuint64_t that may only be reset to zero (it then
-        // restarts from the bytes in use).
+        // SAFETY: RESERVED_MEM_HIGH is a cuuint64_t that may only be reset to zero (it then
+        // restarts from the bytes reserved now).
         unsafe {
             result::mem_pool::set_attribute(
                 pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
                 (&mut zero as *mut u64).cast(),
             )
         }
         .map_err(|e| driver_err("resetting the pool's high watermark", e))?;
-        pool_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+        pool_attribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)
     }
 
     pub(super) fn pool_peak(dev: &CudaDevice) -> Result<u64> {
         synchronize(dev)?;
-        pool_attribute(pool(dev)?, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+        pool_attribute(pool(dev)?, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)
     }
 }
 

@@ -185,7 +185,7 @@ impl ChatTemplate {
         env.add_test("iterable", is_iterable);
         env.add_template_owned(TEMPLATE_NAME, template.to_owned())
             .map_err(|e| ChatTemplateError::Syntax(describe(&e)))?;
-        namespace_guard::check_namespaces(template).map_err(ChatTemplateError::Refused)?;
+        namespace_guard::check_namespaces(template, env.syntax().clone()).map_err(ChatTemplateError::Refused)?;
         let mut template = ChatTemplate {
             env,
             source: template.to_owned(),

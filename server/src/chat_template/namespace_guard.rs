@@ -4,22 +4,16 @@
 //! printing or serializing it (`{{ ns }}`, `ns|tojson`) recurses until the stack overflows,
 //! which aborts the whole server. Jinja2 would raise a `RecursionError` instead.
 //!
-//! The rule checked is what real templates do anyway: a namespace is created only as
+//! The rule checked is what real templates do: a namespace is created only as the whole of
 //! `{% set NAME = namespace(...) %}` (its arguments mentioning no namespace) and used only
-//! through its attributes or items (`NAME.x`, `NAME['x']`, `{% set NAME.x = ... %}`). Then
-//! no namespace value can reach anything but its own name, so none can be stored in another.
-//! The scan is lexical: code inside `{{ }}` and `{% %}`, strings and comments skipped.
+//! through its attributes or items (`NAME.x`, `NAME['x']`, `{% set NAME.x = ... %}`), and the
+//! name `namespace` appears nowhere else (not as a value to call later). Then no namespace
+//! value can reach anything but its own name, so none can be stored in another. The template
+//! is read with minijinja's own lexer, so raw blocks, comments, strings and nested braces are
+//! split exactly as rendering splits them.
 
-/// One lexical token of template code.
-#[derive(Debug, Clone, PartialEq)]
-enum Token<'a> {
-    Name(&'a str),
-    /// A string or number literal (its text is irrelevant here).
-    Literal,
-    Punct(char),
-    /// `==`, `!=`, `<=`, `>=` (so a lone `=` is an assignment or keyword argument).
-    Compare,
-}
+use minijinja::machinery::{tokenize, Token};
+use minijinja::syntax::SyntaxConfig;
 
 /// One `{{ }}` or `{% %}` tag: its tokens and the line it starts on (1-based).
 struct Tag<'a> {
@@ -28,9 +22,12 @@ struct Tag<'a> {
     statement: bool,
 }
 
-/// Checks `source` against the rule above; the error names the line and the offending use.
-pub fn check_namespaces(source: &str) -> Result<(), String> {
-    let tags = tags(source);
+/// Checks `source` (lexed with `syntax`) against the rule above; the error names the line and
+/// the offending use. A source that does not lex passes: compiling it reports the error.
+pub fn check_namespaces(source: &str, syntax: SyntaxConfig) -> Result<(), String> {
+    let Some(tags) = tags(source, syntax) else {
+        return Ok(());
+    };
     // Names bound by `{% set NAME = namespace(...) %}`.
     let mut names: Vec<&str> = Vec::new();
     for tag in &tags {
@@ -43,16 +40,16 @@ pub fn check_namespaces(source: &str) -> Result<(), String> {
     for tag in &tags {
         let declared = declared_namespace(tag);
         for (i, token) in tag.tokens.iter().enumerate() {
-            let Token::Name(name) = *token else { continue };
+            let Token::Ident(name) = *token else { continue };
             let prev = i.checked_sub(1).map(|p| &tag.tokens[p]);
             let next = tag.tokens.get(i + 1);
-            if prev == Some(&Token::Punct('.')) {
+            if matches!(prev, Some(Token::Dot)) {
                 continue; // an attribute that happens to share the name (`tool.namespace`)
             }
-            if name == "namespace" && next == Some(&Token::Punct('(')) {
+            if name == "namespace" {
                 if declared.is_none() || i != 3 {
                     return Err(format!(
-                        "line {}: `namespace(...)` may only be the whole value of `{{% set NAME = namespace(...) %}}`",
+                        "line {}: `namespace` may only appear as the whole value of `{{% set NAME = namespace(...) %}}`",
                         tag.line
                     ));
                 }
@@ -61,9 +58,10 @@ pub fn check_namespaces(source: &str) -> Result<(), String> {
             if !names.contains(&name) {
                 continue;
             }
-            let through_member = matches!(next, Some(Token::Punct('.' | '[')));
+            let through_member = matches!(next, Some(Token::Dot | Token::BracketOpen));
             let is_declaration = declared == Some(name) && i == 1;
-            let keyword_argument = next == Some(&Token::Punct('=')) && matches!(prev, Some(Token::Punct('(' | ',')));
+            let keyword_argument =
+                matches!(next, Some(Token::Assign)) && matches!(prev, Some(Token::ParenOpen | Token::Comma));
             if !(through_member || is_declaration || keyword_argument) {
                 return Err(format!(
                     "line {}: namespace `{name}` is used as a value; use it only through its attributes \
@@ -77,108 +75,67 @@ pub fn check_namespaces(source: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `NAME` when `tag` is `{% set NAME = namespace(...) %}`.
+/// `NAME` when `tag` is exactly `{% set NAME = namespace(...) %}` (the call's closing
+/// parenthesis the tag's last token).
 fn declared_namespace<'a>(tag: &Tag<'a>) -> Option<&'a str> {
-    match tag.tokens.as_slice() {
-        [Token::Name("set"), Token::Name(name), Token::Punct('='), Token::Name("namespace"), Token::Punct('('), ..]
-            if tag.statement =>
-        {
-            Some(name)
-        }
-        _ => None,
+    let [Token::Ident("set"), Token::Ident(name), Token::Assign, Token::Ident("namespace"), Token::ParenOpen, rest @ ..] =
+        tag.tokens.as_slice()
+    else {
+        return None;
+    };
+    if !tag.statement {
+        return None;
     }
+    let mut depth = 1usize;
+    for (i, t) in rest.iter().enumerate() {
+        match t {
+            Token::ParenOpen => depth += 1,
+            Token::ParenClose => {
+                depth -= 1;
+                if depth == 0 {
+                    return (i + 1 == rest.len()).then_some(*name);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
-/// The code tags of `source`, in order; `{% raw %}` blocks and `{# #}` comments skipped.
-fn tags(source: &str) -> Vec<Tag<'_>> {
-    let bytes = source.as_bytes();
+/// The code tags of `source` as minijinja's lexer splits them; `None` if it does not lex.
+fn tags(source: &str, syntax: SyntaxConfig) -> Option<Vec<Tag<'_>>> {
     let mut out = Vec::new();
-    let mut at = 0;
-    let mut in_raw = false;
-    while let Some(offset) = source[at..].find('{') {
-        let start = at + offset;
-        let kind = bytes.get(start + 1).copied();
-        let close = match kind {
-            Some(b'{') => "}}",
-            Some(b'%') => "%}",
-            Some(b'#') => {
-                at = source[start..].find("#}").map_or(source.len(), |e| start + e + 2);
-                continue;
+    let mut open: Option<Tag<'_>> = None;
+    for item in tokenize(source, false, syntax) {
+        let (token, span) = item.ok()?;
+        match token {
+            Token::VariableStart | Token::BlockStart => {
+                open = Some(Tag {
+                    tokens: Vec::new(),
+                    line: span.start_line as usize,
+                    statement: matches!(token, Token::BlockStart),
+                });
             }
-            _ => {
-                at = start + 1;
-                continue;
+            Token::VariableEnd | Token::BlockEnd => out.extend(open.take()),
+            Token::TemplateData(_) => {}
+            other => {
+                if let Some(tag) = open.as_mut() {
+                    tag.tokens.push(other);
+                }
             }
-        };
-        let (tokens, end) = lex(source, start + 2, close);
-        let statement = kind == Some(b'%');
-        if in_raw {
-            if statement && tokens.first() == Some(&Token::Name("endraw")) {
-                in_raw = false;
-            }
-        } else if statement && tokens.first() == Some(&Token::Name("raw")) {
-            in_raw = true;
-        } else {
-            let line = 1 + source[..start].matches('\n').count();
-            out.push(Tag {
-                tokens,
-                line,
-                statement,
-            });
-        }
-        at = end;
-    }
-    out
-}
-
-/// Tokens from `from` up to the tag's `close` (outside string literals); returns them and the
-/// offset past the close (the end of `source` when the tag is never closed).
-fn lex<'a>(source: &'a str, from: usize, close: &str) -> (Vec<Token<'a>>, usize) {
-    let bytes = source.as_bytes();
-    let mut tokens = Vec::new();
-    let mut i = from;
-    while i < bytes.len() {
-        if source[i..].starts_with(close) {
-            return (tokens, i + close.len());
-        }
-        let c = bytes[i];
-        if c.is_ascii_alphabetic() || c == b'_' {
-            let end = source[i..]
-                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
-                .map_or(source.len(), |e| i + e);
-            tokens.push(Token::Name(&source[i..end]));
-            i = end;
-        } else if c.is_ascii_digit() {
-            let end = source[i..]
-                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
-                .map_or(source.len(), |e| i + e);
-            tokens.push(Token::Literal);
-            i = end;
-        } else if c == b'\'' || c == b'"' {
-            let mut j = i + 1;
-            while j < bytes.len() && bytes[j] != c {
-                j += if bytes[j] == b'\\' { 2 } else { 1 };
-            }
-            tokens.push(Token::Literal);
-            i = (j + 1).min(bytes.len());
-        } else if matches!(c, b'=' | b'!' | b'<' | b'>') && bytes.get(i + 1) == Some(&b'=') {
-            tokens.push(Token::Compare);
-            i += 2;
-        } else if c.is_ascii_whitespace() || matches!(c, b'-' | b'+') && tokens.is_empty() {
-            i += 1; // whitespace, or the `-` / `+` of `{%-` / `{%+`
-        } else {
-            // Any other character (multi-byte ones included) is punctuation here.
-            let ch = source[i..].chars().next().unwrap_or(' ');
-            tokens.push(Token::Punct(ch));
-            i += ch.len_utf8();
         }
     }
-    (tokens, bytes.len())
+    out.extend(open);
+    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::check_namespaces;
+    use minijinja::syntax::SyntaxConfig;
+
+    fn check_namespaces(source: &str) -> Result<(), String> {
+        super::check_namespaces(source, SyntaxConfig::default())
+    }
 
     #[test]
     fn attribute_use_of_namespaces_passes() {
@@ -188,6 +145,7 @@ mod tests {
             "{{ tool.namespace }}{{ render_tool_namespace('f', tools) }}{% set namespace_name = 'x' %}",
             "{# {{ ns }} #}{% set ns = namespace() %}{{ 'ns' }}{% raw %}{{ ns }}{% endraw %}",
             "{% set ns = namespace() %}{{ f(ns=1) }}",
+            "{% set ns = namespace(a={'b': {'c': 1}}) %}{{ {'a': {'b': ns.a}} }}",
             "no code at all { here",
         ] {
             assert_eq!(check_namespaces(ok), Ok(()), "{ok}");
@@ -210,6 +168,16 @@ mod tests {
                 "{% set ns = namespace() %}{% macro f(a) %}{% set ns.x = a %}{% endmacro %}{{ f(ns) }}",
                 1,
             ),
+            // `}}` inside braces does not end the tag, and a `{#` in a string opens no comment.
+            (
+                "{% set ns = namespace() %}{{ {'a': {'b': 1}} ~ '{#' }}{% set ns.me = ns %}{{ ns }}",
+                1,
+            ),
+            // Raw blocks end at their `endraw`, whatever they hold.
+            (
+                "{% set ns = namespace() %}{% raw %}{#{% endraw %}{% set ns.me = ns %}{{ ns }}",
+                1,
+            ),
         ] {
             let err = check_namespaces(bad).unwrap_err();
             assert!(err.starts_with(&format!("line {line}: namespace `ns`")), "{bad}: {err}");
@@ -219,9 +187,15 @@ mod tests {
             "{% set l = [namespace()] %}",
             "{% set a = namespace(b=namespace()) %}",
             "{{ namespace() }}",
+            // The function as a value, called later.
+            "{% set mk = namespace %}{% set a = mk() %}{% set a.me = a %}{{ a }}",
+            "{% set a = (namespace)() %}{% set a.me = a %}",
+            "{% set ns = namespace() if true else 0 %}",
+            // A declaration is the whole tag: not a tuple holding the namespace.
+            "{% set ns = namespace(), 0 %}{% set a = ns[0] %}{% set a.me = a %}{{ a }}",
         ] {
             let err = check_namespaces(bad).unwrap_err();
-            assert!(err.contains("`namespace(...)` may only be"), "{bad}: {err}");
+            assert!(err.contains("`namespace` may only appear"), "{bad}: {err}");
         }
     }
 }

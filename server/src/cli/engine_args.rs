@@ -6,7 +6,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 use moe_engine::engine::EngineConfig;
-use moe_engine::memory::{cache_budget, profile_sequences, MemoryProfile};
+use moe_engine::memory::{cache_budget, profile_steps, MemoryProfile};
 use moe_engine::runner::{ModelRunner, DEFAULT_BLOCK_SIZE};
 use moe_kernels::device_memory::{device_memory, peak_since, start_peak};
 use moe_models::Model;
@@ -107,7 +107,7 @@ impl EngineArgs {
         } else {
             1
         };
-        let on_gpu = device_memory(model.device())?.is_some();
+        let on_gpu = model.device().is_cuda();
         let sized_by = if self.kv_cache_memory.is_none() && on_gpu {
             format!("--gpu-memory-utilization {}", self.gpu_memory_utilization)
         } else {
@@ -162,22 +162,30 @@ impl EngineArgs {
     /// Returns the model back with the bytes.
     fn bytes_from_device_memory(&self, model: Model, max_model_len: usize) -> anyhow::Result<(Model, usize)> {
         let devices = rank_devices(model.device(), model.ranks())?;
-        let lens = profile_sequences(self.max_num_batched_tokens, self.max_num_seqs, max_model_len);
-        let blocks = ModelRunner::profile_blocks(&lens, self.block_size);
+        let steps = profile_steps(self.max_num_batched_tokens, self.max_num_seqs, max_model_len);
+        let blocks = steps
+            .iter()
+            .map(|s| ModelRunner::profile_blocks(s, self.block_size))
+            .max()
+            .unwrap_or(0);
         let runner = ModelRunner::new(model, blocks, self.block_size).context("allocating the profiling cache")?;
         let mut baselines = Vec::with_capacity(devices.len());
         for d in &devices {
             baselines.push(start_peak(d)?.unwrap_or(0));
         }
-        tracing::info!(
-            "profiling a step of {} tokens in {} sequences for --gpu-memory-utilization {}",
-            self.max_num_batched_tokens,
-            lens.len(),
-            self.gpu_memory_utilization
-        );
-        runner.profile_step(&lens).context(
-            "the profiling forward at --max-num-batched-tokens failed (lower it, or give --kv-cache-memory)",
-        )?;
+        for step in &steps {
+            tracing::info!(
+                "profiling a step of {} tokens in {} sequences (context up to {}) for --gpu-memory-utilization {}",
+                step.iter().map(|c| c.len).sum::<usize>(),
+                step.len(),
+                step.iter().map(|c| c.start + c.len).max().unwrap_or(0),
+                self.gpu_memory_utilization
+            );
+            runner.profile_step(step).context(
+                "the profiling forward failed (lower --max-num-batched-tokens or --max-model-len, or give \
+                 --kv-cache-memory)",
+            )?;
+        }
         let mut peaks = Vec::with_capacity(devices.len());
         for (d, &base) in devices.iter().zip(&baselines) {
             peaks.push(peak_since(d, base)?.unwrap_or(0));

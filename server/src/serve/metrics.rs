@@ -57,8 +57,10 @@ impl GpuEnergy {
 
     /// Reads the GPUs now; `generation_tokens` is the engine's total so far.
     fn sample(&self, generation_tokens: u64) {
-        let Some(mj) = self.meter.millijoules() else { return };
+        // Read under the lock, so readings and their bookkeeping stay in order when a scrape
+        // and the once-a-second reading race.
         if let Ok(mut seen) = self.seen.lock() {
+            let Some(mj) = self.meter.millijoules() else { return };
             let (last, window) = &mut *seen;
             if let Some(before) = *last {
                 // A counter that went back (driver reload) adds nothing this time.

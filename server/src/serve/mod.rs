@@ -259,8 +259,13 @@ pub fn run(model: ServedModel, options: ServerOptions) -> anyhow::Result<()> {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tick.tick().await;
-                    let tokens = sampled.engine.stats().generation_tokens;
-                    sampled.metrics.sample_energy(tokens);
+                    let state = sampled.clone();
+                    // NVML calls block: keep them off the async workers.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let tokens = state.engine.stats().generation_tokens;
+                        state.metrics.sample_energy(tokens);
+                    })
+                    .await;
                 }
             });
         }
