@@ -367,78 +367,59 @@ fn bad_flags_fail_in_one_line() {
 /// files before it looked for `synthetic:`).
 #[test]
 fn the_gpu_bundle_bench_command_runs_on_the_cpu() {
-    // One backend: `--expert-backend reference` is checked on the fixture by tests/cli.rs, and
-    // each run here builds a real-width layer of random weights (~1 GB).
+    // run.sh's model, on the CPU: two real-width layers of random weights (~1 GB), f32 where the
+    // GPU runs bf16 (candle's CPU bf16 matmul is far too slow).
+    let model = [
+        "--model",
+        "synthetic:deepseek-v2-lite",
+        "--num-layers",
+        "2",
+        "--dtype",
+        "f32",
+        "--device",
+        "cpu",
+    ];
+    let shared = [
+        "--max-model-len",
+        "1024",
+        "--max-num-seqs",
+        "64",
+        "--num-prompts",
+        "2",
+        "--concurrency",
+        "1",
+    ];
     let dir = tempfile::tempdir().unwrap();
-    {
-        let backend = "grouped";
-        let v = bench_json(
-            &[
-                "bench",
-                "--model",
-                "synthetic:deepseek-v2-lite",
-                "--num-layers",
-                "2",
-                // bf16 on the GPU; f32 here, where candle's bf16 matmul is far too slow.
-                "--dtype",
-                "f32",
-                "--device",
-                "cpu",
-                "--expert-backend",
-                backend,
-                "--max-model-len",
-                "1024",
-                "--kv-cache-memory",
-                "64MiB",
-                "--max-num-seqs",
-                "64",
-                "--input-len",
-                "8",
-                "--output-len",
-                "4",
-                "--num-prompts",
-                "2",
-                "--concurrency",
-                "1",
-            ],
-            dir.path(),
-        );
-        assert_eq!(v["model"]["name"], "synthetic:deepseek-v2-lite");
-        assert!(v["model"]["path"].is_null(), "a synthetic model has no files");
-        assert_eq!(int(&v["runs"][0], "completed"), 2);
-    }
-    // run.sh's memory-sizing step: `-v`, --gpu-memory-utilization and no --kv-cache-memory
-    // (the CPU sizes its cache as before; the flags must parse and the run complete).
-    let v = bench_json(
-        &[
-            "-v",
-            "bench",
-            "--model",
-            "synthetic:deepseek-v2-lite",
-            "--num-layers",
-            "2",
-            "--dtype",
-            "f32",
-            "--device",
-            "cpu",
-            "--gpu-memory-utilization",
-            "0.9",
-            "--max-num-batched-tokens",
-            "2048",
-            "--max-model-len",
-            "1024",
-            "--max-num-seqs",
-            "64",
-            "--input-len",
-            "64",
-            "--output-len",
-            "8",
-            "--num-prompts",
-            "2",
-            "--concurrency",
-            "1",
-        ],
-        dir.path(),
-    );
+    // The end-to-end step. One backend: `--expert-backend reference` is checked on the fixture
+    // by tests/cli.rs.
+    let step = [
+        "--expert-backend",
+        "grouped",
+        "--kv-cache-memory",
+        "64MiB",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+    ];
+    let args: Vec<&str> = [&["bench"][..], &model, &shared, &step].concat();
+    let v = bench_json(&args, dir.path());
+    assert_eq!(v["model"]["name"], "synthetic:deepseek-v2-lite");
+    assert!(v["model"]["path"].is_null(), "a synthetic model has no files");
+    assert_eq!(int(&v["runs"][0], "completed"), 2);
+    // The memory-sizing step: `-v`, --gpu-memory-utilization and no --kv-cache-memory (the
+    // CPU sizes its cache as before; the flags must parse and the run complete).
+    let step = [
+        "--gpu-memory-utilization",
+        "0.9",
+        "--max-num-batched-tokens",
+        "2048",
+        "--input-len",
+        "64",
+        "--output-len",
+        "8",
+    ];
+    let args: Vec<&str> = [&["-v", "bench"][..], &model, &shared, &step].concat();
+    let v = bench_json(&args, dir.path());
     assert_eq!(int(&v["runs"][0], "completed"), 2);
 }

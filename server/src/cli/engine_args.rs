@@ -11,7 +11,7 @@ use moe_engine::runner::{ModelRunner, DEFAULT_BLOCK_SIZE};
 use moe_kernels::device_memory::{device_memory, peak_since, start_peak};
 use moe_models::Model;
 
-use super::model_args::rank_devices;
+use super::model_args::{cuda_ordinal, rank_devices};
 
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
@@ -154,9 +154,7 @@ impl EngineArgs {
         let runner = ModelRunner::new(model, num_blocks, self.block_size).context("allocating the KV cache")?;
         Ok((runner, config))
     }
-}
 
-impl EngineArgs {
     /// Cache bytes per rank from `--gpu-memory-utilization`: one profiling forward of the
     /// largest step on a throwaway cache, then the smallest budget over the ranks' GPUs.
     /// Returns the model back with the bytes.
@@ -219,9 +217,9 @@ impl EngineArgs {
 }
 
 fn describe(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        other => format!("{other:?}"),
+    match cuda_ordinal(device) {
+        Some(n) => format!("cuda:{n}"),
+        None => format!("{:?}", device.location()),
     }
 }
 

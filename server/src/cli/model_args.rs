@@ -247,13 +247,21 @@ impl ModelArgs {
 /// NVML indices of the GPUs `model` runs on (consecutive CUDA ordinals, one a rank; none on
 /// the CPU), for its energy figures.
 pub fn model_gpus(model: &dyn moe_models::CausalLm) -> Vec<u32> {
-    match model.device().location() {
-        candle_core::DeviceLocation::Cuda { gpu_id } => crate::energy::nvml_indices(
-            gpu_id as u32,
+    match cuda_ordinal(model.device()) {
+        Some(first) => crate::energy::nvml_indices(
+            first as u32,
             model.ranks() as u32,
             std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
         ),
-        _ => Vec::new(),
+        None => Vec::new(),
+    }
+}
+
+/// The CUDA ordinal of `device`; `None` for other devices.
+pub(crate) fn cuda_ordinal(device: &Device) -> Option<usize> {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => Some(gpu_id),
+        _ => None,
     }
 }
 
@@ -263,10 +271,7 @@ pub(crate) fn rank_devices(first: &Device, ranks: usize) -> anyhow::Result<Vec<D
     match first {
         Device::Cpu => Ok(vec![Device::Cpu; ranks]),
         Device::Cuda(_) => {
-            let base = match first.location() {
-                candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
-                _ => 0,
-            };
+            let base = cuda_ordinal(first).unwrap_or(0);
             let mut devices = vec![first.clone()];
             for r in 1..ranks {
                 devices.push(Device::new_cuda(base + r).map_err(|e| {
