@@ -122,6 +122,14 @@ fn check_run_sampled(run: &Value, requests: u64, input_tokens: u64, output_len: 
         );
     }
     assert!(num(&run["e2e_ms"], "min") > 0.0);
+    let steady = &run["steady_decode"];
+    if !steady.is_null() {
+        // A window inside the run, holding some of its output tokens, at the rate they imply.
+        let (tokens, window) = (int(steady, "tokens"), num(steady, "window_s"));
+        assert!(tokens >= 1 && tokens <= requests * output_len, "{run}");
+        assert!(window > 0.0 && window <= num(run, "duration_s"), "{run}");
+        assert!((num(steady, "tokens_per_s") - tokens as f64 / window).abs() < 1e-6 * tokens as f64 / window);
+    }
     assert!(num(&run["ttft_ms"], "max") <= num(&run["e2e_ms"], "max"));
     let kv = num(run, "peak_kv_cache_usage");
     assert!((0.0..=1.0).contains(&kv), "{run}");

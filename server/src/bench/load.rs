@@ -108,6 +108,8 @@ pub struct RequestRecord {
     pub turn: usize,
     pub input_tokens: usize,
     pub expected_output_tokens: usize,
+    /// Seconds from the start of the run to sending the request.
+    pub sent_at_s: f64,
     pub result: Result<Completion, String>,
 }
 
@@ -172,6 +174,7 @@ pub async fn run_load<B: Backend>(
             let mut prompt = plan.first_prompt.clone();
             for turn in 0..plan.turns() {
                 let expected = plan.output_lens[turn];
+                let sent_at_s = start.elapsed().as_secs_f64();
                 let result = backend.send(prompt.clone(), expected).await;
                 on_done();
                 let reply = match &result {
@@ -187,6 +190,7 @@ pub async fn run_load<B: Backend>(
                     turn,
                     input_tokens: prompt.len(),
                     expected_output_tokens: expected,
+                    sent_at_s,
                     result,
                 });
                 if failed {
@@ -197,6 +201,7 @@ pub async fn run_load<B: Backend>(
                             turn: later,
                             input_tokens: 0,
                             expected_output_tokens: plan.output_lens[later],
+                            sent_at_s: start.elapsed().as_secs_f64(),
                             result: Err(format!("turn {turn} of the session failed")),
                         });
                     }

@@ -7,7 +7,7 @@ use moe_engine::ExpertLoad;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::load::{LoadPolicy, RunOutcome};
+use super::load::{Completion, LoadPolicy, RunOutcome};
 use super::stats::Summary;
 use super::workload::{WorkloadKind, WorkloadSpec};
 use crate::energy::EnergyFigures;
@@ -212,6 +212,8 @@ pub struct RunReport {
     pub tpot_ms: Summary,
     pub itl_ms: Summary,
     pub e2e_ms: Summary,
+    /// The batch's pure decode rate; null when no moment had every request decoding.
+    pub steady_decode: Option<SteadyDecode>,
     pub peak_kv_cache_usage: Option<f64>,
     pub preemptions: Option<u64>,
     pub prefix_cache: Option<PrefixCacheFigures>,
@@ -219,6 +221,44 @@ pub struct RunReport {
     pub expert_load: Option<ExpertLoadReport>,
     /// The first few distinct error messages of failed requests.
     pub errors: Vec<String>,
+}
+
+/// Output tokens per second over the window in which every completed request of the run
+/// had its first token and none had its last: the whole batch decoding together, with no
+/// prompt of the run still being read (what `llama-batched-bench` calls S_TG). Over a run
+/// that sends every prompt at once, TPOT mixes that rate with the steps that read the other
+/// prompts; this figure does not.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SteadyDecode {
+    pub tokens_per_s: f64,
+    /// Tokens that arrived inside the window.
+    pub tokens: usize,
+    pub window_s: f64,
+}
+
+impl SteadyDecode {
+    /// From `(sent_at_s, completion)` of the run's completed requests.
+    pub fn of<'a>(done: impl Iterator<Item = (f64, &'a Completion)> + Clone) -> Option<SteadyDecode> {
+        let at = |sent: f64, piece: Option<&(f64, usize)>| piece.map(|p| sent + p.0);
+        let start = done
+            .clone()
+            .map(|(s, c)| at(s, c.pieces.first()))
+            .try_fold(f64::MIN, |a, t| Some(a.max(t?)))?;
+        let end = done
+            .clone()
+            .map(|(s, c)| at(s, c.pieces.last()))
+            .try_fold(f64::MAX, |a, t| Some(a.min(t?)))?;
+        let window_s = end - start;
+        let tokens: usize = done
+            .flat_map(|(s, c)| c.pieces.iter().filter(move |p| s + p.0 > start && s + p.0 <= end))
+            .map(|p| p.1)
+            .sum();
+        (window_s > 0.0 && tokens > 0).then(|| SteadyDecode {
+            tokens_per_s: tokens as f64 / window_s,
+            tokens,
+            window_s,
+        })
+    }
 }
 
 fn delta(before: Option<u64>, after: Option<u64>) -> Option<u64> {
@@ -306,6 +346,12 @@ impl RunReport {
             tpot_ms: Summary::of(&tpot),
             itl_ms: Summary::of(&itl),
             e2e_ms: Summary::of(&e2e),
+            steady_decode: SteadyDecode::of(
+                outcome
+                    .records
+                    .iter()
+                    .filter_map(|r| r.result.as_ref().ok().map(|c| (r.sent_at_s, c))),
+            ),
             peak_kv_cache_usage: outcome.peak_kv_usage,
             preemptions: delta(outcome.before.preemptions, outcome.after.preemptions),
             prefix_cache,
@@ -336,7 +382,7 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 pub fn write_table(out: &mut impl Write, runs: &[RunReport]) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:<9} {:>8} {:>7} {:>7} {:>9} {:>9} {:>15} {:>9} {:>9} {:>15} {:>6} {:>6} {:>6} {:>7} {:>11}",
+        "{:<9} {:>8} {:>7} {:>7} {:>9} {:>9} {:>15} {:>9} {:>9} {:>8} {:>15} {:>6} {:>6} {:>6} {:>7} {:>11}",
         "load",
         "ok/fail",
         "secs",
@@ -346,6 +392,7 @@ pub fn write_table(out: &mut impl Write, runs: &[RunReport]) -> std::io::Result<
         "TTFT p50/p99 ms",
         "TPOT p50",
         "ITL p50",
+        "dec t/s",
         "e2e p50/p99 ms",
         "KV pk",
         "hit %",
@@ -356,7 +403,7 @@ pub fn write_table(out: &mut impl Write, runs: &[RunReport]) -> std::io::Result<
     for r in runs {
         writeln!(
             out,
-            "{:<9} {:>8} {:>7.2} {:>7.2} {:>9.1} {:>9.1} {:>15} {:>9.2} {:>9.2} {:>15} {:>6} {:>6} {:>6} {:>7} {:>11}",
+            "{:<9} {:>8} {:>7.2} {:>7.2} {:>9.1} {:>9.1} {:>15} {:>9.2} {:>9.2} {:>8} {:>15} {:>6} {:>6} {:>6} {:>7} {:>11}",
             r.load_label(),
             format!("{}/{}", r.completed, r.failed),
             r.duration_s,
@@ -366,6 +413,7 @@ pub fn write_table(out: &mut impl Write, runs: &[RunReport]) -> std::io::Result<
             format!("{:.1}/{:.1}", r.ttft_ms.p50, r.ttft_ms.p99),
             r.tpot_ms.p50,
             r.itl_ms.p50,
+            opt(r.steady_decode.map(|d| d.tokens_per_s), 1),
             format!("{:.1}/{:.1}", r.e2e_ms.p50, r.e2e_ms.p99),
             opt(r.peak_kv_cache_usage.map(|u| u * 100.0), 1),
             opt(r.prefix_cache.map(|p| p.hit_rate * 100.0), 1),
@@ -400,7 +448,38 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::super::load::{Completion, Counters, LoadPolicy, RequestRecord, RunOutcome};
-    use super::RunReport;
+    use super::{RunReport, SteadyDecode};
+
+    fn completion(pieces: &[(f64, usize)]) -> Completion {
+        Completion {
+            pieces: pieces.to_vec(),
+            e2e_s: pieces.last().map_or(0.0, |p| p.0),
+            token_ids: None,
+            usage_output_tokens: None,
+        }
+    }
+
+    /// Two requests sent together: one gets its first token at 1 s, the other (whose prompt
+    /// was read second) at 3 s; both then get a token a second. The window runs from 3 s to
+    /// the first request's last token, 6 s, and holds the tokens of both after 3 s.
+    #[test]
+    fn steady_decode_counts_only_the_window_where_every_request_decodes() {
+        let early = completion(&[(1.0, 1), (2.0, 1), (3.0, 1), (4.0, 1), (5.0, 1), (6.0, 1)]);
+        let late = completion(&[(3.0, 1), (4.0, 1), (5.0, 1), (6.0, 1), (7.0, 1), (8.0, 1)]);
+        let got = SteadyDecode::of([(0.0, &early), (0.0, &late)].into_iter()).unwrap();
+        // early: 4, 5, 6 s; late: 4, 5, 6 s.
+        assert_eq!(got.tokens, 6);
+        assert_eq!(got.window_s, 3.0);
+        assert_eq!(got.tokens_per_s, 2.0);
+        // Send times shift the window: sent 10 s apart, the requests never decode together.
+        assert_eq!(SteadyDecode::of([(0.0, &early), (10.0, &late)].into_iter()), None);
+        // One request: its tokens after the first over the time after the first (1 / TPOT).
+        let one = SteadyDecode::of([(0.0, &early)].into_iter()).unwrap();
+        assert_eq!((one.tokens, one.window_s), (5, 5.0));
+        // A completion without tokens leaves no window.
+        let empty = completion(&[]);
+        assert_eq!(SteadyDecode::of([(0.0, &early), (0.0, &empty)].into_iter()), None);
+    }
 
     /// One request of 10 output tokens over 2 s, with these counters around the run.
     fn outcome(before: Counters, after: Counters) -> RunOutcome {
@@ -416,6 +495,7 @@ mod tests {
                 turn: 0,
                 input_tokens: 4,
                 expected_output_tokens: 10,
+                sent_at_s: 0.0,
                 result: Ok(done),
             }],
             duration_s: 2.0,
