@@ -29,7 +29,7 @@ fn main() -> Result<()> {
         let w32 = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
         for dtype in [DType::F32, DType::BF16] {
             let w = w32.to_dtype(dtype)?;
-            for m in [1usize, 4, 8, 16, 24, 32, 128] {
+            for m in [1usize, 4, 8, 12, 16, 24, 32, 64, 128, 256] {
                 if name == "lm_head" && m > 32 {
                     continue;
                 }

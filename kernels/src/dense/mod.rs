@@ -6,7 +6,9 @@
 //! dot kernels of [`dots`]: f32 and bf16 weight rows are read in place (bf16 widened in
 //! registers), so a step is one sweep over the weights. Larger batches multiply each tile
 //! with the `gemm` crate's f32 kernel, the tile widened to f32 first in a thread-local buffer
-//! when the weight is not f32; past [`WHOLE_GEMM_ROWS`] (prefill) one multithreaded gemm
+//! when the weight is not f32 (f32 weights on AVX-512 take [`outer`]'s outer-product kernel
+//! from [`outer::OUTER_MIN_ROWS`] to [`outer::OUTER_MAX_ROWS`] rows instead, the weight read
+//! in place); past [`WHOLE_GEMM_ROWS`] (prefill) one multithreaded gemm
 //! call takes the whole f32 weight, or chunks of a widened one. f16 and quantized
 //! ([`crate::quant`]) weights are decoded a tile or chunk at a time, never whole. Other
 //! devices go through candle's matmul.
@@ -23,6 +25,7 @@
 
 pub mod amx;
 pub mod dots;
+pub mod outer;
 pub mod pages;
 
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
@@ -49,6 +52,21 @@ pub const SKINNY_ROWS: usize = 32;
 /// project's AVX-512 build machine had gemm tiles 1.3x faster at 32 rows, level at 24 and
 /// slower at 16 (expert and lm_head shapes).
 pub const SKINNY_ROWS_F32_AVX512: usize = 24;
+
+/// Weight rows per tile of a product on [`outer`]'s kernel: a multiple of every register
+/// block's weight rows (24, 12, 8, 6).
+pub const OUTER_TILE_ROWS: usize = 48;
+
+/// Weight rows per parallel job of a product of `m` rows of `x` with `w` (not on AMX tiles).
+pub fn tile_rows(m: usize, w: WeightRows<'_>) -> usize {
+    if matches!(w, WeightRows::F32(_)) && outer::applies(m) {
+        OUTER_TILE_ROWS
+    } else if m <= skinny_rows(w) {
+        TILE_ROWS
+    } else {
+        GEMM_TILE_ROWS
+    }
+}
 
 /// Rows of `x` up to which products with `w` take the dot kernels.
 pub fn skinny_rows(w: WeightRows<'_>) -> usize {
@@ -142,11 +160,16 @@ pub fn product(x: &[f32], m: usize, k: usize, n: usize, w: WeightRows<'_>) -> Ve
             return amx_product(x, m, k, n, v);
         }
     }
+    if let WeightRows::F32(v) = w {
+        if outer::applies(m) {
+            return outer_product(x, m, k, n, v);
+        }
+    }
     if m > WHOLE_GEMM_ROWS {
         return gemm_product(x, m, k, n, w);
     }
     // Tiles write disjoint chunks of the transposed output `[n, m]`.
-    let tile = if m <= skinny_rows(w) { TILE_ROWS } else { GEMM_TILE_ROWS };
+    let tile = tile_rows(m, w);
     let lhs = Lhs::new(x, m, k, w);
     let mut out_t = vec![0f32; n * m];
     out_t
@@ -188,6 +211,21 @@ fn amx_product(x: &[f32], m: usize, k: usize, n: usize, w: &[bf16]) -> Vec<f32> 
             // (m * n long), and columns r0..r0 + rows belong to this job alone.
             unsafe { amx::tile_product_into(&packed, k, &w[r0 * k..(r0 + rows) * k], rows, dst.at(r0), n, 1, scratch) };
         });
+    out
+}
+
+/// The product over an f32 weight on [`outer`]'s kernel: `x` packed once, then tiles of
+/// weight rows in parallel, each writing its own columns of the output `[m, n]`.
+fn outer_product(x: &[f32], m: usize, k: usize, n: usize, w: &[f32]) -> Vec<f32> {
+    let packed = outer::PackedX::new(x, m, k);
+    let mut out = vec![0f32; m * n];
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..n.div_ceil(OUTER_TILE_ROWS)).into_par_iter().for_each(|t| {
+        let (r0, rows) = (t * OUTER_TILE_ROWS, OUTER_TILE_ROWS.min(n - t * OUTER_TILE_ROWS));
+        // SAFETY: job t writes out[i * n + r0 + j] for i < m, j < rows: inside `out`
+        // (m * n long), and columns r0..r0 + rows belong to this job alone.
+        unsafe { outer::tile_product_into(&packed, &w[r0 * k..(r0 + rows) * k], rows, dst.at(r0), n, 1) };
+    });
     out
 }
 
@@ -288,6 +326,8 @@ pub struct Lhs<'a> {
     m: usize,
     k: usize,
     packed: Option<amx::PackedX>,
+    /// For the outer-product kernel (f32 weights, mid-sized batches, AVX-512).
+    outer: Option<outer::PackedX>,
     /// For the dot kernels (decode-sized batches on other paths).
     dots: Option<dots::DotsLhs<'a>>,
 }
@@ -296,12 +336,14 @@ impl<'a> Lhs<'a> {
     /// `x` `[m, k]` for products with `w`.
     pub fn new(x: &'a [f32], m: usize, k: usize, w: WeightRows<'_>) -> Self {
         let amx = matches!(w, WeightRows::Bf16(_)) && amx::applies(k);
+        let outer = matches!(w, WeightRows::F32(_)) && outer::applies(m);
         Lhs {
             x,
             m,
             k,
             packed: amx.then(|| amx::PackedX::new(x, m, k)),
-            dots: (!amx && m <= skinny_rows(w)).then(|| dots::DotsLhs::new(x, m, k)),
+            outer: outer.then(|| outer::PackedX::new(x, m, k)),
+            dots: (!amx && !outer && m <= skinny_rows(w)).then(|| dots::DotsLhs::new(x, m, k)),
         }
     }
 }
@@ -341,6 +383,10 @@ pub fn tile_product(
             sj,
             &mut scratch.padded,
         );
+        return;
+    }
+    if let (Some(packed), WeightRows::F32(v)) = (&lhs.outer, w) {
+        outer::tile_product(packed, &v[r0 * k..(r0 + rows) * k], rows, out, si, sj);
         return;
     }
     let buf = &mut scratch.rows;
