@@ -11,6 +11,17 @@ pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// `x Wᵀ` summed in f64: `x` `[m, k]`, `w` `[rows, k]` -> `[m, rows]`.
+pub(crate) fn naive_nt(x: &[f32], m: usize, k: usize, w: &[f32], rows: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * rows];
+    for i in 0..m {
+        for j in 0..rows {
+            out[i * rows + j] = (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
 /// The largest `|a - b|` over two tensors of one shape (any float dtype).
 pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     let diff = (a.to_dtype(candle_core::DType::F32).unwrap() - b.to_dtype(candle_core::DType::F32).unwrap()).unwrap();

@@ -483,15 +483,7 @@ mod simd {
 mod tests {
     use super::*;
 
-    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], rows: usize) -> Vec<f32> {
-        let mut out = vec![0f32; m * rows];
-        for i in 0..m {
-            for j in 0..rows {
-                out[i * rows + j] = (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum::<f64>() as f32;
-            }
-        }
-        out
-    }
+    use crate::test_values::naive_nt as naive;
 
     #[test]
     fn f32_and_bf16_rows_match_a_naive_product() {

@@ -288,23 +288,7 @@ mod simd {
 mod tests {
     use super::*;
 
-    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], rows: usize) -> Vec<f32> {
-        let mut out = vec![0f32; m * rows];
-        for i in 0..m {
-            for j in 0..rows {
-                out[i * rows + j] = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
-            }
-        }
-        out
-    }
-
-    fn values(len: usize, salt: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(salt) >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::test_values::{naive_nt as naive, values};
 
     /// Every chunk width (1 to 4 vectors, and two chunks), weight rows that are and are not
     /// block multiples, odd inner dimensions, both output layouts.
