@@ -15,6 +15,9 @@ use moe_kernels::moe::{grouped_expert_mlp, permute_by_expert, ExpertWeights};
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
+    if std::env::args().any(|a| a == "cold") {
+        return cold_weights(&dev);
+    }
     let bf16_path = if moe_kernels::dense::amx::available() {
         "AMX tiles"
     } else {
@@ -53,7 +56,8 @@ fn main() -> Result<()> {
             }
         }
     }
-    routed_experts(&dev)
+    routed_experts(&dev)?;
+    cold_weights(&dev)
 }
 
 /// One MoE layer's routed experts at decode-sized batches: each token picks 6 of 64
@@ -83,6 +87,34 @@ fn routed_experts(dev: &Device) -> Result<()> {
                 "routed experts  {:<5}  {tokens:>6}  {active:>6}  {ms:6.2}  {gbs:5.1}",
                 format!("{dtype:?}")
             );
+        }
+    }
+    Ok(())
+}
+
+/// Products whose weight is not in any cache: for an expert's gate+up shape and the dense
+/// MLP's down projection (`[2048, 10944]`, where the inner dimension outgrows L2), one product
+/// on each of enough distinct weights to pass 0.9 GB (a 480 MiB L3 here), in turn.
+fn cold_weights(dev: &Device) -> Result<()> {
+    println!("cold weights    shape          dtype  rows  ms/product  GFLOP/s  GB/s");
+    for (n, k) in [(2816usize, 2048usize), (2048, 10944)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let copies = (900 << 20) / (n * k * dtype.size_in_bytes());
+            let weights = (0..copies)
+                .map(|_| Tensor::randn(0f32, 0.02, (n, k), dev)?.to_dtype(dtype))
+                .collect::<Result<Vec<_>>>()?;
+            for m in [1usize, 4, 8, 12, 16, 24, 32, 64, 128] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), dev)?.to_dtype(dtype)?;
+                let pass = median_ms(3, || weights.iter().try_for_each(|w| matmul_nt(&x, w).map(|_| ())))?;
+                let ms = pass / copies as f64;
+                let gflops = (2 * m * n * k) as f64 / (ms * 1e-3) / 1e9;
+                let gbs = (n * k * dtype.size_in_bytes()) as f64 / (ms * 1e-3) / 1e9;
+                println!(
+                    "cold weights    {:<13}  {:<5}  {m:>4}  {ms:10.2}  {gflops:7.1}  {gbs:4.1}",
+                    format!("[{n}, {k}]"),
+                    format!("{dtype:?}")
+                );
+            }
         }
     }
     Ok(())

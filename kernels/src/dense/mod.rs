@@ -7,8 +7,8 @@
 //! registers), so a step is one sweep over the weights. Larger batches multiply each tile
 //! with the `gemm` crate's f32 kernel, the tile widened to f32 first in a thread-local buffer
 //! when the weight is not f32 (f32 weights on AVX-512 take [`outer`]'s outer-product kernel
-//! from [`outer::OUTER_MIN_ROWS`] to [`outer::OUTER_MAX_ROWS`] rows instead, the weight read
-//! in place); past [`WHOLE_GEMM_ROWS`] (prefill) one multithreaded gemm
+//! from [`outer::OUTER_MIN_ROWS`] to [`outer::OUTER_MAX_ROWS`] rows over inner dimensions
+//! up to [`outer::OUTER_MAX_DEPTH`] instead, the weight read in place); past [`WHOLE_GEMM_ROWS`] (prefill) one multithreaded gemm
 //! call takes the whole f32 weight, or chunks of a widened one. f16 and quantized
 //! ([`crate::quant`]) weights are decoded a tile or chunk at a time, never whole. Other
 //! devices go through candle's matmul.
@@ -57,9 +57,10 @@ pub const SKINNY_ROWS_F32_AVX512: usize = 24;
 /// block's weight rows (24, 12, 8, 6).
 pub const OUTER_TILE_ROWS: usize = 48;
 
-/// Weight rows per parallel job of a product of `m` rows of `x` with `w` (not on AMX tiles).
-pub fn tile_rows(m: usize, w: WeightRows<'_>) -> usize {
-    if matches!(w, WeightRows::F32(_)) && outer::applies(m) {
+/// Weight rows per parallel job of a product of `m` rows of `x` `[m, k]` with `w` (not on AMX
+/// tiles).
+pub fn tile_rows(m: usize, k: usize, w: WeightRows<'_>) -> usize {
+    if matches!(w, WeightRows::F32(_)) && outer::applies(m, k) {
         OUTER_TILE_ROWS
     } else if m <= skinny_rows(w) {
         TILE_ROWS
@@ -161,7 +162,7 @@ pub fn product(x: &[f32], m: usize, k: usize, n: usize, w: WeightRows<'_>) -> Ve
         }
     }
     if let WeightRows::F32(v) = w {
-        if outer::applies(m) {
+        if outer::applies(m, k) {
             return outer_product(x, m, k, n, v);
         }
     }
@@ -169,7 +170,7 @@ pub fn product(x: &[f32], m: usize, k: usize, n: usize, w: WeightRows<'_>) -> Ve
         return gemm_product(x, m, k, n, w);
     }
     // Tiles write disjoint chunks of the transposed output `[n, m]`.
-    let tile = tile_rows(m, w);
+    let tile = tile_rows(m, k, w);
     let lhs = Lhs::new(x, m, k, w);
     let mut out_t = vec![0f32; n * m];
     out_t
@@ -336,7 +337,7 @@ impl<'a> Lhs<'a> {
     /// `x` `[m, k]` for products with `w`.
     pub fn new(x: &'a [f32], m: usize, k: usize, w: WeightRows<'_>) -> Self {
         let amx = matches!(w, WeightRows::Bf16(_)) && amx::applies(k);
-        let outer = matches!(w, WeightRows::F32(_)) && outer::applies(m);
+        let outer = matches!(w, WeightRows::F32(_)) && outer::applies(m, k);
         Lhs {
             x,
             m,

@@ -62,7 +62,7 @@ pub fn host_expert_mlp(
     // Phase 1: act_t, each group's activations transposed ([I, count]), tile by tile.
     let lhs = group_operands(&gathered, &groups, &first_row, hidden, gate_up);
     let mut act_t = vec![0f32; rows * intermediate];
-    let jobs = split_jobs(&mut act_t, &groups, intermediate, gate_up);
+    let jobs = split_jobs(&mut act_t, &groups, intermediate, hidden, gate_up);
     jobs.into_par_iter()
         .for_each_init(Scratch::default, |scratch, (gi, r0, out)| {
             let (g, count) = (&groups[gi], groups[gi].slots.len());
@@ -102,7 +102,7 @@ pub fn host_expert_mlp(
     // Phase 2: y_t, each group's outputs transposed ([H, count]).
     let lhs = group_operands(&act, &groups, &first_row, intermediate, down);
     let mut y_t = vec![0f32; rows * hidden];
-    let jobs = split_jobs(&mut y_t, &groups, hidden, down);
+    let jobs = split_jobs(&mut y_t, &groups, hidden, intermediate, down);
     jobs.into_par_iter()
         .for_each_init(TileScratch::default, |scratch, (gi, r0, out)| {
             let (g, count) = (&groups[gi], groups[gi].slots.len());
@@ -161,19 +161,20 @@ fn group_operands<'x>(
 }
 
 /// Cuts `buf` (each group's `[width, count]` block, groups one after the other) into jobs of
-/// [`tile_rows`] output rows for the group's products with `w`:
+/// [`tile_rows`] output rows for the group's products with `w` (`depth` its rows' length):
 /// `(group, first row, the job's part of buf)`.
 fn split_jobs<'b>(
     buf: &'b mut [f32],
     groups: &[Group],
     width: usize,
+    depth: usize,
     w: WeightRows<'_>,
 ) -> Vec<(usize, usize, &'b mut [f32])> {
     let mut jobs = Vec::new();
     let mut rest = buf;
     for (gi, g) in groups.iter().enumerate() {
         let count = g.slots.len();
-        let tile = tile_rows(count, w);
+        let tile = tile_rows(count, depth, w);
         let mut r0 = 0;
         while r0 < width {
             let n = tile.min(width - r0);
