@@ -26,6 +26,7 @@ pub mod cuda;
 
 pub use gqa::{paged_gqa_attention, write_kv_cache};
 pub use mla::{
-    indexer_topk, paged_mla_attention, sparse_mla_attention, write_index_keys, write_latent_cache, TokenSelection,
+    absorb_queries, expand_values, indexer_topk, paged_mla_attention, sparse_mla_attention, write_index_keys,
+    write_latent_cache, TokenSelection,
 };
 pub use paged::PagedSeq;

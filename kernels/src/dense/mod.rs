@@ -25,6 +25,7 @@
 
 pub mod amx;
 pub mod dots;
+pub mod grouped;
 pub mod outer;
 pub mod pages;
 
@@ -290,26 +291,79 @@ fn gemm_f32(
     sj: usize,
     parallelism: gemm::Parallelism,
 ) {
-    assert!(x.len() >= m * k && tile.len() >= rows * k && out.len() > (m - 1) * si + (rows - 1) * sj);
-    // SAFETY: dst is m x rows with row stride `si` and column stride `sj` (checked to fit just
-    // above), x is m x k (row stride k), and the right-hand side is the tile read as a
-    // k x rows matrix (column j = weight row j, column stride k); every pointer covers exactly
-    // the extent those strides reach.
+    // The right-hand side is the tile read as a k x rows matrix: column j = weight row j.
+    gemm_strided(
+        (m, rows, k),
+        Strided::new(out, si, sj),
+        Strided::new(x, k, 1),
+        Strided::new(tile, 1, k),
+        parallelism,
+    );
+}
+
+/// A matrix in a slice: element `(i, j)` at `data[i * rs + j * cs]`.
+pub struct Strided<S> {
+    pub data: S,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<S> Strided<S> {
+    pub fn new(data: S, rs: usize, cs: usize) -> Self {
+        Strided { data, rs, cs }
+    }
+}
+
+/// Whether a `rows x cols` matrix with these strides fits in `len` elements.
+fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len
+}
+
+/// `dst = lhs · rhs` with the `gemm` crate's f32 kernel, for `(m, n, k)`: `dst` `m x n`, `lhs`
+/// `m x k`, `rhs` `k x n`, each with its own strides (so a head's columns of a wider
+/// activation, or a transposed operand, go in without a copy). Panics if a matrix does not
+/// fit its slice.
+pub fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: Strided<&mut [f32]>,
+    lhs: Strided<&[f32]>,
+    rhs: Strided<&[f32]>,
+    parallelism: gemm::Parallelism,
+) {
+    assert!(
+        fits(dst.data.len(), m, n, dst.rs, dst.cs)
+            && fits(lhs.data.len(), m, k, lhs.rs, lhs.cs)
+            && fits(rhs.data.len(), k, n, rhs.rs, rhs.cs),
+        "gemm_strided: an operand does not fit its slice"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                dst.data[i * dst.rs + j * dst.cs] = 0.0;
+            }
+        }
+        return;
+    }
+    // SAFETY: each matrix was checked above to lie inside its slice with the strides given,
+    // and `dst` is borrowed mutably, so nothing else reads or writes it meanwhile.
     unsafe {
         gemm::gemm(
             m,
-            rows,
+            n,
             k,
-            out.as_mut_ptr(),
-            sj as isize,
-            si as isize,
+            dst.data.as_mut_ptr(),
+            dst.cs as isize,
+            dst.rs as isize,
             false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            tile.as_ptr(),
-            k as isize,
-            1,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
             0.0,
             1.0,
             false,

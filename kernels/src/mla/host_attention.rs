@@ -1,8 +1,8 @@
 //! Paged MLA attention on the CPU: scores straight from the cache's rows with the dot
 //! kernels, softmax and the value sum in place, every (sequence, group of query rows) a
 //! parallel job. No gathered copy of the context, no mask tensor, no per-sequence tensor ops.
-//! Long prompt chunks (more than [`MAX_HOST_QUERY`] tokens) are GEMM-shaped and go through
-//! the reference's matmuls instead, which win there (measured: prefill 4% faster).
+//! Long prompt chunks (more than [`MAX_DOT_QUERY`] tokens) are GEMM-shaped and take
+//! [`super::host_chunk`] instead.
 
 use candle_core::{CpuStorage, Result, Storage, Tensor};
 use rayon::prelude::*;
@@ -11,13 +11,13 @@ use crate::dense::dots::{dots_with, DotsLhs, Line, WeightElem};
 use crate::dense::host_f32;
 use crate::paged::{check_seq, PagedSeq};
 
-use super::attention::reference_paged_mla_attention;
+use super::host_chunk::attend_chunk;
 
 /// Query tokens per parallel job (a short chunk splits into jobs of this many tokens; decode
 /// has one per sequence).
 const JOB_TOKENS: usize = 4;
-/// Sequences with more query tokens than this take the reference's matmuls.
-const MAX_HOST_QUERY: usize = 16;
+/// Sequences with more query tokens than this take [`attend_chunk`]'s GEMMs.
+const MAX_DOT_QUERY: usize = 16;
 
 /// [`crate::paged_mla_attention`] for a CPU cache in f32 or bf16; `None` for other dtypes.
 /// Same arguments, checks and result: `[num_tokens, num_heads, value_dim]` f32, rows not
@@ -52,35 +52,24 @@ pub(super) fn host_paged_mla_attention(
         scale: scale as f32,
     };
     let q_host = host_f32(q)?;
-    let mut out = match &*storage {
+    let out = match &*storage {
         Storage::Cpu(CpuStorage::F32(v)) => attend(&q_host, &v[start..end], seqs, num_tokens, &shape),
         Storage::Cpu(CpuStorage::BF16(v)) => attend(&q_host, &v[start..end], seqs, num_tokens, &shape),
         _ => return Ok(None),
     };
     drop(storage);
-    let row_out = num_heads * value_dim;
-    for seq in seqs.iter().filter(|s| s.query_len > MAX_HOST_QUERY) {
-        let alone = PagedSeq {
-            query_start: 0,
-            ..seq.clone()
-        };
-        let q_seq = q.narrow(0, seq.query_start, seq.query_len)?;
-        let rows = reference_paged_mla_attention(&q_seq, cache, &[alone], value_dim, scale)?;
-        let rows = rows.flatten_all()?.to_vec1::<f32>()?;
-        out[seq.query_start * row_out..][..rows.len()].copy_from_slice(&rows);
-    }
     Tensor::from_vec(out, (num_tokens, num_heads, value_dim), cache.device()).map(Some)
 }
 
 /// The widths every job shares.
-struct Shape {
-    heads: usize,
+pub(super) struct Shape {
+    pub heads: usize,
     /// Key width: `kv_lora_rank + rope_dim`.
-    dim: usize,
+    pub dim: usize,
     /// Value width: the first `value_dim` columns of a key.
-    value_dim: usize,
-    block_size: usize,
-    scale: f32,
+    pub value_dim: usize,
+    pub block_size: usize,
+    pub scale: f32,
 }
 
 /// One job: query tokens `t0..t0 + tokens` of `seq`, writing their `[tokens, heads, value_dim]`
@@ -92,17 +81,19 @@ struct Job<'a> {
 }
 
 /// Attention of `q` (`[num_tokens, heads, dim]` f32) over `cache` (`[blocks * block_size,
-/// dim]` rows), as `[num_tokens, heads, value_dim]` f32; rows of sequences past
-/// [`MAX_HOST_QUERY`] tokens are left zero for the caller.
+/// dim]` rows), as `[num_tokens, heads, value_dim]` f32: short query runs as dot-kernel jobs
+/// here, longer ones through [`attend_chunk`], one sequence after another.
 fn attend<W: WeightElem>(q: &[f32], cache: &[W], seqs: &[PagedSeq], num_tokens: usize, s: &Shape) -> Vec<f32> {
     let row_out = s.heads * s.value_dim;
     let mut out = vec![0f32; num_tokens * row_out];
     let mut jobs = Vec::new();
+    let mut long = Vec::new();
     let mut rest = &mut out[..];
     for seq in seqs.iter().filter(|s| s.query_len > 0) {
         let (mine, tail) = rest.split_at_mut(seq.query_len * row_out);
         rest = tail;
-        if seq.query_len > MAX_HOST_QUERY {
+        if seq.query_len > MAX_DOT_QUERY {
+            long.push((seq, mine));
             continue;
         }
         for (n, chunk) in mine.chunks_mut(JOB_TOKENS * row_out).enumerate() {
@@ -115,6 +106,9 @@ fn attend<W: WeightElem>(q: &[f32], cache: &[W], seqs: &[PagedSeq], num_tokens: 
     }
     jobs.into_par_iter()
         .for_each_init(Scratch::default, |scratch, job| attend_job(q, cache, s, job, scratch));
+    for (seq, rows) in long {
+        attend_chunk(q, cache, seq, s, rows);
+    }
     out
 }
 
@@ -153,19 +147,7 @@ fn attend_job<W: WeightElem>(q: &[f32], cache: &[W], s: &Shape, job: Job<'_>, sc
             &mut scratch.acc,
         );
     }
-    // Softmax over each row's visible positions; probabilities past them stay zero.
-    for (r, row) in scores.chunks_mut(span).enumerate() {
-        let (seen, hidden) = row.split_at_mut(visible(r));
-        hidden.fill(0.0);
-        let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * s.scale));
-        let mut total = 0f32;
-        for v in seen.iter_mut() {
-            *v = (*v * s.scale - max).exp();
-            total += *v;
-        }
-        let inv = 1.0 / total;
-        seen.iter_mut().for_each(|v| *v *= inv);
-    }
+    softmax_visible(scores, span, s.scale, visible);
     // out[row] = sum over positions of p[row, pos] * value(pos): token by token (its heads'
     // outputs stay in L1), each visible cache row read once for all the token's heads.
     for (t, out_t) in job.out.chunks_mut(s.heads * s.value_dim).enumerate() {
@@ -176,6 +158,23 @@ fn attend_job<W: WeightElem>(q: &[f32], cache: &[W], s: &Shape, job: Job<'_>, sc
                 add_scaled(out, scores[(t * s.heads + h) * span + pos], value);
             }
         }
+    }
+}
+
+/// Scores `[rows, span]` to probabilities in place: row `r` over its first `visible(r)`
+/// positions, scaled by `scale`; the positions past them get zero.
+pub(super) fn softmax_visible(scores: &mut [f32], span: usize, scale: f32, visible: impl Fn(usize) -> usize) {
+    for (r, row) in scores.chunks_mut(span).enumerate() {
+        let (seen, hidden) = row.split_at_mut(visible(r));
+        hidden.fill(0.0);
+        let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+        let mut total = 0f32;
+        for v in seen.iter_mut() {
+            *v = (*v * scale - max).exp();
+            total += *v;
+        }
+        let inv = 1.0 / total;
+        seen.iter_mut().for_each(|v| *v *= inv);
     }
 }
 

@@ -7,11 +7,14 @@
 //! cache, `[num_blocks, block_size, index_head_dim]` under the same block ids, and attends
 //! over each query's selected positions only ([`sparse`]).
 
+mod absorb;
 mod attention;
 mod cache_write;
 mod host_attention;
+mod host_chunk;
 pub mod sparse;
 
+pub use absorb::{absorb_queries, expand_values};
 pub use attention::paged_mla_attention;
 pub use cache_write::{write_index_keys, write_latent_cache};
 pub use sparse::{indexer_topk, sparse_mla_attention, TokenSelection};

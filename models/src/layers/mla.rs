@@ -9,8 +9,10 @@
 //! query attends only to the positions its layer's indexer (or, in GLM-5's shared layers, the
 //! previous layer's) selected.
 
-use candle_core::{DType, Module, Tensor};
-use moe_kernels::{paged_mla_attention, sparse_mla_attention, write_latent_cache, TokenSelection};
+use candle_core::{Module, Tensor};
+use moe_kernels::{
+    absorb_queries, expand_values, paged_mla_attention, sparse_mla_attention, write_latent_cache, TokenSelection,
+};
 
 use super::dsa::Indexer;
 use super::linear::{Linear, RowParallelLinear};
@@ -47,10 +49,11 @@ pub struct Mla {
     /// `[kv_lora_rank + rope_dim, hidden]`.
     kv_a_proj_with_mqa: Linear,
     kv_a_layernorm: RmsNorm,
-    /// `W_UK` per head (this rank's heads): `[heads, qk_nope_head_dim, kv_lora_rank]`.
-    w_uk: Tensor,
-    /// `W_UV` per head, transposed for the output product: `[heads, kv_lora_rank, v_head_dim]`.
-    w_uv_t: Tensor,
+    /// `W_UK` per head (this rank's heads), transposed: `[heads, kv_lora_rank,
+    /// qk_nope_head_dim]`, rows along the product's inner dimension.
+    w_uk_t: Tensor,
+    /// `W_UV` per head as `kv_b_proj` holds it: `[heads, v_head_dim, kv_lora_rank]`.
+    w_uv: Tensor,
     /// This rank's heads' columns of `o_proj`, summed over the ranks.
     o_proj: RowParallelLinear,
     /// Heads on this rank.
@@ -58,7 +61,6 @@ pub struct Mla {
     nope_dim: usize,
     rope_dim: usize,
     kv_lora_rank: usize,
-    v_head_dim: usize,
     scale: f64,
 }
 
@@ -129,11 +131,8 @@ impl Mla {
             )?
             .to_dense(w.dtype())?;
         let kv_b = kv_b.reshape((heads, cfg.qk_nope_head_dim + cfg.v_head_dim, r))?;
-        let w_uk = kv_b.narrow(1, 0, cfg.qk_nope_head_dim)?.contiguous()?;
-        let w_uv_t = kv_b
-            .narrow(1, cfg.qk_nope_head_dim, cfg.v_head_dim)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let w_uk_t = kv_b.narrow(1, 0, cfg.qk_nope_head_dim)?.transpose(1, 2)?.contiguous()?;
+        let w_uv = kv_b.narrow(1, cfg.qk_nope_head_dim, cfg.v_head_dim)?.contiguous()?;
         Ok(Mla {
             sparse,
             q,
@@ -145,8 +144,8 @@ impl Mla {
                 bias,
             )?,
             kv_a_layernorm: RmsNorm::load(w, &format!("{prefix}.kv_a_layernorm.weight"), r, LORA_NORM_EPS)?,
-            w_uk,
-            w_uv_t,
+            w_uk_t,
+            w_uv,
             o_proj: RowParallelLinear::load(
                 w,
                 &format!("{prefix}.o_proj"),
@@ -160,7 +159,6 @@ impl Mla {
             nope_dim: cfg.qk_nope_head_dim,
             rope_dim: cfg.qk_rope_head_dim,
             kv_lora_rank: r,
-            v_head_dim: cfg.v_head_dim,
             scale: cfg.softmax_scale,
         })
     }
@@ -209,13 +207,8 @@ impl Mla {
         let latents = Tensor::cat(&[c_kv, k_pe], 1)?;
         write_latent_cache(cache, &latents, ctx.slot_mapping)?;
 
-        // Absorb W_UK: [heads, tokens, nope] x [heads, nope, r] -> [tokens, heads, r].
-        let q_latent = q_nope
-            .transpose(0, 1)?
-            .contiguous()?
-            .matmul(&self.w_uk)?
-            .transpose(0, 1)?;
-        let q_full = Tensor::cat(&[q_latent.to_dtype(DType::F32)?, q_pe.to_dtype(DType::F32)?], 2)?;
+        // Absorb W_UK: [tokens, heads, nope] -> [tokens, heads, r + rope] f32, q_pe appended.
+        let q_full = absorb_queries(&q_nope, &q_pe, &self.w_uk_t)?;
         let attn = match &self.sparse {
             None => paged_mla_attention(&q_full, cache, ctx.seqs, self.kv_lora_rank, self.scale)?,
             Some(sparse) => {
@@ -238,14 +231,8 @@ impl Mla {
             }
         }; // [T, H, r] f32
 
-        // Apply W_UV: [heads, tokens, r] x [heads, r, v] -> [tokens, heads * v].
-        let out = attn
-            .to_dtype(dtype)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .matmul(&self.w_uv_t)?
-            .transpose(0, 1)?
-            .reshape((tokens, self.heads * self.v_head_dim))?;
+        // Apply W_UV: [tokens, heads, r] -> [tokens, heads * v].
+        let out = expand_values(&attn, &self.w_uv, dtype)?;
         self.o_proj.forward(&out)
     }
 }

@@ -44,11 +44,12 @@ fn reference(
 #[test]
 fn paged_attention_matches_dense_reference_on_awkward_shapes() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    let (num_blocks, block_size, value_dim, rope) = (24usize, 4usize, 12usize, 4usize);
+    let (num_blocks, block_size, value_dim, rope) = (32usize, 4usize, 12usize, 4usize);
     let dim = value_dim + rope;
     // (query_len, context_len, heads) per sequence; heads is shared, so run per head count.
     for heads in [1usize, 3, 7] {
-        let plans = [(1usize, 1usize), (1, 20), (5, 5), (3, 14), (0, 0), (9, 17)];
+        // The last is a prompt chunk after a cached prefix, long enough for the GEMM path.
+        let plans = [(1usize, 1usize), (1, 20), (5, 5), (3, 14), (0, 0), (9, 17), (21, 30)];
         let cache = Tensor::zeros((num_blocks, block_size, dim), candle_core::DType::F32, &dev)?;
         // Hand out blocks in a scrambled order so tables are not contiguous.
         let mut free: Vec<u32> = (0..num_blocks as u32).map(|b| (b * 7) % num_blocks as u32).collect();
@@ -105,9 +106,10 @@ fn paged_attention_matches_dense_reference_on_awkward_shapes() -> candle_core::R
 }
 
 /// DeepSeek's widths (576-wide keys, 512-wide values, 16 heads, 16-token blocks) in f32 and
-/// bf16 caches: the CPU kernel agrees with the candle reference on decode tokens and on a
-/// prefill chunk longer than one job (and a long one that takes the reference's matmuls in the
-/// same batch), and a sequence's rows are the same bits alone or batched.
+/// bf16 caches: the CPU kernel agrees with the candle reference on decode tokens, on a
+/// prefill chunk longer than one job, and on long chunks that take the GEMM path (one after a
+/// cached prefix, cut into several jobs), and a sequence's rows are the same bits alone or
+/// batched.
 #[test]
 fn cpu_kernel_matches_the_reference_at_real_widths_and_ignores_the_batch() -> candle_core::Result<()> {
     let dev = Device::Cpu;
@@ -116,7 +118,7 @@ fn cpu_kernel_matches_the_reference_at_real_widths_and_ignores_the_batch() -> ca
         let rows = num_blocks * block_size;
         let latents = Tensor::from_vec(values(rows * dim, 7), (num_blocks, block_size, dim), &dev)?.to_dtype(dtype)?;
         // (query_len, context_len), blocks handed out back to front.
-        let plans = [(1usize, 37usize), (11, 50), (1, 1), (20, 41), (1, 64)];
+        let plans = [(1usize, 37usize), (11, 50), (1, 1), (20, 41), (1, 64), (40, 90)];
         let mut next = num_blocks;
         let mut start = 0;
         let seqs: Vec<PagedSeq> = plans
