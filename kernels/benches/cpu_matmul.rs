@@ -10,6 +10,7 @@
 mod cpu_timing;
 use candle_core::{DType, Device, Result, Tensor};
 use cpu_timing::median_ms;
+use moe_kernels::dense::pages::prefer_huge_pages;
 use moe_kernels::dense::{matmul_nt, Weight};
 use moe_kernels::moe::{grouped_expert_mlp, permute_by_expert, ExpertWeights};
 
@@ -94,7 +95,8 @@ fn routed_experts(dev: &Device) -> Result<()> {
 
 /// Products whose weight is not in any cache: for an expert's gate+up shape and the dense
 /// MLP's down projection (`[2048, 10944]`, where the inner dimension outgrows L2), one product
-/// on each of enough distinct weights to pass 0.9 GB (a 480 MiB L3 here), in turn.
+/// on each of enough distinct weights to pass 0.9 GB (a 480 MiB L3 here), in turn, each in
+/// huge pages as a loaded model's are (`MOE_CPU_HUGE_PAGES=0`: not).
 fn cold_weights(dev: &Device) -> Result<()> {
     println!("cold weights    shape          dtype  rows  ms/product  GFLOP/s  GB/s");
     for (n, k) in [(2816usize, 2048usize), (2048, 10944)] {
@@ -103,6 +105,10 @@ fn cold_weights(dev: &Device) -> Result<()> {
             let weights = (0..copies)
                 .map(|_| Tensor::randn(0f32, 0.02, (n, k), dev)?.to_dtype(dtype))
                 .collect::<Result<Vec<_>>>()?;
+            // In 2 MiB pages where the OS allows, as the model's weights are after load.
+            for w in &weights {
+                prefer_huge_pages(&Weight::Dense(w.clone()));
+            }
             for m in [1usize, 4, 8, 12, 16, 24, 32, 64, 128] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), dev)?.to_dtype(dtype)?;
                 let pass = median_ms(3, || weights.iter().try_for_each(|w| matmul_nt(&x, w).map(|_| ())))?;

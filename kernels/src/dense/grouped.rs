@@ -7,6 +7,9 @@ use rayon::prelude::*;
 
 use super::{tile_product, tile_rows, Lhs, TileScratch, WeightRows};
 
+/// Groups per worker thread from which each group is one job.
+const GROUPS_PER_THREAD: usize = 2;
+
 /// Tokens per block of the final placement (one cache line of each row of the transposed
 /// result).
 const PLACE_TOKENS: usize = 16;
@@ -61,8 +64,14 @@ pub fn grouped_product(
         })
         .collect();
     let lhs: Vec<Lhs> = xs.par_iter().map(|rows| Lhs::new(rows, tokens, k, w)).collect();
-    // Jobs write their tile of the transposed result, `[groups * n, tokens]`.
-    let tile = tile_rows(tokens, k, w);
+    // Jobs write their tile of the transposed result, `[groups * n, tokens]`: a whole group
+    // each when there are enough groups to share out (a head's `W_UK` at decode is a few
+    // microseconds of work, less than a job's overhead), else the product's usual tiles.
+    let tile = if groups >= GROUPS_PER_THREAD * rayon::current_num_threads() {
+        n
+    } else {
+        tile_rows(tokens, k, w)
+    };
     let mut out_t = vec![0f32; groups * n * tokens];
     let mut jobs = Vec::with_capacity(groups * n.div_ceil(tile));
     let mut rest = &mut out_t[..];
