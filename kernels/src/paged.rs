@@ -83,6 +83,23 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&sum)
 }
 
+/// Scores `[rows, span]` to probabilities in place: row `r` over its first `visible(r)`
+/// positions, scaled by `scale`; the positions past them get zero.
+pub(crate) fn softmax_visible(scores: &mut [f32], span: usize, scale: f32, visible: impl Fn(usize) -> usize) {
+    for (r, row) in scores.chunks_mut(span).enumerate() {
+        let (seen, hidden) = row.split_at_mut(visible(r));
+        hidden.fill(0.0);
+        let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+        let mut total = 0f32;
+        for v in seen.iter_mut() {
+            *v = (*v * scale - max).exp();
+            total += *v;
+        }
+        let inv = 1.0 / total;
+        seen.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
 /// Writes `rows[t]` into cache row `slot_mapping[t]`, in place: the scatter behind
 /// [`crate::write_latent_cache`] and [`crate::write_kv_cache`].
 ///

@@ -1,13 +1,18 @@
-//! Reference paged GQA attention: per sequence, one gather of its K/V blocks and one batched
-//! matmul per kv head for the scores and one for the output (candle ops, any device).
+//! Paged GQA attention: the CPU kernel of [`super::host`] for CPU caches, and a reference in
+//! candle ops for other devices (per sequence, one gather of its K/V blocks and one batched
+//! matmul per kv head for the scores and one for the output).
 
 use candle_core::{bail, DType, Result, Tensor};
 
+use super::host::{host_gqa_attention, Dims};
 use crate::paged::{causal_bias, check_seq, softmax_last_dim, PagedSeq};
 
-/// At most this many f32 scores (`rows * num_heads * context_len`) are materialized at once;
-/// longer prompt chunks are split into groups of query rows (rows are independent).
+/// At most this many f32 scores (`rows * num_heads * context_len`) are materialized at once
+/// by the reference; longer prompt chunks are split into groups of query rows (rows are
+/// independent).
 const MAX_SCORES: usize = 1 << 22;
+/// At most this many scores per job of the CPU kernel (8 MiB of f32; jobs run in parallel).
+const HOST_JOB_SCORES: usize = 1 << 21;
 
 /// Causal paged attention, grouped-query: query head `h` reads kv head `h / (num_heads /
 /// kv_heads)`.
@@ -30,7 +35,52 @@ pub fn paged_gqa_attention(
     seqs: &[PagedSeq],
     scale: f64,
 ) -> Result<Tensor> {
+    if q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() {
+        if let Some(out) = host_in_chunks(q, k_cache, v_cache, seqs, scale, HOST_JOB_SCORES)? {
+            return Ok(out);
+        }
+    }
     attention_in_chunks(q, k_cache, v_cache, seqs, scale, MAX_SCORES)
+}
+
+/// The CPU kernel with a budget of `max_scores` scores a job (tests force small ones); `None`
+/// where it does not apply (cache dtypes other than f32 and bf16).
+pub(super) fn host_in_chunks(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    seqs: &[PagedSeq],
+    scale: f64,
+    max_scores: usize,
+) -> Result<Option<Tensor>> {
+    let dims = validate(q, k_cache, v_cache, seqs)?;
+    host_gqa_attention(q, k_cache, v_cache, seqs, scale, &dims, max_scores)
+}
+
+/// Checks the operands and every sequence against them (see [`paged_gqa_attention`]).
+fn validate(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, seqs: &[PagedSeq]) -> Result<Dims> {
+    const OP: &str = "paged_gqa_attention";
+    let (num_tokens, num_heads, head_dim) = q.dims3()?;
+    let (num_blocks, block_size, kv_heads, k_dim, v_head_dim) = super::cache_dims(OP, k_cache, v_cache)?;
+    if k_dim != head_dim {
+        bail!("{OP}: q head dim {head_dim}, k_cache head dim {k_dim}");
+    }
+    if kv_heads == 0 || num_heads == 0 || !num_heads.is_multiple_of(kv_heads) {
+        bail!("{OP}: {num_heads} query heads do not group over {kv_heads} kv heads");
+    }
+    let mut covered = 0usize;
+    for seq in seqs.iter().filter(|s| s.query_len > 0) {
+        check_seq(OP, seq, covered, num_tokens, num_blocks, block_size)?;
+        covered += seq.query_len;
+    }
+    Ok(Dims {
+        num_tokens,
+        num_heads,
+        kv_heads,
+        head_dim,
+        v_head_dim,
+        block_size,
+    })
 }
 
 /// [`paged_gqa_attention`] materializing at most `max_scores` scores at once (tests force
@@ -43,15 +93,14 @@ pub(super) fn attention_in_chunks(
     scale: f64,
     max_scores: usize,
 ) -> Result<Tensor> {
-    const OP: &str = "paged_gqa_attention";
-    let (num_tokens, num_heads, head_dim) = q.dims3()?;
-    let (num_blocks, block_size, kv_heads, k_dim, v_head_dim) = super::cache_dims(OP, k_cache, v_cache)?;
-    if k_dim != head_dim {
-        bail!("{OP}: q head dim {head_dim}, k_cache head dim {k_dim}");
-    }
-    if kv_heads == 0 || num_heads == 0 || !num_heads.is_multiple_of(kv_heads) {
-        bail!("{OP}: {num_heads} query heads do not group over {kv_heads} kv heads");
-    }
+    let Dims {
+        num_tokens,
+        num_heads,
+        kv_heads,
+        head_dim,
+        v_head_dim,
+        block_size,
+    } = validate(q, k_cache, v_cache, seqs)?;
     let group = num_heads / kv_heads;
     let device = q.device();
     let mut outputs = Vec::with_capacity(seqs.len() + 1);
@@ -60,7 +109,6 @@ pub(super) fn attention_in_chunks(
         if seq.query_len == 0 {
             continue;
         }
-        check_seq(OP, seq, covered, num_tokens, num_blocks, block_size)?;
         let ctx = seq.context_len;
         // Gather the sequence's blocks once: [kv_heads, ctx, dim] in f32 for each cache.
         let needed = ctx.div_ceil(block_size);

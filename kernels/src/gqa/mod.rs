@@ -12,6 +12,7 @@
 
 mod attention;
 mod cache_write;
+mod host;
 
 pub use attention::paged_gqa_attention;
 pub use cache_write::write_kv_cache;

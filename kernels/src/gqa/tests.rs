@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::attention_in_chunks;
+use super::attention::{attention_in_chunks, host_in_chunks};
 use super::*;
 
 use crate::test_values::values;
@@ -49,8 +49,9 @@ struct Case {
     max_scores: usize,
 }
 
-/// Builds the caches with `write_kv_cache`, runs the attention and returns the largest
-/// absolute difference from the naive loop.
+/// Builds the caches with `write_kv_cache`, runs the attention (the CPU kernel and the candle
+/// reference, each with the case's score budget) and returns the largest absolute difference
+/// of either from the naive loop.
 fn run(case: &Case) -> candle_core::Result<f64> {
     let dev = Device::Cpu;
     let (h, kvh, d, dv, bs) = (
@@ -60,7 +61,6 @@ fn run(case: &Case) -> candle_core::Result<f64> {
         case.v_head_dim,
         case.block_size,
     );
-    let group = h / kvh;
     let num_blocks: usize = case.plans.iter().map(|&(_, c)| c.div_ceil(bs)).sum::<usize>() + 3;
     let k_cache = Tensor::zeros((num_blocks, bs, kvh, d), case.dtype, &dev)?;
     let v_cache = Tensor::zeros((num_blocks, bs, kvh, dv), case.dtype, &dev)?;
@@ -100,13 +100,35 @@ fn run(case: &Case) -> candle_core::Result<f64> {
     let rows = start + case.extra_rows;
     let q_host = rounded(values(rows * h * d, 99 + h as u32 + bs as u32), case.dtype);
     let q = Tensor::from_vec(q_host.clone(), (rows, h, d), &dev)?.to_dtype(case.dtype)?;
-    let got = attention_in_chunks(&q, &k_cache, &v_cache, &seqs, case.scale, case.max_scores)?;
+    let reference = attention_in_chunks(&q, &k_cache, &v_cache, &seqs, case.scale, case.max_scores)?;
+    let mut worst = 0f64;
+    // The CPU kernel takes f32 and bf16 caches (f16 goes to the reference).
+    let host = host_in_chunks(&q, &k_cache, &v_cache, &seqs, case.scale, case.max_scores)?;
+    assert_eq!(host.is_some(), case.dtype != DType::F16, "{:?}", case.dtype);
+    for got in std::iter::once(reference).chain(host) {
+        worst = worst.max(compare(case, &got, &q_host, &seqs, &dense, start, rows)?);
+    }
+    Ok(worst)
+}
+
+/// The largest absolute difference of `got` from the naive loop over `dense`.
+fn compare(
+    case: &Case,
+    got: &Tensor,
+    q_host: &[f32],
+    seqs: &[PagedSeq],
+    dense: &[(Vec<f32>, Vec<f32>)],
+    start: usize,
+    rows: usize,
+) -> candle_core::Result<f64> {
+    let (h, kvh, d, dv) = (case.heads, case.kv_heads, case.head_dim, case.v_head_dim);
+    let group = h / kvh;
     assert_eq!(got.dims(), &[rows, h, dv]);
     assert_eq!(got.dtype(), DType::F32);
     let got = got.flatten_all()?.to_vec1::<f32>()?;
 
     let mut worst = 0f64;
-    for (seq, (k, v)) in seqs.iter().zip(&dense) {
+    for (seq, (k, v)) in seqs.iter().zip(dense) {
         let offset = seq.context_len - seq.query_len;
         for i in 0..seq.query_len {
             let row = seq.query_start + i;

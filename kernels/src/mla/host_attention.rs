@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::dense::dots::{dots_with, DotsLhs, Line, WeightElem};
 use crate::dense::host_f32;
-use crate::paged::{check_seq, PagedSeq};
+use crate::paged::{check_seq, softmax_visible, PagedSeq};
 
 use super::host_chunk::attend_chunk;
 
@@ -158,23 +158,6 @@ fn attend_job<W: WeightElem>(q: &[f32], cache: &[W], s: &Shape, job: Job<'_>, sc
                 add_scaled(out, scores[(t * s.heads + h) * span + pos], value);
             }
         }
-    }
-}
-
-/// Scores `[rows, span]` to probabilities in place: row `r` over its first `visible(r)`
-/// positions, scaled by `scale`; the positions past them get zero.
-pub(super) fn softmax_visible(scores: &mut [f32], span: usize, scale: f32, visible: impl Fn(usize) -> usize) {
-    for (r, row) in scores.chunks_mut(span).enumerate() {
-        let (seen, hidden) = row.split_at_mut(visible(r));
-        hidden.fill(0.0);
-        let max = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-        let mut total = 0f32;
-        for v in seen.iter_mut() {
-            *v = (*v * scale - max).exp();
-            total += *v;
-        }
-        let inv = 1.0 / total;
-        seen.iter_mut().for_each(|v| *v *= inv);
     }
 }
 

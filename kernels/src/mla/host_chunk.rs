@@ -7,10 +7,10 @@
 
 use rayon::prelude::*;
 
-use super::host_attention::{softmax_visible, Shape};
+use super::host_attention::Shape;
 use crate::dense::dots::WeightElem;
 use crate::dense::{gemm_strided, Strided};
-use crate::paged::PagedSeq;
+use crate::paged::{softmax_visible, PagedSeq};
 
 /// Scores one job holds at most (8 MiB of f32).
 const MAX_JOB_SCORES: usize = 1 << 21;
