@@ -19,10 +19,11 @@
 use super::dots::Line;
 
 /// Rows of `x` from which f32 products take this path (below, the dot kernels: a partial
-/// vector of `x` wastes lanes of every FMA). `benches/cpu_matmul`, expert gate_up
-/// `[2816, 2048]`, 2 threads: 12 rows 1.28 ms here against the dots' 1.07, 16 rows 1.33
-/// against 1.40, 32 rows 1.89 against gemm tiles' 2.01, 64 rows 3.55 against 4.30.
-pub const OUTER_MIN_ROWS: usize = 16;
+/// vector of `x` wastes lanes of every FMA). `cpu_matmul -- cold` (weights streamed from
+/// DRAM, huge pages), expert gate_up `[2816, 2048]`, 2 threads: 16 rows 1.52 ms on the dots
+/// against 1.64 here, 24 rows 2.02 against 2.01; warm, 32 rows 1.89 against gemm tiles' 2.01,
+/// 64 rows 3.55 against 4.30.
+pub const OUTER_MIN_ROWS: usize = 24;
 /// Rows of `x` up to which f32 products take this path; past it, `gemm`'s cache blocking of
 /// `x` wins (this path reads all of the packed `x`, `k * m` floats, once per block of weight
 /// rows): level at 128 rows (7.97 ms against 7.54), 2.4x slower at 256.
