@@ -38,17 +38,7 @@ pub fn absorb_queries(q_nope: &Tensor, q_pe: &Tensor, w_uk_t: &Tensor) -> Result
         return Tensor::cat(&[q_latent.to_dtype(DType::F32)?, q_pe.to_dtype(DType::F32)?], 2);
     }
     let width = latent + rope;
-    let x = host_f32(q_nope)?;
-    let mut out = vec![0f32; tokens * heads * width];
-    let layout = GroupLayout {
-        x_rs: heads * nope,
-        x_gs: nope,
-        out_rs: heads * width,
-        out_gs: width,
-    };
-    with_weight_rows(w_uk_t, |w| {
-        grouped_product(&x, tokens, heads, nope, w, latent, layout, &mut out)
-    })?;
+    let mut out = per_head_product(q_nope, w_uk_t, width)?;
     let pe = host_f32(q_pe)?;
     for (dst, src) in out.chunks_exact_mut(width).zip(pe.chunks_exact(rope.max(1))) {
         dst[latent..].copy_from_slice(&src[..rope]);
@@ -79,18 +69,25 @@ pub fn expand_values(attn: &Tensor, w_uv: &Tensor, dtype: DType) -> Result<Tenso
             .transpose(0, 1)?
             .reshape((tokens, heads * value));
     }
-    let x = host_f32(attn)?;
-    let mut out = vec![0f32; tokens * heads * value];
-    let layout = GroupLayout {
-        x_rs: heads * latent,
-        x_gs: latent,
-        out_rs: heads * value,
-        out_gs: value,
-    };
-    with_weight_rows(w_uv, |w| {
-        grouped_product(&x, tokens, heads, latent, w, value, layout, &mut out)
-    })?;
+    let out = per_head_product(attn, w_uv, value)?;
     Tensor::from_vec(out, (tokens, heads * value), attn.device())?.to_dtype(dtype)
+}
+
+/// `x` `[tokens, heads, k]` times each head's rows of `w` `[heads, n, k]` on the CPU, as
+/// `[tokens, heads, width]` f32 (`width >= n`; each head's columns past `n` left zero).
+fn per_head_product(x: &Tensor, w: &Tensor, width: usize) -> Result<Vec<f32>> {
+    let (tokens, heads, k) = x.dims3()?;
+    let n = w.dims3()?.1;
+    let x = host_f32(x)?;
+    let mut out = vec![0f32; tokens * heads * width];
+    let layout = GroupLayout {
+        x_rs: heads * k,
+        x_gs: k,
+        out_rs: heads * width,
+        out_gs: width,
+    };
+    with_weight_rows(w, |w| grouped_product(&x, tokens, heads, k, w, n, layout, &mut out))?;
+    Ok(out)
 }
 
 #[cfg(test)]
