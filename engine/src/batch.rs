@@ -2,7 +2,7 @@
 //! positions, slot mapping, block tables, logits rows). No model math here.
 
 use candle_core::{Device, Tensor};
-use moe_models::{ForwardCtx, PagedSeq, RoutingTrace};
+use moe_models::{ForwardCtx, PagedBatch, PagedSeq, RoutingTrace};
 
 use crate::error::{EngineError, Result};
 
@@ -47,7 +47,7 @@ pub struct BatchTensors {
     pub positions: Tensor,
     pub slot_mapping: Tensor,
     pub logits_rows: Tensor,
-    pub seqs: Vec<PagedSeq>,
+    pub seqs: PagedBatch,
     /// For each sequence, the range of its rows in the logits output.
     pub logits_ranges: Vec<std::ops::Range<usize>>,
 }
@@ -120,7 +120,7 @@ impl BatchBuilder {
             positions: Tensor::from_vec(self.positions.clone(), n, device)?,
             slot_mapping: Tensor::from_vec(self.slot_mapping.clone(), n, device)?,
             logits_rows: Tensor::from_vec(self.logits_rows.clone(), self.logits_rows.len(), device)?,
-            seqs: self.seqs.clone(),
+            seqs: PagedBatch::new(self.seqs.clone()),
             logits_ranges,
         })
     }

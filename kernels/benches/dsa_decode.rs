@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 use cpu_timing::median_ms;
-use moe_kernels::{indexer_topk, paged_mla_attention, sparse_mla_attention, PagedSeq};
+use moe_kernels::{indexer_topk, paged_mla_attention, sparse_mla_attention, PagedBatch, PagedSeq};
 
 const HEADS: usize = 128;
 const LATENT: usize = 576;
@@ -33,12 +33,12 @@ fn main() -> Result<()> {
         let q = Tensor::randn(0f32, 1.0, (1, HEADS, LATENT), &dev)?;
         let qi = Tensor::randn(0f32, 1.0, (1, INDEX_HEADS, INDEX_DIM), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (1, INDEX_HEADS), &dev)?.to_dtype(DType::F32)?;
-        let seqs = [PagedSeq {
+        let seqs = PagedBatch::new(vec![PagedSeq {
             query_start: 0,
             query_len: 1,
             context_len: ctx,
             block_table: (0..blocks as u32).rev().collect(),
-        }];
+        }]);
         let reps = if ctx > 65536 { 3 } else { 5 };
         let dense = median_ms(reps, || {
             paged_mla_attention(&q, &latents, &seqs, VALUE, scale).map(|_| ())

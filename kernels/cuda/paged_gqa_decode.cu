@@ -1,10 +1,13 @@
-// Paged GQA decode: one query token per sequence; query head h reads kv head h / group.
+// Paged GQA attention, one query row at a time (a decode token, or a token of a prompt chunk:
+// row r sees the first context_lens[r] positions of its sequence); query head h reads kv
+// head h / group.
 //
-// q:            [S, H, D] (strides q_seq, q_head in elements; last dim contiguous).
+// q:            [R, H, D] (strides q_seq, q_head in elements; last dim contiguous).
 // k_cache:      [num_blocks * block_size, kv_heads, D] rows; v_cache: the same with D values
 //               (the launcher requires v_head_dim == head_dim); both 16-byte aligned.
-// block_tables: [S, bt_stride] u32 block ids; context_lens: [S] u32.
-// out:          [S, H, D] contiguous.
+// block_tables: [S, bt_stride] u32 block ids; row_seq: [R] u32, the table row of each query
+//               row (null: row r reads table row r); context_lens: [R] u32.
+// out:          [R, H, D] contiguous.
 //
 // Work split: a CTA per (kv head, chunk of that kv head's query heads, KV split, sequence),
 // grid (kv_heads * chunks, splits, S). All query heads of a group share one CTA (chunks > 1
@@ -110,6 +113,7 @@ template <typename T, int D, int G, int E>
 __device__ void gqa_decode_split(const T* __restrict__ q, int64_t q_seq, int64_t q_head,
                                  const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                                  const uint32_t* __restrict__ block_tables, int64_t bt_stride,
+                                 const uint32_t* __restrict__ row_seq,
                                  const uint32_t* __restrict__ context_lens, T* __restrict__ out,
                                  float* __restrict__ ws_acc, float* __restrict__ ws_ml,
                                  int num_heads, int kv_heads, int group, int heads_per_cta,
@@ -139,7 +143,7 @@ __device__ void gqa_decode_split(const T* __restrict__ q, int64_t q_seq, int64_t
     const int64_t ctx = min((int64_t)context_lens[seq], bt_stride * (int64_t)block_size);
     const int64_t start = (int64_t)split * tokens_per_split;
     const int64_t end = min(ctx, start + tokens_per_split);
-    const uint32_t* bt = block_tables + seq * bt_stride;
+    const uint32_t* bt = block_tables + (row_seq != nullptr ? (int64_t)row_seq[seq] : seq) * bt_stride;
     const int64_t row_stride = (int64_t)kv_heads * D; // elements between cache slots
 
     float qr[G][E];
@@ -308,11 +312,13 @@ __device__ void gqa_decode_split(const T* __restrict__ q, int64_t q_seq, int64_t
 #define GQA_DECODE(SFX, T, D, G)                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS) paged_gqa_decode_##SFX##_d##D##_g##G( \
         const T* q, int64_t q_seq, int64_t q_head, const T* k_cache, const T* v_cache,          \
-        const uint32_t* block_tables, int64_t bt_stride, const uint32_t* context_lens, T* out,  \
+        const uint32_t* block_tables, int64_t bt_stride, const uint32_t* row_seq,               \
+        const uint32_t* context_lens, T* out,                                                   \
         float* ws_acc, float* ws_ml, int num_heads, int kv_heads, int group, int heads_per_cta, \
         int chunks, int block_size, int64_t num_blocks, int tokens_per_split, float scale_log2) { \
         gqa_decode_split<T, D, G, (G == 16 ? 4 : 8)>(                                            \
-            q, q_seq, q_head, k_cache, v_cache, block_tables, bt_stride, context_lens, out,     \
+            q, q_seq, q_head, k_cache, v_cache, block_tables, bt_stride, row_seq, context_lens, \
+            out,                                                                                \
             ws_acc, ws_ml, num_heads, kv_heads, group, heads_per_cta, chunks, block_size,        \
             num_blocks, tokens_per_split, scale_log2);                                          \
     }

@@ -1,15 +1,20 @@
-// Paged MLA decode with weight absorption: one query token per sequence, MQA over the
-// sequence's latent cache (keys = whole rows of `dim` values, values = their first `dv`).
+// Paged MLA attention with weight absorption, one query row at a time: MQA of each row over
+// the first context_lens[row] positions of its sequence's latent cache (keys = whole rows of
+// `dim` values, values = their first `dv`). A decode step has one row per sequence; a prompt
+// chunk's rows see growing prefixes (causal), so one launch covers any mix of both.
 //
-// q:            [S, H, dim] (strides q_seq, q_head in elements; last dim contiguous), already
+// q:            [R, H, dim] (strides q_seq, q_head in elements; last dim contiguous), already
 //               absorbed (q_nope . W_UK ++ rotated q_pe).
 // cache:        [num_blocks * block_size, dim] rows, 16-byte aligned, dim * sizeof(Tkv) % 16 == 0.
-// block_tables: [S, bt_stride] u32 block ids; context_lens: [S] u32 (0 = no output, zeros).
-// selected:     null for dense decode; else [S, sel_stride] u32 positions (DeepSeek Sparse
-//               Attention's top-k), and context_lens[s] counts the selected positions of
-//               sequence s: the kernel attends to exactly those (sparse MLA decode).
-// out:          [S, H, dv] contiguous.
-// Work split: a CTA per (head group of HPC heads, KV split, sequence). Each CTA walks its KV
+// block_tables: [S, bt_stride] u32 block ids; row_seq: [R] u32, the table row of each query
+//               row (null: row r reads table row r); context_lens: [R] u32 (0 = zero output).
+// selected:     null for dense attention; else [R, sel_stride] u32 positions (DeepSeek Sparse
+//               Attention's top-k), and context_lens[r] counts the selected positions of
+//               row r: the kernel attends to exactly those (sparse MLA decode).
+// out:          [R, H, dv] contiguous.
+// Bounds: a context is clamped to its block table (bt_stride * block_size); a block id at or
+// past num_blocks masks its positions (score -inf) instead of reading outside the pool.
+// Work split: a CTA per (head group of HPC heads, KV split, query row). Each CTA walks its KV
 // range in tiles of TILE tokens, loading each tile once into shared memory for all its heads,
 // with an online softmax in the log2 domain (q is pre-scaled by scale * log2(e)). With one split
 // it writes the normalized output; otherwise it writes unnormalized partial outputs and the
@@ -39,6 +44,7 @@ template <typename Tq, typename Tkv, typename Tout>
 __device__ void mla_decode_split(const Tq* __restrict__ q, int64_t q_seq, int64_t q_head,
                                  const Tkv* __restrict__ cache,
                                  const uint32_t* __restrict__ block_tables, int64_t bt_stride,
+                                 const uint32_t* __restrict__ row_seq, int64_t num_blocks,
                                  const uint32_t* __restrict__ context_lens,
                                  const uint32_t* __restrict__ selected, int64_t sel_stride,
                                  Tout* __restrict__ out,
@@ -58,7 +64,7 @@ __device__ void mla_decode_split(const Tq* __restrict__ q, int64_t q_seq, int64_
     const int seq = blockIdx.z, split = blockIdx.y, splits = gridDim.y;
     const int h0 = blockIdx.x * HPC;
     const int nh = min(HPC, num_heads - h0);
-    const int ctx = (int)context_lens[seq];
+    const int ctx = (int)min((int64_t)context_lens[seq], bt_stride * (int64_t)block_size);
     const int start = split * tokens_per_split;
     const int end = min(ctx, start + tokens_per_split);
 
@@ -74,7 +80,7 @@ __device__ void mla_decode_split(const Tq* __restrict__ q, int64_t q_seq, int64_
 #pragma unroll
     for (int k = 0; k < MAX_VK; ++k) acc[k][0] = acc[k][1] = 0.f;
     float m = -INFINITY, l = 0.f;
-    const uint32_t* bt = block_tables + seq * bt_stride;
+    const uint32_t* bt = block_tables + (row_seq != nullptr ? (int64_t)row_seq[seq] : seq) * bt_stride;
     const int vec_per_row = dim * (int)sizeof(Tkv) / 16;
 
     for (int t0 = start; t0 < end; t0 += TILE) {
@@ -83,20 +89,27 @@ __device__ void mla_decode_split(const Tq* __restrict__ q, int64_t q_seq, int64_
         if (tid < TILE) {
             int pos = t0 + tid;
             if (tid < n && selected != nullptr) pos = (int)selected[seq * sel_stride + pos];
-            slot_s[tid] = tid < n ? (int64_t)bt[pos / block_size] * block_size + pos % block_size : 0;
+            // -1: no row to read (past the tile, or a block id outside the pool: masked).
+            int64_t slot = -1;
+            if (tid < n && pos >= 0 && pos < bt_stride * block_size) {
+                const int64_t block = bt[pos / block_size];
+                if (block < num_blocks) slot = block * block_size + pos % block_size;
+            }
+            slot_s[tid] = slot;
         }
         __syncthreads();
         for (int i = tid; i < n * vec_per_row; i += THREADS) {
             const int j = i / vec_per_row, v = i % vec_per_row;
-            const uint4* src = reinterpret_cast<const uint4*>(cache + slot_s[j] * dim) + v;
-            reinterpret_cast<uint4*>(kv_s + j * dp)[v] = __ldg(src);
+            uint4 row = make_uint4(0, 0, 0, 0);
+            if (slot_s[j] >= 0) row = __ldg(reinterpret_cast<const uint4*>(cache + slot_s[j] * dim) + v);
+            reinterpret_cast<uint4*>(kv_s + j * dp)[v] = row;
         }
         __syncthreads();
         // Scores (log2 domain), -inf past the end of the range.
         for (int j = tid / HPC; j < TILE; j += THREADS / HPC) {
             const int h = tid % HPC;
             float s = -INFINITY;
-            if (j < n) {
+            if (j < n && slot_s[j] >= 0) {
                 const float* qr = q_s + h * qp;
                 const Tkv* kr = kv_s + j * dp;
                 float a0 = 0.f, a1 = 0.f;
@@ -117,9 +130,11 @@ __device__ void mla_decode_split(const Tq* __restrict__ q, int64_t q_seq, int64_
 #pragma unroll
         for (int off = TPH / 2; off > 0; off >>= 1)
             tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, off));
-        const float m_new = fmaxf(m, tmax); // finite: the tile has at least one token
-        const float alpha = exp2f(m - m_new);
-        const float p0 = exp2f(s0 - m_new), p1 = exp2f(s1 - m_new);
+        // -inf only when every position so far was masked (block ids outside the pool).
+        const float m_new = fmaxf(m, tmax);
+        const float alpha = m_new == -INFINITY ? 1.f : exp2f(m - m_new);
+        const float p0 = m_new == -INFINITY ? 0.f : exp2f(s0 - m_new);
+        const float p1 = m_new == -INFINITY ? 0.f : exp2f(s1 - m_new);
         float psum = p0 + p1;
 #pragma unroll
         for (int off = TPH / 2; off > 0; off >>= 1) psum += __shfl_xor_sync(0xffffffffu, psum, off);
@@ -210,12 +225,13 @@ __device__ void mla_decode_merge(const float* __restrict__ ws_acc, const float* 
 #define MLA_DECODE(NAME, TQ, TKV, TOUT)                                                         \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                 \
         const TQ* q, int64_t q_seq, int64_t q_head, const TKV* cache,                          \
-        const uint32_t* block_tables, int64_t bt_stride, const uint32_t* context_lens,          \
+        const uint32_t* block_tables, int64_t bt_stride, const uint32_t* row_seq,               \
+        int64_t num_blocks, const uint32_t* context_lens,                                       \
         const uint32_t* selected, int64_t sel_stride,                                           \
         TOUT* out, float* ws_acc, float* ws_ml, int num_heads, int dim, int dv,                 \
         int block_size, int tokens_per_split, float scale_log2) {                               \
         mla_decode_split<TQ, TKV, TOUT>(q, q_seq, q_head, cache, block_tables, bt_stride,       \
-                                        context_lens, selected, sel_stride, out, ws_acc, ws_ml, \
+                                        row_seq, num_blocks, context_lens, selected, sel_stride, out, ws_acc, ws_ml, \
                                         num_heads, dim, dv, block_size, tokens_per_split,       \
                                         scale_log2);                                            \
     }

@@ -3,22 +3,20 @@
 // q:   [T, H, rot] with token stride q_tok and head stride q_head (elements), last dim
 //      contiguous; may be null when heads == 0.
 // k:   [T, rot] with token stride k_tok; may be null.
-// positions: [T] u32; cos, sin: [max_pos, rot/2] f32 with YaRN's frequencies and attention
-//      factor already folded in by the host. Tokens at positions >= max_pos are left alone.
+// cos, sin: [T, rot/2] f32, row t for token t (the step's per-token tables, YaRN's
+//      frequencies and attention factor folded in by the host), so every token is rotated:
+//      no position table to run past.
 // interleaved != 0 rotates pairs (x[2i], x[2i+1]) (DeepSeek), else (x[i], x[i + rot/2]).
 #include "common.cuh"
 
 template <typename T>
 __device__ void rope_inplace(T* q, int64_t q_tok, int64_t q_head, int heads, T* k, int64_t k_tok,
-                             const uint32_t* __restrict__ positions, const float* __restrict__ cos_t,
-                             const float* __restrict__ sin_t, int rot, int interleaved,
-                             int64_t max_pos) {
+                             const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                             int rot, int interleaved) {
     const int64_t t = blockIdx.x;
     const int half = rot / 2;
-    const int64_t pos = positions[t];
-    if (pos >= max_pos) return;
-    const float* c = cos_t + pos * half;
-    const float* s = sin_t + pos * half;
+    const float* c = cos_t + t * half;
+    const float* s = sin_t + t * half;
     const int rows = heads + (k != nullptr ? 1 : 0);
     for (int i = threadIdx.x; i < rows * half; i += blockDim.x) {
         const int h = i / half, j = i % half;
@@ -34,11 +32,9 @@ __device__ void rope_inplace(T* q, int64_t q_tok, int64_t q_head, int heads, T* 
 
 #define ROPE(NAME, T)                                                                          \
     extern "C" __global__ void NAME(T* q, int64_t q_tok, int64_t q_head, int heads, T* k,      \
-                                    int64_t k_tok, const uint32_t* positions, const float* cos_t, \
-                                    const float* sin_t, int rot, int interleaved,               \
-                                    int64_t max_pos) {                                          \
-        rope_inplace<T>(q, q_tok, q_head, heads, k, k_tok, positions, cos_t, sin_t, rot,       \
-                        interleaved, max_pos);                                                  \
+                                    int64_t k_tok, const float* cos_t, const float* sin_t,      \
+                                    int rot, int interleaved) {                                 \
+        rope_inplace<T>(q, q_tok, q_head, heads, k, k_tok, cos_t, sin_t, rot, interleaved);    \
     }
 ROPE(rope_bf16, bf16)
 ROPE(rope_f32, float)

@@ -14,9 +14,11 @@ pub mod device_memory;
 pub mod gqa;
 pub mod mla;
 pub mod moe;
+pub mod norm;
 pub mod paged;
 pub mod quant;
 pub mod reference;
+pub mod rope;
 
 #[cfg(test)]
 mod test_values;
@@ -29,4 +31,6 @@ pub use mla::{
     absorb_queries, expand_values, indexer_topk, paged_mla_attention, sparse_mla_attention, write_index_keys,
     write_latent_cache, TokenSelection,
 };
-pub use paged::PagedSeq;
+pub use norm::rmsnorm_residual;
+pub use paged::{DeviceRows, PagedBatch, PagedSeq};
+pub use rope::rope;

@@ -1,7 +1,12 @@
 //! What every paged-cache op shares: a sequence's share of a flat query batch
 //! ([`PagedSeq`]), its validation against a cache, the causal mask and softmax of the
-//! reference attentions, and the slot scatter the cache writes use. It knows nothing about
-//! what a cache row holds (latents in [`crate::mla`], per-head K/V in [`crate::gqa`]).
+//! reference attentions, the slot scatter the cache writes use, and a step's batch as the
+//! device attention kernels read it ([`PagedBatch`], [`DeviceRows`]: uploaded once a step,
+//! read by every layer). It knows nothing about what a cache row holds (latents in
+//! [`crate::mla`], per-head K/V in [`crate::gqa`]).
+
+use std::ops::Deref;
+use std::sync::OnceLock;
 
 use candle_core::{bail, DType, Device, Result, Tensor, D};
 
@@ -31,6 +36,135 @@ impl PagedSeq {
         let slots: Vec<u32> = (0..self.context_len).map(|p| self.slot(p, block_size) as u32).collect();
         Tensor::from_vec(slots, self.context_len, device)
     }
+}
+
+/// A step's sequences, and (built on first use by a device kernel, then shared by every
+/// layer of the step) their [`DeviceRows`] on that device. Dereferences to the sequences.
+#[derive(Debug, Default)]
+pub struct PagedBatch {
+    seqs: Vec<PagedSeq>,
+    device_rows: OnceLock<DeviceRows>,
+}
+
+impl PagedBatch {
+    pub fn new(seqs: Vec<PagedSeq>) -> Self {
+        PagedBatch {
+            seqs,
+            device_rows: OnceLock::new(),
+        }
+    }
+
+    /// The per-row tables of this batch on `device` for `num_rows` query rows: uploaded on
+    /// the first call, the same tensors afterwards (a call for another device or row count
+    /// gets a fresh upload, not cached).
+    pub fn device_rows(&self, num_rows: usize, device: &Device) -> Result<DeviceRowsRef<'_>> {
+        if let Some(rows) = self.device_rows.get() {
+            if rows.num_rows == num_rows && rows.row_seq.device().same_device(device) {
+                return Ok(DeviceRowsRef::Cached(rows));
+            }
+            return Ok(DeviceRowsRef::Fresh(Box::new(DeviceRows::new(
+                &self.seqs, num_rows, device,
+            )?)));
+        }
+        let rows = DeviceRows::new(&self.seqs, num_rows, device)?;
+        Ok(DeviceRowsRef::Cached(self.device_rows.get_or_init(|| rows)))
+    }
+}
+
+impl Clone for PagedBatch {
+    /// Clones the sequences; device tables are built again when needed.
+    fn clone(&self) -> Self {
+        PagedBatch::new(self.seqs.clone())
+    }
+}
+
+impl From<Vec<PagedSeq>> for PagedBatch {
+    fn from(seqs: Vec<PagedSeq>) -> Self {
+        PagedBatch::new(seqs)
+    }
+}
+
+impl Deref for PagedBatch {
+    type Target = [PagedSeq];
+    fn deref(&self) -> &[PagedSeq] {
+        &self.seqs
+    }
+}
+
+/// [`PagedBatch::device_rows`]' answer: the batch's cached tables, or a one-off upload.
+pub enum DeviceRowsRef<'a> {
+    Cached(&'a DeviceRows),
+    Fresh(Box<DeviceRows>),
+}
+
+impl Deref for DeviceRowsRef<'_> {
+    type Target = DeviceRows;
+    fn deref(&self) -> &DeviceRows {
+        match self {
+            DeviceRowsRef::Cached(r) => r,
+            DeviceRowsRef::Fresh(r) => r,
+        }
+    }
+}
+
+/// A flat batch of query rows as the device attention kernels read it: every row (a decode
+/// token or a token of a prompt chunk, in any mix) attends over its own prefix of its
+/// sequence's blocks, so one launch covers a mixed step.
+#[derive(Debug)]
+pub struct DeviceRows {
+    /// `[num_seqs, max_blocks]` u32: each sequence's block table, padded with block 0 (never
+    /// read: a row sees at most its sequence's context).
+    pub block_tables: Tensor,
+    /// `[num_rows]` u32: the row of `block_tables` each query row reads.
+    pub row_seq: Tensor,
+    /// `[num_rows]` u32: how many positions each query row sees (causal: `context_len -
+    /// query_len + i + 1` for a sequence's `i`-th row; 0 for rows no sequence covers, which
+    /// get a zero output).
+    pub visible: Tensor,
+    /// The largest entry of `visible`.
+    pub max_visible: usize,
+    pub num_rows: usize,
+}
+
+impl DeviceRows {
+    /// The tables of `seqs` (which tile rows `0..num_rows` in order, as the attention ops
+    /// require; rows past them see nothing), on `device`.
+    pub fn new(seqs: &[PagedSeq], num_rows: usize, device: &Device) -> Result<Self> {
+        let (row_seq, visible) = row_tables(seqs, num_rows)?;
+        let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
+        let mut tables = vec![0u32; seqs.len().max(1) * max_blocks];
+        for (row, seq) in tables.chunks_mut(max_blocks).zip(seqs) {
+            row[..seq.block_table.len()].copy_from_slice(&seq.block_table);
+        }
+        let max_visible = visible.iter().copied().max().unwrap_or(0) as usize;
+        Ok(DeviceRows {
+            block_tables: Tensor::from_vec(tables, (seqs.len().max(1), max_blocks), device)?,
+            row_seq: Tensor::from_vec(row_seq, num_rows, device)?,
+            visible: Tensor::from_vec(visible, num_rows, device)?,
+            max_visible,
+            num_rows,
+        })
+    }
+}
+
+/// Per query row: the index of its sequence in `seqs` and how many positions it sees (see
+/// [`DeviceRows`]). An error if the sequences overrun `num_rows` or a context is shorter
+/// than its queries.
+pub fn row_tables(seqs: &[PagedSeq], num_rows: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    let mut row_seq = vec![0u32; num_rows];
+    let mut visible = vec![0u32; num_rows];
+    for (s, seq) in seqs.iter().enumerate() {
+        let end = seq.query_start + seq.query_len;
+        if end > num_rows || seq.context_len < seq.query_len {
+            bail!("row_tables: bad sequence {seq:?} for {num_rows} query rows");
+        }
+        let first = seq.context_len - seq.query_len;
+        for i in 0..seq.query_len {
+            row_seq[seq.query_start + i] = s as u32;
+            visible[seq.query_start + i] = (first + i + 1) as u32;
+        }
+    }
+    Ok((row_seq, visible))
 }
 
 /// Checks that `seq` (with `query_len > 0`) starts at row `covered` (sequences tile the query
@@ -107,12 +241,36 @@ pub(crate) fn softmax_visible(scores: &mut [f32], span: usize, scale: f32, visib
 /// * `rows`: `[num_tokens, row_dim]`, converted to the cache dtype.
 /// * `slot_mapping`: `[num_tokens]` u32, every slot `< num_blocks * block_size`, no duplicates.
 ///
-/// Nothing is written unless every check passes.
+/// Nothing is written unless every check passes. On a GPU (bf16 or f32 cache) the CUDA
+/// scatter kernel writes, and a slot past the cache is skipped by the kernel instead of
+/// checked here (that check would copy the slots to the host every layer).
 pub(crate) fn write_cache_rows(op: &str, cache: &Tensor, rows: &Tensor, slot_mapping: &Tensor) -> Result<()> {
     let (num_blocks, block_size, dim) = cache.dims3()?;
     let (num_tokens, row_dim) = rows.dims2()?;
     if row_dim != dim {
         bail!("{op}: rows of {row_dim} values for cache rows of {dim}");
+    }
+    #[cfg(feature = "cuda")]
+    if cache.device().is_cuda()
+        && matches!(cache.dtype(), DType::BF16 | DType::F32)
+        && cache.is_contiguous()
+        && slot_mapping.dtype() == DType::U32
+    {
+        if slot_mapping.dims1()? != num_tokens {
+            bail!("{op}: {num_tokens} rows but {} slots", slot_mapping.dims1()?);
+        }
+        let rows = rows.to_dtype(cache.dtype())?;
+        let rows = if rows.stride()[1] == 1 {
+            rows
+        } else {
+            rows.contiguous()?
+        };
+        let part = crate::cuda::RowPart {
+            src: &rows,
+            row_stride: rows.stride()[0],
+            width: dim,
+        };
+        return crate::cuda::scatter_rows(op, cache, &[part], &slot_mapping.contiguous()?);
     }
     check_slots(op, num_blocks * block_size, num_tokens, slot_mapping)?;
     if num_tokens == 0 {
@@ -148,4 +306,72 @@ pub(crate) fn check_slots(op: &str, num_slots: usize, num_tokens: usize, slot_ma
         bail!("{op}: slot {max_slot} outside a cache of {num_slots} slots");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(query_start: usize, query_len: usize, context_len: usize, block_table: Vec<u32>) -> PagedSeq {
+        PagedSeq {
+            query_start,
+            query_len,
+            context_len,
+            block_table,
+        }
+    }
+
+    /// A decode token, a prompt chunk after a cached prefix, a whole prompt; 2 rows uncovered.
+    fn mixed() -> Vec<PagedSeq> {
+        vec![
+            seq(0, 1, 9, vec![4, 2, 7]),
+            seq(1, 5, 12, vec![1, 3, 0]),
+            seq(6, 3, 3, vec![5]),
+        ]
+    }
+
+    #[test]
+    fn row_tables_follow_the_reference_causal_mask() -> Result<()> {
+        let seqs = mixed();
+        let (row_seq, visible) = row_tables(&seqs, 11)?;
+        for (s, sq) in seqs.iter().enumerate() {
+            // The reference's mask: a row sees the positions whose bias is finite.
+            let bias = causal_bias(sq, 0, sq.query_len, &Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for (i, row) in bias.chunks(sq.context_len).enumerate() {
+                let seen = row.iter().filter(|b| b.is_finite()).count();
+                assert_eq!(visible[sq.query_start + i] as usize, seen, "seq {s} row {i}");
+                assert_eq!(row_seq[sq.query_start + i] as usize, s);
+            }
+        }
+        assert_eq!(&visible[9..], &[0, 0], "uncovered rows see nothing");
+        // Sequences past the rows, or contexts shorter than their queries, are errors.
+        assert!(row_tables(&seqs, 8).is_err());
+        assert!(row_tables(&[seq(0, 4, 3, vec![0])], 4).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn device_rows_pad_tables_and_are_uploaded_once_a_step() -> Result<()> {
+        let batch = PagedBatch::new(mixed());
+        let rows = batch.device_rows(11, &Device::Cpu)?;
+        assert!(matches!(rows, DeviceRowsRef::Cached(_)));
+        assert_eq!(
+            rows.block_tables.to_vec2::<u32>()?,
+            vec![vec![4, 2, 7], vec![1, 3, 0], vec![5, 0, 0]]
+        );
+        assert_eq!(rows.max_visible, 12);
+        assert_eq!(rows.visible.dims1()?, 11);
+        // Later layers get the same upload; another row count gets its own.
+        let again = batch.device_rows(11, &Device::Cpu)?;
+        assert!(std::ptr::eq(&*rows, &*again));
+        assert!(matches!(batch.device_rows(12, &Device::Cpu)?, DeviceRowsRef::Fresh(_)));
+        // A batch of no sequences still has a (1 x 1) table.
+        let none = PagedBatch::default();
+        let empty = none.device_rows(2, &Device::Cpu)?;
+        assert_eq!(empty.block_tables.dims(), &[1, 1]);
+        assert_eq!(empty.visible.to_vec1::<u32>()?, vec![0, 0]);
+        Ok(())
+    }
 }

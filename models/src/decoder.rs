@@ -181,23 +181,24 @@ impl CausalLm for Decoder {
         }
         let cos_sin = self.rope.cos_sin(ctx.positions)?;
         let mut x = self.embed_tokens.forward(ctx.token_ids, &ids)?; // [T, H]
-                                                                     // DSA's selected positions, handed from a layer with an indexer to the shared ones.
+                                                                     // The last sublayer's output, not yet added to `x`: each norm adds it as it reads the
+                                                                     // stream (one fused op on GPUs).
+        let mut pending: Option<Tensor> = None;
+        // DSA's selected positions, handed from a layer with an indexer to the shared ones.
         let mut selection = None;
         for (layer, cache_layer) in self.layers.iter().zip(&cache.layers) {
-            let attn = layer.self_attn.forward(
-                &layer.input_layernorm.forward(&x)?,
-                ctx,
-                &self.rope,
-                &cos_sin,
-                cache_layer,
-                &mut selection,
-            )?;
-            x = (x + attn)?;
-            let normed = layer.post_attention_layernorm.forward(&x)?;
-            let ff = match &layer.mlp {
+            let (stream, normed) = layer.input_layernorm.forward_residual(&x, pending.as_ref())?;
+            let attn = layer
+                .self_attn
+                .forward(&normed, ctx, &self.rope, &cos_sin, cache_layer, &mut selection)?;
+            let (stream, normed) = layer.post_attention_layernorm.forward_residual(&stream, Some(&attn))?;
+            pending = Some(match &layer.mlp {
                 FeedForward::Dense(m) => m.forward(&normed)?,
                 FeedForward::Moe(m) => m.forward(&normed, ctx.routing_trace)?,
-            };
+            });
+            x = stream;
+        }
+        if let Some(ff) = pending {
             x = (x + ff)?;
         }
         let x = match ctx.logits_rows {

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use candle_core::Tensor;
-use moe_kernels::PagedSeq;
+use moe_kernels::PagedBatch;
 
 use crate::error::Result;
 
@@ -19,8 +19,9 @@ pub struct ForwardCtx<'a> {
     pub positions: &'a Tensor,
     /// `[num_tokens]` u32: cache slot (`block * block_size + offset`) each token writes.
     pub slot_mapping: &'a Tensor,
-    /// Per-sequence query ranges, context lengths and block tables.
-    pub seqs: &'a [PagedSeq],
+    /// Per-sequence query ranges, context lengths and block tables (with their device copy,
+    /// uploaded by the first layer that needs it and shared by the rest of the step).
+    pub seqs: &'a PagedBatch,
     /// `[num_rows]` u32: the rows to compute logits for; `None` computes every row.
     pub logits_rows: Option<&'a Tensor>,
     /// When set, every MoE layer records the experts it chose for every token.

@@ -35,7 +35,7 @@ pub use kv_cache::{IndexKeys, KvCache, KvCacheSpec};
 pub use layers::moe::router::{Router, RouterSpec};
 pub use loader::{ModelFiles, Weights};
 pub use model::{CausalLm, LoadOptions, LoadProgress, Model};
-pub use moe_kernels::PagedSeq;
+pub use moe_kernels::{PagedBatch, PagedSeq};
 pub use parallel::{ParallelLayout, Shard, ShardedModel};
 pub use registry::load_model;
 

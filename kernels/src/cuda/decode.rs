@@ -2,7 +2,6 @@
 //! log-sum-exp merge, dense or over DSA's selected positions ([`sparse_mla_decode`]: the same
 //! kernel reading positions through an index list). Kernel: `kernels/cuda/paged_mla_decode.cu`.
 
-use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, DType, Result, Tensor};
 
@@ -90,7 +89,39 @@ pub fn paged_mla_decode(
     context_lens: &Tensor,
     p: &MlaDecodeParams,
 ) -> Result<Tensor> {
-    launch(q, cache, block_tables, context_lens, None, p)
+    launch(q, cache, block_tables, None, context_lens, None, p)
+}
+
+/// Paged MLA attention of every query row of a step, decode tokens and prompt chunks in any
+/// mix (the CUDA path of [`crate::paged_mla_attention`]): row `r` attends over the first
+/// `rows.visible[r]` positions of sequence `rows.row_seq[r]`'s blocks.
+///
+/// * `q`: `[R, H, D]` absorbed queries in the cache dtype (`R = rows.num_rows`), last dim
+///   contiguous; `cache` as in [`paged_mla_decode`].
+///
+/// Returns `[R, H, value_dim]` in `q`'s dtype (zero rows where `visible` is 0).
+pub fn paged_mla_rows(
+    q: &Tensor,
+    cache: &Tensor,
+    rows: &crate::paged::DeviceRows,
+    value_dim: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let p = MlaDecodeParams {
+        value_dim,
+        scale,
+        max_context_len: rows.max_visible,
+        num_splits: None,
+    };
+    launch(
+        q,
+        cache,
+        &rows.block_tables,
+        Some(&rows.row_seq),
+        &rows.visible,
+        None,
+        &p,
+    )
 }
 
 /// DeepSeek Sparse Attention decode: [`paged_mla_decode`] over the positions `selected`
@@ -119,24 +150,31 @@ pub fn sparse_mla_decode(
             p.max_context_len
         );
     }
-    launch(q, cache, block_tables, selected_lens, Some(selected), p)
+    launch(q, cache, block_tables, None, selected_lens, Some(selected), p)
 }
 
+/// `row_seq`: `[S]` u32, the `block_tables` row each query row reads (`None`: row `s` reads
+/// row `s`).
 fn launch(
     q: &Tensor,
     cache: &Tensor,
     block_tables: &Tensor,
+    row_seq: Option<&Tensor>,
     context_lens: &Tensor,
     selected: Option<&Tensor>,
     p: &MlaDecodeParams,
 ) -> Result<Tensor> {
     let dev = cuda_device(q)?;
     let (s, h, d) = q.dims3()?;
-    let (_num_blocks, block_size, cd) = cache.dims3()?;
-    let (bs, max_blocks) = block_tables.dims2()?;
+    let (num_blocks, block_size, cd) = cache.dims3()?;
+    let (table_rows, max_blocks) = block_tables.dims2()?;
     let dtype = q.dtype();
     let dv = p.value_dim;
-    if cd != d || bs != s || context_lens.dims1()? != s {
+    let rows_ok = match row_seq {
+        Some(r) => r.dims1()? == s,
+        None => table_rows == s,
+    };
+    if cd != d || !rows_ok || context_lens.dims1()? != s {
         bail!(
             "paged_mla_decode: q {:?}, cache {:?}, block_tables {:?}, context_lens {:?}",
             q.shape(),
@@ -163,6 +201,9 @@ fn launch(
     check(cache, "cache", dtype, &dev)?;
     check(block_tables, "block_tables", DType::U32, &dev)?;
     check(context_lens, "context_lens", DType::U32, &dev)?;
+    if let Some(r) = row_seq {
+        check(r, "row_seq", DType::U32, &dev)?;
+    }
     if let Some(sel) = selected {
         check(sel, "selected", DType::U32, &dev)?;
     }
@@ -174,10 +215,7 @@ fn launch(
         return Ok(out);
     }
     let stream = dev.cuda_stream();
-    let sm_count = stream
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(launch_err)? as usize;
+    let sm_count = super::sm_count(&dev)?;
     let (splits, tokens_per_split) = decode_split_plan(s, h, p.max_context_len, sm_count, p.num_splits);
     let head_groups = h.div_ceil(HEADS_PER_CTA);
     // Workspace (unused with one split): partial outputs and per-head (max, sum).
@@ -197,11 +235,7 @@ fn launch(
         ptx::PAGED_MLA_DECODE,
         &format!("paged_mla_decode_{sfx}"),
     )?;
-    func.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
-    )
-    .map_err(launch_err)?;
+    super::allow_dynamic_smem(&func, smem)?;
 
     let (p_q, p_cache) = (dev_ptr(q, &stream)?, dev_ptr(cache, &stream)?);
     if p_cache % 16 != 0 {
@@ -214,6 +248,11 @@ fn launch(
         dev_ptr(&ws_ml, &stream)?,
     );
     let (q_seq, q_head, bt_stride) = (q.stride()[0] as i64, q.stride()[1] as i64, max_blocks as i64);
+    let p_rows = match row_seq {
+        Some(r) => dev_ptr(r, &stream)?,
+        None => 0u64,
+    };
+    let num_blocks_i = num_blocks as i64;
     let (p_sel, sel_stride) = match selected {
         Some(sel) => (dev_ptr(sel, &stream)?, sel.dims2()?.1 as i64),
         None => (0u64, 0i64),
@@ -232,7 +271,9 @@ fn launch(
         .arg(&q_head)
         .arg(&p_cache)
         .arg(&p_bt)
-        .arg(&bt_stride);
+        .arg(&bt_stride)
+        .arg(&p_rows)
+        .arg(&num_blocks_i);
     b.arg(&p_cl)
         .arg(&p_sel)
         .arg(&sel_stride)

@@ -3,7 +3,6 @@
 //! merge. Kernel: `kernels/cuda/paged_gqa_decode.cu`; the splits are merged by
 //! `paged_mla_decode.cu`'s merge kernel (the workspace layout is the same).
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, DType, Result, Tensor};
 
@@ -14,7 +13,7 @@ use super::{cfg, check, cuda_device, dev_ptr, launch_err, load, ptx, suffix};
 const THREADS: u32 = 128;
 const TILE: usize = 32;
 /// Head dims the kernel is compiled for (keys and values alike).
-const HEAD_DIMS: [usize; 3] = [64, 128, 256];
+pub const GQA_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 /// Fewest KV tokens worth a split of their own (not tuned on a GPU yet); at most
 /// `decode::MAX_SPLITS` splits.
 const MIN_TOKENS_PER_SPLIT: usize = 128;
@@ -86,13 +85,59 @@ pub fn paged_gqa_decode(
     context_lens: &Tensor,
     p: &GqaDecodeParams,
 ) -> Result<Tensor> {
+    launch(q, k_cache, v_cache, block_tables, None, context_lens, p)
+}
+
+/// Paged GQA attention of every query row of a step, decode tokens and prompt chunks in any
+/// mix (the CUDA path of [`crate::paged_gqa_attention`]): row `r` attends over the first
+/// `rows.visible[r]` positions of sequence `rows.row_seq[r]`'s blocks. `q`: `[R, H, D]` in
+/// the cache dtype (`R = rows.num_rows`), caches as in [`paged_gqa_decode`]. Returns `[R, H,
+/// D]` in `q`'s dtype (zero rows where `visible` is 0).
+pub fn paged_gqa_rows(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    rows: &crate::paged::DeviceRows,
+    scale: f64,
+) -> Result<Tensor> {
+    let p = GqaDecodeParams {
+        scale,
+        max_context_len: rows.max_visible,
+        num_splits: None,
+    };
+    launch(
+        q,
+        k_cache,
+        v_cache,
+        &rows.block_tables,
+        Some(&rows.row_seq),
+        &rows.visible,
+        &p,
+    )
+}
+
+/// `row_seq`: `[S]` u32, the `block_tables` row each query row reads (`None`: row `s` reads
+/// row `s`).
+fn launch(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_tables: &Tensor,
+    row_seq: Option<&Tensor>,
+    context_lens: &Tensor,
+    p: &GqaDecodeParams,
+) -> Result<Tensor> {
     const OP: &str = "paged_gqa_decode";
     let dev = cuda_device(q)?;
     let (s, h, d) = q.dims3()?;
     let (num_blocks, block_size, kv_heads, kd) = k_cache.dims4()?;
     let (vb, vbs, vh, vd) = v_cache.dims4()?;
-    let (bs, max_blocks) = block_tables.dims2()?;
-    if (vb, vbs, vh) != (num_blocks, block_size, kv_heads) || kd != d || bs != s || context_lens.dims1()? != s {
+    let (table_rows, max_blocks) = block_tables.dims2()?;
+    let rows_ok = match row_seq {
+        Some(r) => r.dims1()? == s,
+        None => table_rows == s,
+    };
+    if (vb, vbs, vh) != (num_blocks, block_size, kv_heads) || kd != d || !rows_ok || context_lens.dims1()? != s {
         bail!(
             "{OP}: q {:?}, k_cache {:?}, v_cache {:?}, block_tables {:?}, context_lens {:?}",
             q.shape(),
@@ -102,8 +147,8 @@ pub fn paged_gqa_decode(
             context_lens.shape()
         );
     }
-    if vd != d || !HEAD_DIMS.contains(&d) {
-        bail!("{OP}: head dims {d} (keys) and {vd} (values) unsupported: both must be one of {HEAD_DIMS:?}");
+    if vd != d || !GQA_HEAD_DIMS.contains(&d) {
+        bail!("{OP}: head dims {d} (keys) and {vd} (values) unsupported: both must be one of {GQA_HEAD_DIMS:?}");
     }
     if kv_heads == 0 || h == 0 || !h.is_multiple_of(kv_heads) {
         bail!("{OP}: {h} query heads do not group over {kv_heads} kv heads");
@@ -117,6 +162,9 @@ pub fn paged_gqa_decode(
     check(v_cache, "v_cache", dtype, &dev)?;
     check(block_tables, "block_tables", DType::U32, &dev)?;
     check(context_lens, "context_lens", DType::U32, &dev)?;
+    if let Some(r) = row_seq {
+        check(r, "row_seq", DType::U32, &dev)?;
+    }
     if s > 65535 {
         bail!("{OP}: {s} sequences in one launch (at most 65535)");
     }
@@ -128,10 +176,7 @@ pub fn paged_gqa_decode(
         return Ok(out);
     }
     let stream = dev.cuda_stream();
-    let sm_count = stream
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(launch_err)? as usize;
+    let sm_count = super::sm_count(&dev)?;
     let group = h / kv_heads;
     let (compiled, per_cta, chunks) = head_plan(group, d);
     let max_ctx = p.max_context_len.min(max_blocks * block_size);
@@ -159,6 +204,10 @@ pub fn paged_gqa_decode(
         bail!("{OP}: caches must be 16-byte aligned");
     }
     let (p_bt, p_cl) = (dev_ptr(block_tables, &stream)?, dev_ptr(context_lens, &stream)?);
+    let p_rows = match row_seq {
+        Some(r) => dev_ptr(r, &stream)?,
+        None => 0u64,
+    };
     let (p_out, p_wa, p_wm) = (
         dev_ptr(&out, &stream)?,
         dev_ptr(&ws_acc, &stream)?,
@@ -173,6 +222,7 @@ pub fn paged_gqa_decode(
     b.arg(&p_q).arg(&q_seq).arg(&q_head).arg(&p_k).arg(&p_v);
     b.arg(&p_bt)
         .arg(&bt_stride)
+        .arg(&p_rows)
         .arg(&p_cl)
         .arg(&p_out)
         .arg(&p_wa)

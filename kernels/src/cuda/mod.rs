@@ -18,18 +18,26 @@ mod gqa;
 mod moe;
 mod ops;
 
-pub use decode::{decode_split_plan, paged_mla_decode, sparse_mla_decode, MlaDecodeParams};
+pub use decode::{decode_split_plan, paged_mla_decode, paged_mla_rows, sparse_mla_decode, MlaDecodeParams};
 pub use dsa::dsa_indexer_topk;
-pub use gqa::{gqa_decode_split_plan, kv_cache_write, paged_gqa_decode, GqaDecodeParams};
+pub use gqa::{
+    gqa_decode_split_plan, kv_cache_write, paged_gqa_decode, paged_gqa_rows, GqaDecodeParams, GQA_HEAD_DIMS,
+};
 pub use moe::{
     moe_combine, moe_down_weighted, moe_experts, moe_gate_up_silu, moe_permute, moe_route, routing_supported,
     DeviceExpertBatches, MAX_GROUPS, MAX_ROUTED_EXPERTS, MAX_TOP_K, TILE_ROWS,
 };
 pub use ops::{latent_cache_write, rmsnorm_residual, rope_inplace};
+pub(crate) use ops::{scatter_rows, RowPart};
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, DevicePtr, LaunchConfig};
 use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::DeviceId;
 use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 use half::{bf16, f16};
 
@@ -102,6 +110,42 @@ pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
         DType::F32 => Ok("f32"),
         dt => bail!("moe-kernels cuda: kernels exist for bf16 and f32, not {dt:?}"),
     }
+}
+
+/// The SM count of `dev`'s GPU, queried once per device (split plans read it every launch).
+pub(crate) fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    static SM_COUNTS: OnceLock<Mutex<HashMap<DeviceId, usize>>> = OnceLock::new();
+    let counts = SM_COUNTS.get_or_init(Default::default);
+    if let Some(&n) = counts.lock().map_err(launch_err)?.get(&dev.id()) {
+        return Ok(n);
+    }
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(launch_err)? as usize;
+    counts.lock().map_err(launch_err)?.insert(dev.id(), n);
+    Ok(n)
+}
+
+/// Lets `func` take `bytes` of dynamic shared memory (past the default 48 KiB). The driver
+/// call is made only when `bytes` exceeds what was allowed before for this function.
+pub(crate) fn allow_dynamic_smem(func: &CudaFunction, bytes: usize) -> Result<()> {
+    static ALLOWED: OnceLock<Mutex<HashMap<usize, usize>>> = OnceLock::new();
+    // A loaded function's handle identifies it for the module's (the process's) life.
+    let key = func.cu_function() as usize;
+    let allowed = ALLOWED.get_or_init(Default::default);
+    let mut allowed = allowed.lock().map_err(launch_err)?;
+    if allowed.get(&key).is_some_and(|&a| a >= bytes) {
+        return Ok(());
+    }
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(launch_err)?;
+    allowed.insert(key, bytes);
+    Ok(())
 }
 
 pub(crate) fn launch_err(e: impl std::fmt::Display) -> candle_core::Error {

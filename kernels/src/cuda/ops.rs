@@ -108,14 +108,13 @@ pub(crate) fn scatter_rows(op: &str, cache: &Tensor, parts: &[RowPart], slots: &
     Ok(())
 }
 
-/// Fused residual add + RMSNorm: `x += residual` in place (the new residual stream, rounded to
-/// the dtype), then returns `y = dtype(x / sqrt(mean(x²) + eps)) * weight` (the rounding order
-/// of [`crate::reference::rmsnorm_residual`]). With `residual = None` it is a plain RMSNorm and
-/// `x` is not written.
+/// Fused residual add + RMSNorm: `h = x + residual` (the new residual stream, rounded to the
+/// dtype) and `y = dtype(h / sqrt(mean(h²) + eps)) * weight` (the rounding order of
+/// [`crate::reference::rmsnorm_residual`]), in one pass. Returns `(h, y)`; with `residual =
+/// None` it is a plain RMSNorm and `h` is `x` itself. Nothing is written in place.
 ///
 /// * `x`: `[rows, dim]` bf16 or f32, contiguous; `residual`: same; `weight`: `[dim]`, same dtype.
-/// * Returns `[rows, dim]`.
-pub fn rmsnorm_residual(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn rmsnorm_residual(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(x)?;
     let (rows, dim) = x.dims2()?;
     let dtype = x.dtype();
@@ -131,8 +130,12 @@ pub fn rmsnorm_residual(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, 
         }
     }
     let out = Tensor::zeros((rows, dim), dtype, x.device())?;
+    let h = match residual {
+        Some(_) => Tensor::zeros((rows, dim), dtype, x.device())?,
+        None => x.clone(),
+    };
     if rows == 0 {
-        return Ok(out);
+        return Ok((h, out));
     }
     let func = load(
         &dev,
@@ -142,9 +145,9 @@ pub fn rmsnorm_residual(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, 
     )?;
     let stream = dev.cuda_stream();
     let p_x = dev_ptr(x, &stream)?;
-    let p_r = match residual {
-        Some(r) => dev_ptr(r, &stream)?,
-        None => 0u64,
+    let (p_r, p_h) = match residual {
+        Some(r) => (dev_ptr(r, &stream)?, dev_ptr(&h, &stream)?),
+        None => (0u64, 0u64),
     };
     let (p_w, p_out) = (dev_ptr(weight, &stream)?, dev_ptr(&out, &stream)?);
     let (dim_i, eps_f) = (dim as i32, eps as f32);
@@ -156,23 +159,28 @@ pub fn rmsnorm_residual(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, 
         128
     };
     let mut b = stream.launch_builder(&func);
-    b.arg(&p_x).arg(&p_r).arg(&p_w).arg(&p_out).arg(&dim_i).arg(&eps_f);
+    b.arg(&p_x)
+        .arg(&p_r)
+        .arg(&p_h)
+        .arg(&p_w)
+        .arg(&p_out)
+        .arg(&dim_i)
+        .arg(&eps_f);
     unsafe { b.launch(cfg((rows as u32, 1, 1), threads, 0)) }.map_err(launch_err)?;
-    Ok(out)
+    Ok((h, out))
 }
 
-/// Rotates `q_pe` and `k_pe` in place by `positions` with precomputed tables.
+/// Rotates `q_pe` and `k_pe` in place by the step's per-token tables (row `t` rotates token
+/// `t`; every token is rotated).
 ///
 /// * `q_pe`: `[T, H, rot]` (any token / head strides, last dim contiguous) or `None`.
 /// * `k_pe`: `[T, rot]` (any token stride, last dim contiguous) or `None`.
-/// * `positions`: `[T]` u32; `cos`, `sin`: `[max_pos, rot/2]` f32, contiguous, YaRN frequencies
-///   and attention factor already applied (as `moe-models`' `Rope::cos_sin` computes per token).
-///   Tokens with `position >= max_pos` are left unrotated.
+/// * `cos`, `sin`: `[T, rot/2]` f32, contiguous, YaRN frequencies and attention factor already
+///   applied (as `moe-models`' `Rope::cos_sin` computes them for a step's positions).
 /// * `interleaved`: pairs `(x[2i], x[2i+1])` (DeepSeek) or `(x[i], x[i + rot/2])`.
 pub fn rope_inplace(
     q_pe: Option<&Tensor>,
     k_pe: Option<&Tensor>,
-    positions: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
     interleaved: bool,
@@ -182,10 +190,8 @@ pub fn rope_inplace(
         .ok_or_else(|| candle_core::Error::Msg("rope_inplace: no q_pe or k_pe".into()))?;
     let dev = cuda_device(first)?;
     let dtype = first.dtype();
-    let t = positions.dims1()?;
-    let (max_pos, half) = cos.dims2()?;
+    let (t, half) = cos.dims2()?;
     let rot = 2 * half;
-    check(positions, "positions", DType::U32, &dev)?;
     check(cos, "cos", DType::F32, &dev)?;
     check(sin, "sin", DType::F32, &dev)?;
     if sin.dims() != cos.dims() {
@@ -196,7 +202,7 @@ pub fn rope_inplace(
         let (tq, h, r) = q.dims3()?;
         if tq != t || r != rot || q.dtype() != dtype || q.stride()[2] != 1 {
             bail!(
-                "rope_inplace: q_pe {:?} ({:?}) for {t} positions, rot {rot}",
+                "rope_inplace: q_pe {:?} ({:?}) for tables of {t} tokens, rot {rot}",
                 q.shape(),
                 q.dtype()
             );
@@ -210,14 +216,14 @@ pub fn rope_inplace(
         let (tk, r) = k.dims2()?;
         if tk != t || r != rot || k.dtype() != dtype || k.stride()[1] != 1 {
             bail!(
-                "rope_inplace: k_pe {:?} ({:?}) for {t} positions, rot {rot}",
+                "rope_inplace: k_pe {:?} ({:?}) for tables of {t} tokens, rot {rot}",
                 k.shape(),
                 k.dtype()
             );
         }
         k_tok = k.stride()[0] as i64;
     }
-    if t == 0 {
+    if t == 0 || half == 0 {
         return Ok(());
     }
     let func = load(&dev, "rope", ptx::ROPE, &format!("rope_{}", suffix(dtype)?))?;
@@ -230,22 +236,13 @@ pub fn rope_inplace(
         Some(k) => dev_ptr(k, &stream)?,
         None => 0u64,
     };
-    let (p_pos, p_cos, p_sin) = (
-        dev_ptr(positions, &stream)?,
-        dev_ptr(cos, &stream)?,
-        dev_ptr(sin, &stream)?,
-    );
-    let (heads_i, rot_i, inter_i, max_pos_i) = (heads as i32, rot as i32, interleaved as i32, max_pos as i64);
+    let (p_cos, p_sin) = (dev_ptr(cos, &stream)?, dev_ptr(sin, &stream)?);
+    let (heads_i, rot_i, inter_i) = (heads as i32, rot as i32, interleaved as i32);
     let pairs = (heads + k_pe.is_some() as usize) * half;
     let threads = pairs.next_multiple_of(32).clamp(32, 512) as u32;
     let mut b = stream.launch_builder(&func);
     b.arg(&p_q).arg(&q_tok).arg(&q_head).arg(&heads_i).arg(&p_k).arg(&k_tok);
-    b.arg(&p_pos)
-        .arg(&p_cos)
-        .arg(&p_sin)
-        .arg(&rot_i)
-        .arg(&inter_i)
-        .arg(&max_pos_i);
+    b.arg(&p_cos).arg(&p_sin).arg(&rot_i).arg(&inter_i);
     unsafe { b.launch(cfg((t as u32, 1, 1), threads, 0)) }.map_err(launch_err)?;
     Ok(())
 }

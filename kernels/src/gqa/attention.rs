@@ -1,11 +1,13 @@
-//! Paged GQA attention: the CPU kernel of [`super::host`] for CPU caches, and a reference in
-//! candle ops for other devices (per sequence, one gather of its K/V blocks and one batched
-//! matmul per kv head for the scores and one for the output).
+//! Paged GQA attention, one entry point for every device: the CPU kernel of [`super::host`]
+//! for CPU caches, the CUDA kernel (`kernels/cuda/paged_gqa_decode.cu`, every row of a mixed
+//! step in one launch) for bf16 or f32 caches on a GPU, and a reference in candle ops for
+//! anything else (per sequence, one gather of its K/V blocks and one batched matmul per kv
+//! head for the scores and one for the output).
 
 use candle_core::{bail, DType, Result, Tensor};
 
 use super::host::{host_gqa_attention, Dims};
-use crate::paged::{causal_bias, check_seq, softmax_last_dim, PagedSeq};
+use crate::paged::{causal_bias, check_seq, softmax_last_dim, PagedBatch, PagedSeq};
 
 /// At most this many f32 scores (`rows * num_heads * context_len`) are materialized at once
 /// by the reference; longer prompt chunks are split into groups of query rows (rows are
@@ -26,13 +28,14 @@ const HOST_JOB_SCORES: usize = 1 << 21;
 ///   and block table (covering the context, ids `< num_blocks`).
 /// * `scale`: softmax scale (usually `head_dim^-0.5`).
 ///
-/// Returns `[T, num_heads, v_head_dim]` f32; scores and softmax run in f32 whatever the dtypes.
-/// Rows not covered by `seqs` are zero. Bad arguments are errors, never panics.
+/// Returns `[T, num_heads, v_head_dim]` f32; scores and softmax run in f32 whatever the dtypes
+/// (on a GPU the queries are rounded to the cache dtype first). Rows not covered by `seqs` are
+/// zero. Bad arguments are errors, never panics.
 pub fn paged_gqa_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
-    seqs: &[PagedSeq],
+    seqs: &PagedBatch,
     scale: f64,
 ) -> Result<Tensor> {
     if q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() {
@@ -40,7 +43,42 @@ pub fn paged_gqa_attention(
             return Ok(out);
         }
     }
+    #[cfg(feature = "cuda")]
+    if let Some(out) = cuda_gqa_attention(q, k_cache, v_cache, seqs, scale)? {
+        return Ok(out);
+    }
     attention_in_chunks(q, k_cache, v_cache, seqs, scale, MAX_SCORES)
+}
+
+/// The CUDA kernel's answer where it applies (bf16 or f32 caches on a GPU, contiguous, head
+/// dims equal and one of the kernel's), after the same host checks as the reference; `None`
+/// elsewhere. The batch's row tables are uploaded once a step.
+#[cfg(feature = "cuda")]
+fn cuda_gqa_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    seqs: &PagedBatch,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let dtype = k_cache.dtype();
+    let applies = k_cache.device().is_cuda()
+        && matches!(dtype, DType::BF16 | DType::F32)
+        && v_cache.dtype() == dtype
+        && k_cache.is_contiguous()
+        && v_cache.is_contiguous();
+    if !applies {
+        return Ok(None);
+    }
+    let dims = validate(q, k_cache, v_cache, seqs)?;
+    if dims.head_dim != dims.v_head_dim || !crate::cuda::GQA_HEAD_DIMS.contains(&dims.head_dim) {
+        return Ok(None);
+    }
+    let rows = seqs.device_rows(dims.num_tokens, k_cache.device())?;
+    let q = q.to_dtype(dtype)?;
+    let q = if q.stride()[2] == 1 { q } else { q.contiguous()? };
+    let out = crate::cuda::paged_gqa_rows(&q, k_cache, v_cache, &rows, scale)?;
+    Ok(Some(out.to_dtype(DType::F32)?))
 }
 
 /// The CPU kernel with a budget of `max_scores` scores a job (tests force small ones); `None`

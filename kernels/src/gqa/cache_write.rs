@@ -2,7 +2,7 @@
 
 use candle_core::{bail, Result, Tensor};
 
-use crate::paged::{check_slots, write_cache_rows};
+use crate::paged::write_cache_rows;
 
 /// Writes `k[t]`, `v[t]` into cache row `slot_mapping[t]` of both caches, in place.
 ///
@@ -30,7 +30,8 @@ pub fn write_kv_cache(k_cache: &Tensor, v_cache: &Tensor, k: &Tensor, v: &Tensor
     if !k_cache.is_contiguous() || !v_cache.is_contiguous() {
         bail!("{OP}: the caches must be contiguous to be written in place");
     }
-    check_slots(OP, num_blocks * block_size, t, slot_mapping)?;
+    // Both writes check the slots the same way (the same slots over caches of as many rows),
+    // so either both happen or neither does.
     // A token's row is `kv_heads * dim` contiguous values in either cache, so the flattened
     // views take the same scatter as the latent cache.
     let k_rows = k_cache.reshape((num_blocks, block_size, kv_heads * head_dim))?;

@@ -11,6 +11,7 @@ use super::attention::{attention_in_chunks, host_in_chunks};
 use super::*;
 
 use crate::test_values::values;
+use crate::PagedBatch;
 
 /// `x` rounded through `dtype` (what a cache of that dtype holds).
 fn rounded(x: Vec<f32>, dtype: DType) -> Vec<f32> {
@@ -338,7 +339,7 @@ fn gqa_attention_rejects_bad_arguments() -> candle_core::Result<()> {
         block_table: table,
     };
     let ok = [seq(0, 2, 5, vec![1, 0]), seq(2, 1, 1, vec![0])];
-    paged_gqa_attention(&q, &k_cache, &v_cache, &ok, 1.0)?;
+    paged_gqa_attention(&q, &k_cache, &v_cache, &PagedBatch::from(ok.to_vec()), 1.0)?;
     let bad_seqs: Vec<(&str, Vec<PagedSeq>)> = vec![
         (
             "gap between sequences",
@@ -357,28 +358,28 @@ fn gqa_attention_rejects_bad_arguments() -> candle_core::Result<()> {
     ];
     for (what, seqs) in &bad_seqs {
         assert!(
-            paged_gqa_attention(&q, &k_cache, &v_cache, seqs, 1.0).is_err(),
+            paged_gqa_attention(&q, &k_cache, &v_cache, &PagedBatch::from(seqs.to_vec()), 1.0).is_err(),
             "{what}"
         );
     }
     // Shapes: heads that do not group (3 over 2), head dim apart, caches that disagree, wrong ranks.
     let one = [seq(0, 1, 1, vec![0])];
     let q3 = Tensor::zeros((1, 3, 8), DType::F32, &dev)?;
-    assert!(paged_gqa_attention(&q3, &k_cache, &v_cache, &one, 1.0).is_err());
+    assert!(paged_gqa_attention(&q3, &k_cache, &v_cache, &PagedBatch::from(one.to_vec()), 1.0).is_err());
     let q_d = Tensor::zeros((1, 4, 6), DType::F32, &dev)?;
-    assert!(paged_gqa_attention(&q_d, &k_cache, &v_cache, &one, 1.0).is_err());
+    assert!(paged_gqa_attention(&q_d, &k_cache, &v_cache, &PagedBatch::from(one.to_vec()), 1.0).is_err());
     let v_other = Tensor::zeros((2, 4, 1, 8), DType::F32, &dev)?;
-    assert!(paged_gqa_attention(&q, &k_cache, &v_other, &one, 1.0).is_err());
+    assert!(paged_gqa_attention(&q, &k_cache, &v_other, &PagedBatch::from(one.to_vec()), 1.0).is_err());
     let k_3d = Tensor::zeros((2, 4, 16), DType::F32, &dev)?;
-    assert!(paged_gqa_attention(&q, &k_3d, &v_cache, &one, 1.0).is_err());
+    assert!(paged_gqa_attention(&q, &k_3d, &v_cache, &PagedBatch::from(one.to_vec()), 1.0).is_err());
     let q_2d = Tensor::zeros((1, 32), DType::F32, &dev)?;
-    assert!(paged_gqa_attention(&q_2d, &k_cache, &v_cache, &one, 1.0).is_err());
+    assert!(paged_gqa_attention(&q_2d, &k_cache, &v_cache, &PagedBatch::from(one.to_vec()), 1.0).is_err());
     let q_0h = Tensor::zeros((1, 0, 8), DType::F32, &dev)?;
-    assert!(paged_gqa_attention(&q_0h, &k_cache, &v_cache, &one, 1.0).is_err());
+    assert!(paged_gqa_attention(&q_0h, &k_cache, &v_cache, &PagedBatch::from(one.to_vec()), 1.0).is_err());
     // No query rows at all is fine and empty.
     let q0 = Tensor::zeros((0, 4, 8), DType::F32, &dev)?;
     assert_eq!(
-        paged_gqa_attention(&q0, &k_cache, &v_cache, &[], 1.0)?.dims(),
+        paged_gqa_attention(&q0, &k_cache, &v_cache, &PagedBatch::default(), 1.0)?.dims(),
         &[0, 4, 8]
     );
     Ok(())

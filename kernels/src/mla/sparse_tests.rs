@@ -10,6 +10,7 @@ use super::*;
 use crate::mla::{paged_mla_attention, write_index_keys, write_latent_cache};
 
 use crate::test_values::values;
+use crate::PagedBatch;
 
 struct Batch {
     seqs: Vec<PagedSeq>,
@@ -182,7 +183,7 @@ fn sparse_attention_over_every_visible_position_is_dense_attention() {
     let qi = Tensor::ones((b.num_tokens, heads, 8), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(indexer_topk(&qi, &w, &keys.cache, &keys.seqs, 170, 1.0).unwrap(), all);
     let sparse = sparse_mla_attention(&q, &b.cache, &b.seqs, &all, value_dim, 0.25).unwrap();
-    let dense = paged_mla_attention(&q, &b.cache, &b.seqs, value_dim, 0.25).unwrap();
+    let dense = paged_mla_attention(&q, &b.cache, &PagedBatch::from(b.seqs.to_vec()), value_dim, 0.25).unwrap();
     let diff = (sparse - dense)
         .unwrap()
         .abs()

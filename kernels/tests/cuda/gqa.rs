@@ -17,7 +17,7 @@
 //! outputs by >= 1e-2.
 use candle_core::{DType, Device, Result, Tensor};
 use moe_kernels::cuda::{kv_cache_write, paged_gqa_decode, GqaDecodeParams};
-use moe_kernels::{paged_gqa_attention, write_kv_cache, PagedSeq};
+use moe_kernels::{paged_gqa_attention, write_kv_cache, PagedBatch, PagedSeq};
 
 use crate::common::{gpu, host, slot_tensor, Rng};
 
@@ -143,7 +143,13 @@ fn check_decode(
     let q_cpu = fused.narrow(1, 0, heads)?;
     let q_gpu = fused.to_device(&dev)?.narrow(1, 0, heads)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let want = host(&paged_gqa_attention(&q_cpu, &b.k_cpu, &b.v_cpu, &b.seqs, scale)?);
+    let want = host(&paged_gqa_attention(
+        &q_cpu,
+        &b.k_cpu,
+        &b.v_cpu,
+        &PagedBatch::from(b.seqs.clone()),
+        scale,
+    )?);
     let params = GqaDecodeParams {
         scale,
         max_context_len: *contexts.iter().max().unwrap(),
@@ -230,7 +236,7 @@ fn paged_gqa_decode_stays_inside_table_and_pool() -> Result<()> {
                 &q.narrow(0, i, 1)?,
                 &b.k_cpu,
                 &b.v_cpu,
-                &[one],
+                &PagedBatch::from(vec![one]),
                 0.09,
             )?);
             assert_close(

@@ -22,7 +22,13 @@ impl RmsNorm {
 
     /// `x`: `[tokens, dim]` -> same shape and dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, normed) = moe_kernels::reference::rmsnorm_residual(x, None, &self.weight, self.eps)?;
+        let (_, normed) = moe_kernels::rmsnorm_residual(x, None, &self.weight, self.eps)?;
         Ok(normed)
+    }
+
+    /// The residual stream's add and this norm in one op: `(x + residual, norm(x +
+    /// residual))`, or `(x, norm(x))` without a residual. `x`, `residual`: `[tokens, dim]`.
+    pub fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        Ok(moe_kernels::rmsnorm_residual(x, residual, &self.weight, self.eps)?)
     }
 }

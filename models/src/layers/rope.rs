@@ -49,10 +49,18 @@ impl Rope {
         self.attention_factor
     }
 
-    /// cos and sin tables for `positions` (`[tokens]` u32): each `[tokens, dim/2]` f32.
+    /// cos and sin tables for `positions` (`[tokens]` u32): each `[tokens, dim/2]` f32, on
+    /// `positions`' device. Built once a step and read by every layer; on a GPU they are
+    /// computed there (no host round trip), the same f32 products and functions as here.
     pub fn cos_sin(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
-        let pos = positions.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let half = self.dim / 2;
+        if !positions.device().is_cpu() {
+            let inv_freq = Tensor::from_slice(&self.inv_freq, (1, half), positions.device())?;
+            let angles = positions.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&inv_freq)?;
+            let af = self.attention_factor as f64;
+            return Ok(((angles.cos()? * af)?, (angles.sin()? * af)?));
+        }
+        let pos = positions.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let mut cos = Vec::with_capacity(pos.len() * half);
         let mut sin = Vec::with_capacity(pos.len() * half);
         for p in &pos {
@@ -70,7 +78,7 @@ impl Rope {
     }
 
     /// Rotates `x`: `[tokens, heads, dim]` (any float dtype) with tables from [`Rope::cos_sin`].
-    /// Computed in f32, returned in `x`'s dtype and layout.
+    /// Computed in f32, returned in `x`'s dtype (contiguous on a GPU).
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         self.apply_pairs(x, cos, sin, self.interleaved)
     }
@@ -78,7 +86,7 @@ impl Rope {
     /// [`Rope::apply`] with the pair layout given (DSA's indexer rotates its own way,
     /// whatever the attention does).
     pub fn apply_pairs(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
-        Ok(moe_kernels::reference::rope(x, cos, sin, interleaved)?)
+        Ok(moe_kernels::rope(x, cos, sin, interleaved)?)
     }
 }
 

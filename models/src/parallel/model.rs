@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 use candle_core::{DType, Device, Tensor};
 use moe_kernels::comm::Communicator;
-use moe_kernels::PagedSeq;
+use moe_kernels::{PagedBatch, PagedSeq};
 
 use super::{ParallelLayout, Shard};
 use crate::config::ModelConfig;
@@ -187,11 +187,12 @@ fn run_rank(model: &dyn CausalLm, job: &Job) -> Result<()> {
         Some(r) => Some(Tensor::from_vec(r.clone(), r.len(), dev)?),
         None => None,
     };
+    let seqs = PagedBatch::new(b.seqs.clone());
     let ctx = ForwardCtx {
         token_ids: &token_ids,
         positions: &positions,
         slot_mapping: &slot_mapping,
-        seqs: &b.seqs,
+        seqs: &seqs,
         logits_rows: logits_rows.as_ref(),
         routing_trace: None,
     };

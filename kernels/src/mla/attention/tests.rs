@@ -83,7 +83,7 @@ fn paged_attention_matches_dense_reference_on_awkward_shapes() -> candle_core::R
         let scale = 0.37f32;
         // The CPU kernel (what `paged_mla_attention` runs here) and the candle-ops reference.
         for got in [
-            paged_mla_attention(&q, &cache, &seqs, value_dim, scale as f64)?,
+            paged_mla_attention(&q, &cache, &PagedBatch::from(seqs.to_vec()), value_dim, scale as f64)?,
             reference_paged_mla_attention(&q, &cache, &seqs, value_dim, scale as f64)?,
         ] {
             assert_eq!(got.dims(), &[start, heads, value_dim]);
@@ -139,7 +139,7 @@ fn cpu_kernel_matches_the_reference_at_real_widths_and_ignores_the_batch() -> ca
             .collect();
         let q = Tensor::from_vec(values(start * heads * dim, 8), (start, heads, dim), &dev)?;
         let scale = 1.0 / (dim as f64).sqrt();
-        let got = paged_mla_attention(&q, &latents, &seqs, value_dim, scale)?
+        let got = paged_mla_attention(&q, &latents, &PagedBatch::from(seqs.to_vec()), value_dim, scale)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let want = reference_paged_mla_attention(&q, &latents, &seqs, value_dim, scale)?
@@ -157,7 +157,7 @@ fn cpu_kernel_matches_the_reference_at_real_widths_and_ignores_the_batch() -> ca
                 ..seq.clone()
             };
             let q_seq = q.narrow(0, seq.query_start, seq.query_len)?;
-            let one = paged_mla_attention(&q_seq, &latents, &[alone], value_dim, scale)?
+            let one = paged_mla_attention(&q_seq, &latents, &PagedBatch::from([alone].to_vec()), value_dim, scale)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             let width = heads * value_dim;
@@ -182,14 +182,14 @@ fn bad_arguments_are_errors_not_panics() -> candle_core::Result<()> {
         context_len: 9,
         block_table: vec![0, 1],
     };
-    assert!(paged_mla_attention(&q, &cache, &[beyond], 4, 1.0).is_err());
+    assert!(paged_mla_attention(&q, &cache, &PagedBatch::from([beyond].to_vec()), 4, 1.0).is_err());
     let bad_block = PagedSeq {
         query_start: 0,
         query_len: 2,
         context_len: 2,
         block_table: vec![5],
     };
-    assert!(paged_mla_attention(&q, &cache, &[bad_block], 4, 1.0).is_err());
+    assert!(paged_mla_attention(&q, &cache, &PagedBatch::from([bad_block].to_vec()), 4, 1.0).is_err());
     let latents = Tensor::zeros((1, 8), candle_core::DType::F32, &dev)?;
     let slot = Tensor::new(&[8u32], &dev)?;
     assert!(write_latent_cache(&cache, &latents, &slot).is_err());
