@@ -109,9 +109,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--turn-input-len", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", default="1", help="comma-separated sweep, e.g. 1,8,64")
+    p.add_argument("--prompts-per-run", type=int, default=0, metavar="N",
+                   help="fixed/random: each concurrency c runs the first max(N, c) prompts "
+                        "(0, the default: all of them), so a sweep from 1 to 64 need not run "
+                        "64 prompts one at a time")
     p.add_argument("--output-json", default=None, metavar="FILE")
     p.add_argument("--json", action="store_true", help="print the JSON to stdout (table to stderr)")
     p.add_argument("-v", "--verbose", action="store_true", help="keep transformers' warnings")
+    p.add_argument("--check", action="store_true",
+                   help="validate the arguments and the model directory, then exit (no torch needed)")
     a = p.parse_args(argv)
 
     try:
@@ -138,6 +144,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail(f"--agent-prefix-len must be >= 0, got {a.agent_prefix_len}")
     if a.workload == "random" and not 0.0 <= a.range_ratio < 1.0:
         fail(f"--range-ratio must be in [0, 1), got {a.range_ratio}")
+    if a.prompts_per_run < 0:
+        fail(f"--prompts-per-run must be >= 0, got {a.prompts_per_run}")
+    if a.workload != "agent" and a.prompts_per_run and max(a.concurrency) > a.num_prompts:
+        fail(f"--prompts-per-run needs --num-prompts >= the largest concurrency ({max(a.concurrency)})")
     if a.num_layers is not None and a.num_layers < 1:
         fail(f"--num-layers must be >= 1, got {a.num_layers}")
     if a.gpu < 0:
@@ -535,6 +545,9 @@ def print_table(report: dict, file) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.check:
+        print(f"{TOOL}: arguments ok ({a.model})", file=sys.stderr)
+        return 0
     started_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     import torch
@@ -563,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.workload == "agent":
             records, w = run_agent(gen, energy, prompts[0], prompts[1], c)
         else:
-            records, w = run_prompts(gen, energy, prompts, c)
+            subset = prompts[:max(a.prompts_per_run, c)] if a.prompts_per_run else prompts
+            records, w = run_prompts(gen, energy, subset, c)
         runs.append(run_json(c, records, w.duration, a.output_len, (w.e0, w.e1)))
 
     report = {

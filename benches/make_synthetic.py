@@ -9,6 +9,12 @@ released model's real config.json instead (all its widths), keeping the first `-
 layers; `--tokenizer DIR` copies DIR's tokenizer.json and tokenizer_config.json beside the
 weights, which llama.cpp's converter needs (benches/llama_cpp_compare.py).
 
+`--dtype bf16 --device cuda` builds the weights in bf16 on the GPU (the whole 27-layer
+V2-Lite is 31 GB: seconds there, where f32 on the host would need 63 GB of RAM); the GPU
+bundle's phase 2 writes its checkpoint this way once and runs moe-engine and transformers
+on it. `--check` validates the arguments and exits before importing torch (the CPU test of
+the bundle's commands runs it).
+
 Uses transformers' own DeepseekV2Config / DeepseekV2ForCausalLM (versions as in
 tests/fixtures/requirements.txt) and saves with save_pretrained; weights are N(0, 1/fan_in)
 so activations stay O(1). Not committed: hundreds of MB to GBs, made on demand.
@@ -19,11 +25,11 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 
-def small_config(a: argparse.Namespace) -> DeepseekV2Config:
+def small_config(a: argparse.Namespace):
+    from transformers import DeepseekV2Config
+
     return DeepseekV2Config(
         vocab_size=32000,
         hidden_size=a.hidden,
@@ -48,7 +54,9 @@ def small_config(a: argparse.Namespace) -> DeepseekV2Config:
     )
 
 
-def released_config(path: str, layers: int) -> DeepseekV2Config:
+def released_config(path: str, layers: int):
+    from transformers import DeepseekV2Config
+
     raw = json.loads(Path(path).read_text())
     raw["num_hidden_layers"] = layers
     for key in ("architectures", "auto_map", "torch_dtype", "dtype", "transformers_version"):
@@ -65,10 +73,29 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--tokenizer", help="directory with tokenizer.json and tokenizer_config.json to copy")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="weights' dtype (default f32)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the weights are drawn")
+    ap.add_argument("--check", action="store_true", help="validate the arguments and exit")
     a = ap.parse_args()
+    if a.layers < 1:
+        ap.error(f"--layers must be >= 1, got {a.layers}")
+    if a.config and not Path(a.config).is_file():
+        ap.error(f"--config {a.config}: no such file")
+    if a.tokenizer and not (Path(a.tokenizer) / "tokenizer.json").is_file():
+        ap.error(f"--tokenizer {a.tokenizer}: no tokenizer.json there")
+    if a.check:
+        print(f"make_synthetic: arguments ok ({a.out})")
+        return
+    import torch
+    from transformers import DeepseekV2ForCausalLM
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device")
     torch.manual_seed(a.seed)
     config = released_config(a.config, a.layers) if a.config else small_config(a)
-    model = DeepseekV2ForCausalLM(config).eval()
+    torch.set_default_dtype(torch.bfloat16 if a.dtype == "bf16" else torch.float32)
+    with torch.device(a.device):
+        model = DeepseekV2ForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
