@@ -41,11 +41,7 @@ fn phase_two_runs_every_command_on_the_cpu() {
     let out = dir.path();
     let o = run("2", out, &[("MOE_GPU_DEVICE", "cpu")]);
     let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap_or_default();
-    assert!(
-        o.status.success(),
-        "{summary}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{summary}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(!summary.contains("FAILED"), "{summary}");
     for step in [
         "memory sizing",
@@ -56,9 +52,14 @@ fn phase_two_runs_every_command_on_the_cpu() {
         "transformers baseline",
         "summary",
     ] {
-        assert!(summary.contains(&format!("== {step}")), "{step} did not run:\n{summary}");
+        assert!(
+            summary.contains(&format!("== {step}")),
+            "{step} did not run:\n{summary}"
+        );
     }
-    assert!(std::fs::read_to_string(out.join("checkpoint.log")).unwrap().contains("arguments ok"));
+    assert!(std::fs::read_to_string(out.join("checkpoint.log"))
+        .unwrap()
+        .contains("arguments ok"));
     // The summary holds one row per engine and concurrency, each run complete.
     let table: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let rows = table["rows"].as_array().unwrap();
@@ -79,7 +80,9 @@ fn phase_two_runs_every_command_on_the_cpu() {
         assert_eq!(row("transformers", 2)["completed"], 2);
         assert!(row("moe grouped", 2)["vs_transformers"].as_f64().unwrap() > 0.0);
     } else {
-        assert!(std::fs::read_to_string(out.join("hf.log")).unwrap().contains("arguments ok"));
+        assert!(std::fs::read_to_string(out.join("hf.log"))
+            .unwrap()
+            .contains("arguments ok"));
     }
 }
 
