@@ -180,6 +180,8 @@ pub struct Engine {
     /// Expert-load counters, `Some` once [`Engine::enable_expert_load_stats`] was called.
     expert_load: Arc<Mutex<Option<ExpertLoad>>>,
     num_routed_experts: usize,
+    /// Set when the device failed its check after a failed step; the loop has then stopped.
+    device_failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Engine {
@@ -209,6 +211,8 @@ impl Engine {
         let num_routed_experts = model_config.moe.as_ref().map_or(0, |m| m.n_routed_experts);
         let expert_load = Arc::new(Mutex::new(None));
         let loop_expert_load = expert_load.clone();
+        let device_failure = Arc::new(Mutex::new(None));
+        let loop_device_failure = device_failure.clone();
         let stats = Arc::new(Mutex::new(EngineStats {
             blocks_total: runner.num_blocks(),
             ..Default::default()
@@ -229,6 +233,8 @@ impl Engine {
                     pending: loop_pending,
                     totals: EngineStats::default(),
                     expert_load: loop_expert_load,
+                    in_step: Vec::new(),
+                    device_failure: loop_device_failure,
                 };
                 l.run(inbox)
             })
@@ -245,7 +251,14 @@ impl Engine {
             has_tokenizer,
             expert_load,
             num_routed_experts,
+            device_failure,
         })
+    }
+
+    /// Why the device failed, once it has (the engine has then stopped: every request in
+    /// flight was failed and new ones are refused with [`EngineError::DeviceFailed`]).
+    pub fn device_failure(&self) -> Option<String> {
+        self.device_failure.lock().ok().and_then(|f| f.clone())
     }
 
     /// Starts (or restarts from zero) counting the tokens each MoE layer routes to each
@@ -272,6 +285,9 @@ impl Engine {
 
     /// Validates and enqueues a request; its output arrives on the returned stream.
     pub fn submit(&self, request: GenerationRequest) -> Result<RequestStream> {
+        if let Some(failure) = self.device_failure() {
+            return Err(EngineError::DeviceFailed(failure));
+        }
         let prompt_len = request.prompt_token_ids.len();
         if prompt_len == 0 {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
@@ -409,6 +425,9 @@ struct StepLoop {
     pending: Arc<AtomicUsize>,
     totals: EngineStats,
     expert_load: Arc<Mutex<Option<ExpertLoad>>>,
+    /// The requests of the step being computed (empty between steps).
+    in_step: Vec<RequestId>,
+    device_failure: Arc<Mutex<Option<String>>>,
 }
 
 impl StepLoop {
@@ -444,11 +463,8 @@ impl StepLoop {
             }
             if self.scheduler.has_unfinished_requests() {
                 if let Err(e) = self.step() {
-                    // A failed step cannot be retried safely: fail every request in flight.
-                    tracing::error!("engine step failed: {e}");
-                    let ids: Vec<RequestId> = self.live.keys().copied().collect();
-                    for id in ids {
-                        self.abort(id);
+                    if self.fail_step(&e) {
+                        return;
                     }
                 }
             }
@@ -461,11 +477,38 @@ impl StepLoop {
         self.live.remove(&id);
     }
 
+    /// After a failed step: its requests cannot be retried safely (their caches may hold part
+    /// of it), so they end without a finish reason (the server answers 500); requests that were
+    /// not in the step go on. Then the device is checked: if it failed too (a sticky CUDA
+    /// error), every request is failed, the failure is recorded and `true` says the loop must
+    /// stop. Nothing the failed step computed reaches the prefix cache (blocks are registered
+    /// only by a completed step).
+    fn fail_step(&mut self, e: &EngineError) -> bool {
+        tracing::error!("engine step failed: {e}; failing its {} requests", self.in_step.len());
+        for id in std::mem::take(&mut self.in_step) {
+            self.abort(id);
+        }
+        let Err(device) = self.runner.model().check_device() else {
+            return false;
+        };
+        tracing::error!("the device failed its check after the failed step ({device}); stopping the engine");
+        if let Ok(mut f) = self.device_failure.lock() {
+            *f = Some(device.to_string());
+        }
+        let ids: Vec<RequestId> = self.live.keys().copied().collect();
+        for id in ids {
+            self.abort(id);
+        }
+        self.publish_stats();
+        true
+    }
+
     fn step(&mut self) -> Result<()> {
         let plan = self
             .scheduler
             .schedule()
             .map_err(|e| EngineError::InvalidRequest(format!("scheduler: {e}")))?;
+        self.in_step = plan.scheduled.iter().map(|r| r.id).collect();
         if plan.scheduled.is_empty() {
             return Ok(());
         }
@@ -604,6 +647,7 @@ impl StepLoop {
         for id in disconnected {
             self.abort(id);
         }
+        self.in_step.clear();
         Ok(())
     }
 

@@ -16,6 +16,11 @@ pub enum EngineError {
 
     #[error("the engine has stopped")]
     Stopped,
+
+    /// The model's device failed a health check after a failed step (a sticky CUDA error):
+    /// the engine has stopped and the server should exit.
+    #[error("the device failed ({0}); the engine has stopped")]
+    DeviceFailed(String),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

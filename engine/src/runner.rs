@@ -23,8 +23,12 @@ pub struct ModelRunner {
 
 impl ModelRunner {
     /// Allocates `num_blocks` cache blocks of `block_size` tokens for `model`.
+    /// Waits for the device first: the weights' uploads (queued by the loading thread, maybe
+    /// on other streams) and the cache's allocation are done before the engine thread runs a
+    /// step, and a device that failed while loading is an error here.
     pub fn new(model: Model, num_blocks: usize, block_size: usize) -> Result<Self> {
         let cache = model.new_cache(num_blocks, block_size)?;
+        model.check_device()?;
         Ok(ModelRunner { model, cache })
     }
 

@@ -50,6 +50,13 @@ pub trait CausalLm: Send + Sync {
     /// Runs the batch in `ctx`, writing its K/V (or latents) into `cache`.
     /// Returns f32 logits `[rows, vocab]` for `ctx.logits_rows` (all rows when `None`).
     fn forward(&self, ctx: &ForwardCtx<'_>, cache: &KvCache) -> Result<Tensor>;
+
+    /// Whether the device still works: waits for its queued work and reports an error it
+    /// left (a sticky CUDA error fails here; the CPU always passes). The engine asks after a
+    /// failed step, to tell a bad batch from a lost device.
+    fn check_device(&self) -> Result<()> {
+        Ok(self.device().synchronize()?)
+    }
 }
 
 /// Called after each decoder layer is loaded with `(layers loaded, total layers)`.
@@ -105,5 +112,8 @@ impl<T: CausalLm + ?Sized> CausalLm for Box<T> {
     }
     fn forward(&self, ctx: &ForwardCtx<'_>, cache: &KvCache) -> Result<Tensor> {
         (**self).forward(ctx, cache)
+    }
+    fn check_device(&self) -> Result<()> {
+        (**self).check_device()
     }
 }

@@ -258,6 +258,12 @@ impl CausalLm for ShardedModel {
         self.lead.kv_cache_spec()
     }
 
+    /// Every rank's device, rank 0's first.
+    fn check_device(&self) -> Result<()> {
+        self.lead.check_device()?;
+        self.peers.iter().try_for_each(|p| p.model.check_device())
+    }
+
     /// Rank 0's cache, holding every other rank's in `peer_ranks`.
     fn new_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache> {
         let mut cache = self.lead.new_cache(num_blocks, block_size)?;

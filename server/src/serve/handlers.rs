@@ -157,6 +157,10 @@ impl AppState {
                     }
                     return Err(match e {
                         EngineError::InvalidRequest(m) => ApiError::bad_request(m, None),
+                        EngineError::DeviceFailed(m) => ApiError {
+                            status: StatusCode::SERVICE_UNAVAILABLE,
+                            ..ApiError::internal(format!("the device failed ({m}); the server is shutting down"))
+                        },
                         other => ApiError::internal(other.to_string()),
                     });
                 }
@@ -237,7 +241,9 @@ pub(super) async fn collect(state: &Arc<AppState>, streams: Vec<RequestStream>) 
         }
     }
     if choices.iter().any(|c| c.finish_reason.is_none()) {
-        return Err(ApiError::internal("the engine stopped before the request finished"));
+        return Err(ApiError::internal(
+            "the engine failed the step computing this request (see the server log); other requests are unaffected",
+        ));
     }
     Ok(choices)
 }
@@ -368,8 +374,17 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-pub async fn health() -> StatusCode {
-    StatusCode::OK
+/// 200 while the engine serves; 503 with the reason once its device failed (the server is
+/// then draining and exits).
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.engine.device_failure() {
+        None => StatusCode::OK.into_response(),
+        Some(failure) => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            ..ApiError::internal(format!("the device failed: {failure}"))
+        }
+        .into_response(),
+    }
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {

@@ -210,7 +210,21 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: no new connections; finishing requests in flight");
 }
 
-/// Serves `model` until SIGINT/SIGTERM, then drains the requests in flight.
+/// Resolves once the engine's device has failed (checked twice a second): the server then
+/// stops taking connections and exits with an error instead of answering 503 forever.
+async fn device_failed(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if let Some(failure) = state.engine.device_failure() {
+            tracing::error!("the device failed ({failure}); shutting down");
+            return;
+        }
+    }
+}
+
+/// Serves `model` until SIGINT/SIGTERM (or until its device fails: then an error), then
+/// drains the requests in flight.
 pub fn run(model: ServedModel, options: ServerOptions) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         engine: model.engine,
@@ -270,7 +284,16 @@ pub fn run(model: ServedModel, options: ServerOptions) -> anyhow::Result<()> {
             });
         }
         let app = router(state.clone(), options.public_metrics);
-        match listener::serve(listener, app, limits, shutdown_signal())
+        let stop = {
+            let state = state.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {},
+                    _ = device_failed(state) => {},
+                }
+            }
+        };
+        match listener::serve(listener, app, limits, stop)
             .await
             .context("the HTTP server failed")?
         {
@@ -279,6 +302,9 @@ pub fn run(model: ServedModel, options: ServerOptions) -> anyhow::Result<()> {
                 "--drain-timeout {} s ran out with requests in flight; exiting anyway",
                 options.drain_timeout.as_secs()
             ),
+        }
+        if let Some(failure) = state.engine.device_failure() {
+            anyhow::bail!("the device failed: {failure}");
         }
         anyhow::Ok(())
     })?;

@@ -172,7 +172,10 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Body) -> Result<
         }
     }
     if finish.is_none() {
-        return Err(ApiError::internal("the engine stopped before the request finished").into());
+        return Err(ApiError::internal(
+            "the engine failed the step computing this request (see the server log); other requests are unaffected",
+        )
+        .into());
     }
     let (out, used_tools): (ParsedOutput, bool) = parser.parse_all(&text);
     Ok(Json(json!({
