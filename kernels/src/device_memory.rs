@@ -2,7 +2,8 @@
 //! total bytes, and the peak of live allocations over a stretch of work (a profiling forward).
 //! On CUDA, candle allocates through cudarc's stream-ordered allocator (`cuMemAllocAsync`)
 //! from the device's current memory pool, whose high watermark of reserved bytes is the peak;
-//! the CPU has no device memory to read (`None`).
+//! the CPU has no device memory to read (`None`). Also the device-wide wait the engine uses
+//! after loading and to check a device after a failed step ([`synchronize`]).
 
 use candle_core::{Device, Result};
 
@@ -27,6 +28,17 @@ pub fn device_memory(device: &Device) -> Result<Option<DeviceMemory>> {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => cuda::settled_memory(d).map(Some),
         _ => Ok(None),
+    }
+}
+
+/// Waits for the work every stream of `device`'s context queued (the loading thread's uploads
+/// included, whatever stream they used) and returns the error a failed kernel left: a sticky
+/// CUDA error fails here. Nothing to wait for on the CPU.
+pub fn synchronize(device: &Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda::synchronize(d),
+        d => d.synchronize(),
     }
 }
 
@@ -90,7 +102,7 @@ mod cuda {
 
     /// Waits for the work of every stream of the device's context (a split model's rank may
     /// run on another stream than `dev`'s).
-    fn synchronize(dev: &CudaDevice) -> Result<()> {
+    pub(super) fn synchronize(dev: &CudaDevice) -> Result<()> {
         dev.cuda_stream()
             .context()
             .synchronize()

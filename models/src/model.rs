@@ -55,7 +55,7 @@ pub trait CausalLm: Send + Sync {
     /// left (a sticky CUDA error fails here; the CPU always passes). The engine asks after a
     /// failed step, to tell a bad batch from a lost device.
     fn check_device(&self) -> Result<()> {
-        Ok(self.device().synchronize()?)
+        Ok(moe_kernels::device_memory::synchronize(self.device())?)
     }
 }
 

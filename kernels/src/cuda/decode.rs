@@ -5,7 +5,8 @@
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, DType, Result, Tensor};
 
-use super::{cfg, check, cuda_device, dev_ptr, launch_err, load, ptx, suffix};
+use super::args::{Args, Held, OutBuf};
+use super::{cfg, check, cuda_device, launch_err, load, ptx, suffix};
 
 /// Heads per CTA, KV tokens per shared-memory tile and threads per CTA (`HPC`, `TILE`,
 /// `THREADS` in the kernel).
@@ -210,18 +211,19 @@ fn launch(
     if s > 65535 {
         bail!("paged_mla_decode: {s} sequences in one launch (at most 65535)");
     }
-    let out = Tensor::zeros((s, h, dv), dtype, q.device())?;
     if s == 0 || h == 0 {
-        return Ok(out);
+        return Tensor::zeros((s, h, dv), dtype, q.device());
     }
+    // Every element of the output (and, with splits, of the workspace) is written.
+    let mut out = OutBuf::uninit(&dev, (s, h, dv), dtype)?;
     let stream = dev.cuda_stream();
     let sm_count = super::sm_count(&dev)?;
     let (splits, tokens_per_split) = decode_split_plan(s, h, p.max_context_len, sm_count, p.num_splits);
     let head_groups = h.div_ceil(HEADS_PER_CTA);
     // Workspace (unused with one split): partial outputs and per-head (max, sum).
     let ws_n = if splits > 1 { s * splits * h } else { 1 };
-    let ws_acc = Tensor::zeros(ws_n * dv, DType::F32, q.device())?;
-    let ws_ml = Tensor::zeros(ws_n * 2, DType::F32, q.device())?;
+    let mut ws_acc = OutBuf::uninit(&dev, ws_n * dv, DType::F32)?;
+    let mut ws_ml = OutBuf::uninit(&dev, ws_n * 2, DType::F32)?;
 
     // Dynamic shared memory, laid out as in the kernel.
     let elem = dtype.size_in_bytes();
@@ -237,26 +239,31 @@ fn launch(
     )?;
     super::allow_dynamic_smem(&func, smem)?;
 
-    let (p_q, p_cache) = (dev_ptr(q, &stream)?, dev_ptr(cache, &stream)?);
+    let mut inputs: Vec<&Tensor> = vec![q, cache, block_tables, context_lens];
+    inputs.extend(row_seq);
+    inputs.extend(selected);
+    let held = Held::new(&inputs);
+    let mut args = Args::new(&stream);
+    let (p_q, p_cache) = (args.input(&held, 0)?, args.input(&held, 1)?);
     if p_cache % 16 != 0 {
         bail!("paged_mla_decode: cache is not 16-byte aligned");
     }
-    let (p_bt, p_cl) = (dev_ptr(block_tables, &stream)?, dev_ptr(context_lens, &stream)?);
-    let (p_out, p_wa, p_wm) = (
-        dev_ptr(&out, &stream)?,
-        dev_ptr(&ws_acc, &stream)?,
-        dev_ptr(&ws_ml, &stream)?,
-    );
-    let (q_seq, q_head, bt_stride) = (q.stride()[0] as i64, q.stride()[1] as i64, max_blocks as i64);
+    let (p_bt, p_cl) = (args.input(&held, 2)?, args.input(&held, 3)?);
+    // The optional inputs follow the four fixed ones, in this order.
     let p_rows = match row_seq {
-        Some(r) => dev_ptr(r, &stream)?,
+        Some(_) => args.input(&held, 4)?,
         None => 0u64,
     };
     let num_blocks_i = num_blocks as i64;
     let (p_sel, sel_stride) = match selected {
-        Some(sel) => (dev_ptr(sel, &stream)?, sel.dims2()?.1 as i64),
+        Some(sel) => (
+            args.input(&held, 4 + row_seq.is_some() as usize)?,
+            sel.dims2()?.1 as i64,
+        ),
         None => (0u64, 0i64),
     };
+    let (p_out, p_wa, p_wm) = (args.output(&mut out), args.output(&mut ws_acc), args.output(&mut ws_ml));
+    let (q_seq, q_head, bt_stride) = (q.stride()[0] as i64, q.stride()[1] as i64, max_blocks as i64);
     let (h_i, d_i, dv_i, bsz_i, tps_i) = (
         h as i32,
         d as i32,
@@ -299,5 +306,6 @@ fn launch(
         b.arg(&p_wa).arg(&p_wm).arg(&p_out).arg(&h_i).arg(&dv_i).arg(&splits_i);
         unsafe { b.launch(cfg((h as u32, s as u32, 1), 128, 0)) }.map_err(launch_err)?;
     }
-    Ok(out)
+    drop(args);
+    Ok(out.into_tensor())
 }

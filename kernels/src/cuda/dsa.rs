@@ -5,7 +5,8 @@
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, DType, Result, Tensor};
 
-use super::{cfg, check, cuda_device, dev_ptr, launch_err, load, ptx, suffix};
+use super::args::{Args, Held, OutBuf};
+use super::{cfg, check, cuda_device, launch_err, load, ptx, suffix};
 
 const THREADS: u32 = 256;
 const POS_PER_CTA: usize = 64;
@@ -61,24 +62,21 @@ pub fn dsa_indexer_topk(
     check(key_cache, "key_cache", dtype, &dev)?;
     check(block_tables, "block_tables", DType::U32, &dev)?;
     check(context_lens, "context_lens", DType::U32, &dev)?;
-    let selected = Tensor::zeros((s, topk), DType::U32, q.device())?;
-    let selected_lens = Tensor::zeros(s, DType::U32, q.device())?;
     if s == 0 || max_context_len == 0 {
-        return Ok((selected, selected_lens));
+        let selected = Tensor::zeros((s, topk), DType::U32, q.device())?;
+        return Ok((selected, Tensor::zeros(s, DType::U32, q.device())?));
     }
-    let scores = Tensor::zeros((s, max_context_len), DType::F32, q.device())?;
+    // Zero-filled: the selection's unused entries and the scores past a context stay zero.
+    let mut selected = OutBuf::zeroed(&dev, (s, topk), DType::U32)?;
+    let mut selected_lens = OutBuf::zeroed(&dev, s, DType::U32)?;
+    let mut scores = OutBuf::zeroed(&dev, (s, max_context_len), DType::F32)?;
     let stream = dev.cuda_stream();
-    let (p_q, p_w, p_k) = (
-        dev_ptr(q, &stream)?,
-        dev_ptr(weights, &stream)?,
-        dev_ptr(key_cache, &stream)?,
-    );
-    let (p_bt, p_cl, p_sc) = (
-        dev_ptr(block_tables, &stream)?,
-        dev_ptr(context_lens, &stream)?,
-        dev_ptr(&scores, &stream)?,
-    );
-    let (p_sel, p_len) = (dev_ptr(&selected, &stream)?, dev_ptr(&selected_lens, &stream)?);
+    let held = Held::new(&[q, weights, key_cache, block_tables, context_lens]);
+    let mut args = Args::new(&stream);
+    let (p_q, p_w, p_k) = (args.input(&held, 0)?, args.input(&held, 1)?, args.input(&held, 2)?);
+    let (p_bt, p_cl) = (args.input(&held, 3)?, args.input(&held, 4)?);
+    let p_sc = args.output(&mut scores);
+    let (p_sel, p_len) = (args.output(&mut selected), args.output(&mut selected_lens));
     let (bt_stride, score_stride, sel_stride) = (max_blocks as i64, max_context_len as i64, topk as i64);
     let (heads_i, dim_i, bsz_i, topk_i) = (heads as i32, dim as i32, block_size as i32, topk as i32);
     let scale_f = scale as f32;
@@ -105,5 +103,6 @@ pub fn dsa_indexer_topk(
     b.arg(&p_sc).arg(&score_stride).arg(&p_cl).arg(&p_sel).arg(&sel_stride);
     b.arg(&p_len).arg(&topk_i);
     unsafe { b.launch(cfg((s as u32, 1, 1), TOPK_THREADS, 0)) }.map_err(launch_err)?;
-    Ok((selected, selected_lens))
+    drop(args);
+    Ok((selected.into_tensor(), selected_lens.into_tensor()))
 }

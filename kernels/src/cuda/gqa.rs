@@ -6,8 +6,9 @@
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, DType, Result, Tensor};
 
+use super::args::{Args, Held, OutBuf};
 use super::ops::{scatter_rows, RowPart};
-use super::{cfg, check, cuda_device, dev_ptr, launch_err, load, ptx, suffix};
+use super::{cfg, check, cuda_device, launch_err, load, ptx, suffix};
 
 /// Threads per CTA and KV tokens per tile (`THREADS`, `TILE` in the kernel).
 const THREADS: u32 = 128;
@@ -171,10 +172,11 @@ fn launch(
     if block_size == 0 || block_size > i32::MAX as usize {
         bail!("{OP}: block size {block_size}");
     }
-    let out = Tensor::zeros((s, h, d), dtype, q.device())?;
     if s == 0 {
-        return Ok(out);
+        return Tensor::zeros((s, h, d), dtype, q.device());
     }
+    // Every element of the output (and, with splits, of the workspace) is written.
+    let mut out = OutBuf::uninit(&dev, (s, h, d), dtype)?;
     let stream = dev.cuda_stream();
     let sm_count = super::sm_count(&dev)?;
     let group = h / kv_heads;
@@ -186,8 +188,8 @@ fn launch(
     }
     // Workspace (unused with one split): partial outputs and per-head (max, sum).
     let ws_n = if splits > 1 { s * splits * h } else { 1 };
-    let ws_acc = Tensor::zeros(ws_n * d, DType::F32, q.device())?;
-    let ws_ml = Tensor::zeros(ws_n * 2, DType::F32, q.device())?;
+    let mut ws_acc = OutBuf::uninit(&dev, ws_n * d, DType::F32)?;
+    let mut ws_ml = OutBuf::uninit(&dev, ws_n * 2, DType::F32)?;
 
     let func = load(
         &dev,
@@ -195,24 +197,20 @@ fn launch(
         ptx::PAGED_GQA_DECODE,
         &format!("paged_gqa_decode_{sfx}_d{d}_g{compiled}"),
     )?;
-    let (p_q, p_k, p_v) = (
-        dev_ptr(q, &stream)?,
-        dev_ptr(k_cache, &stream)?,
-        dev_ptr(v_cache, &stream)?,
-    );
+    let mut inputs: Vec<&Tensor> = vec![q, k_cache, v_cache, block_tables, context_lens];
+    inputs.extend(row_seq);
+    let held = Held::new(&inputs);
+    let mut args = Args::new(&stream);
+    let (p_q, p_k, p_v) = (args.input(&held, 0)?, args.input(&held, 1)?, args.input(&held, 2)?);
     if p_k % 16 != 0 || p_v % 16 != 0 {
         bail!("{OP}: caches must be 16-byte aligned");
     }
-    let (p_bt, p_cl) = (dev_ptr(block_tables, &stream)?, dev_ptr(context_lens, &stream)?);
+    let (p_bt, p_cl) = (args.input(&held, 3)?, args.input(&held, 4)?);
     let p_rows = match row_seq {
-        Some(r) => dev_ptr(r, &stream)?,
+        Some(_) => args.input(&held, 5)?,
         None => 0u64,
     };
-    let (p_out, p_wa, p_wm) = (
-        dev_ptr(&out, &stream)?,
-        dev_ptr(&ws_acc, &stream)?,
-        dev_ptr(&ws_ml, &stream)?,
-    );
+    let (p_out, p_wa, p_wm) = (args.output(&mut out), args.output(&mut ws_acc), args.output(&mut ws_ml));
     let (q_seq, q_head, bt_stride) = (q.stride()[0] as i64, q.stride()[1] as i64, max_blocks as i64);
     let (h_i, kvh_i, group_i, per_cta_i, chunks_i) =
         (h as i32, kv_heads as i32, group as i32, per_cta as i32, chunks as i32);
@@ -244,7 +242,8 @@ fn launch(
         b.arg(&p_wa).arg(&p_wm).arg(&p_out).arg(&h_i).arg(&d_i).arg(&splits_i);
         unsafe { b.launch(cfg((h as u32, s as u32, 1), 128, 0)) }.map_err(launch_err)?;
     }
-    Ok(out)
+    drop(args);
+    Ok(out.into_tensor())
 }
 
 /// Writes `k[t]`, `v[t]` into cache row `slots[t]` of both caches, in place (the CUDA

@@ -2,7 +2,9 @@
 //! embedded here, loaded through candle's CUDA device (cudarc) and launched on candle's stream.
 //!
 //! Every function takes candle `Tensor`s on one CUDA device and checks dtypes, shapes and
-//! contiguity at this boundary. Kernels compute in f32 and round once on store; bf16 and f32
+//! contiguity at this boundary. Launches take their addresses through [`args`] (cudarc's
+//! access guards held across the launch; outputs allocated as fresh buffers, uninitialized
+//! where the kernel writes them whole). Kernels compute in f32 and round once on store; bf16 and f32
 //! variants exist for each. Tensors documented as "updated in place" are written through
 //! their storage (like [`crate::write_latent_cache`]); the caller must not rely on any other
 //! tensor sharing that storage staying unchanged.
@@ -12,6 +14,7 @@
 //! the MLA, GQA and DSA decode kernels and one
 //! MoE layer.
 
+mod args;
 mod decode;
 mod dsa;
 mod gqa;

@@ -9,7 +9,8 @@
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, DType, Result, Tensor};
 
-use super::{cfg, check, cuda_device, dev_ptr, launch_err, load, ptx, suffix};
+use super::args::{Args, Held, OutBuf};
+use super::{cfg, check, cuda_device, launch_err, load, ptx, suffix};
 use crate::moe::{max_tiles, RoutingMethod, RoutingParams, Scoring};
 
 /// Permuted rows per GEMM tile (`BM` in `moe_grouped_gemm.cu`).
@@ -51,22 +52,24 @@ pub fn moe_route(logits: &Tensor, bias: Option<&Tensor>, p: &RoutingParams) -> R
             bail!("moe_route: bias {:?} for {e} experts", b.shape());
         }
     }
-    let ids = Tensor::zeros((t, p.top_k), DType::U32, logits.device())?;
-    let weights = Tensor::zeros((t, p.top_k), DType::F32, logits.device())?;
     if t == 0 {
-        return Ok((ids, weights));
+        let ids = Tensor::zeros((t, p.top_k), DType::U32, logits.device())?;
+        return Ok((ids, Tensor::zeros((t, p.top_k), DType::F32, logits.device())?));
     }
+    let mut ids = OutBuf::zeroed(&dev, (t, p.top_k), DType::U32)?;
+    let mut weights = OutBuf::zeroed(&dev, (t, p.top_k), DType::F32)?;
     let func = load(&dev, "moe_route", ptx::MOE_ROUTE, "moe_route")?;
     let stream = dev.cuda_stream();
-    let (p_logits, p_ids, p_w) = (
-        dev_ptr(logits, &stream)?,
-        dev_ptr(&ids, &stream)?,
-        dev_ptr(&weights, &stream)?,
-    );
+    let mut inputs = vec![logits];
+    inputs.extend(bias);
+    let held = Held::new(&inputs);
+    let mut args = Args::new(&stream);
+    let p_logits = args.input(&held, 0)?;
     let p_bias = match bias {
-        Some(b) => dev_ptr(b, &stream)?,
+        Some(_) => args.input(&held, 1)?,
         None => 0u64,
     };
+    let (p_ids, p_w) = (args.output(&mut ids), args.output(&mut weights));
     let scoring = match p.scoring {
         Scoring::Softmax => 0i32,
         Scoring::Sigmoid => 1,
@@ -91,7 +94,8 @@ pub fn moe_route(logits: &Tensor, bias: Option<&Tensor>, p: &RoutingParams) -> R
     let grid = t.div_ceil(ROUTE_WARPS) as u32;
     let smem = (ROUTE_WARPS * 2 * e * 4) as u32;
     unsafe { b.launch(cfg((grid, 1, 1), (ROUTE_WARPS * 32) as u32, smem)) }.map_err(launch_err)?;
-    Ok((ids, weights))
+    drop(args);
+    Ok((ids.into_tensor(), weights.into_tensor()))
 }
 
 /// Slots grouped by expert on the device (the layout of [`crate::moe::ExpertPermutation`],
@@ -133,29 +137,38 @@ pub fn moe_permute(expert_ids: &Tensor, num_experts: usize) -> Result<DeviceExpe
     if slots > i32::MAX as usize / 2 {
         bail!("moe_permute: {slots} slots in one launch");
     }
-    let device = expert_ids.device();
     let tiles = max_tiles(slots, num_experts, TILE_ROWS);
-    let batches = DeviceExpertBatches {
-        counts: Tensor::zeros(num_experts, DType::U32, device)?,
-        offsets: Tensor::zeros(num_experts + 1, DType::U32, device)?,
-        sorted_slots: Tensor::zeros(tiles.max(1) * TILE_ROWS, DType::U32, device)?,
-        tile_experts: Tensor::zeros(tiles.max(1), DType::U32, device)?,
-        num_tiles: Tensor::zeros(1, DType::U32, device)?,
-        num_experts,
-        top_k: k,
-        num_tokens: t,
+    // Zero-filled: the kernel counts into them and leaves the unused tail alone.
+    let mut counts = OutBuf::zeroed(&dev, num_experts, DType::U32)?;
+    let mut offsets = OutBuf::zeroed(&dev, num_experts + 1, DType::U32)?;
+    let mut sorted_slots = OutBuf::zeroed(&dev, tiles.max(1) * TILE_ROWS, DType::U32)?;
+    let mut tile_experts = OutBuf::zeroed(&dev, tiles.max(1), DType::U32)?;
+    let mut num_tiles = OutBuf::zeroed(&dev, 1, DType::U32)?;
+    let batches = |counts: OutBuf, offsets: OutBuf, sorted: OutBuf, tile_experts: OutBuf, num_tiles: OutBuf| {
+        DeviceExpertBatches {
+            counts: counts.into_tensor(),
+            offsets: offsets.into_tensor(),
+            sorted_slots: sorted.into_tensor(),
+            tile_experts: tile_experts.into_tensor(),
+            num_tiles: num_tiles.into_tensor(),
+            num_experts,
+            top_k: k,
+            num_tokens: t,
+        }
     };
     if slots == 0 {
-        return Ok(batches);
+        return Ok(batches(counts, offsets, sorted_slots, tile_experts, num_tiles));
     }
     let func = load(&dev, "moe_permute", ptx::MOE_PERMUTE, "moe_permute")?;
     let stream = dev.cuda_stream();
-    let p_ids = dev_ptr(expert_ids, &stream)?;
-    let (p_counts, p_offsets) = (dev_ptr(&batches.counts, &stream)?, dev_ptr(&batches.offsets, &stream)?);
+    let held = Held::new(&[expert_ids]);
+    let mut args = Args::new(&stream);
+    let p_ids = args.input(&held, 0)?;
+    let (p_counts, p_offsets) = (args.output(&mut counts), args.output(&mut offsets));
     let (p_sorted, p_tiles, p_num) = (
-        dev_ptr(&batches.sorted_slots, &stream)?,
-        dev_ptr(&batches.tile_experts, &stream)?,
-        dev_ptr(&batches.num_tiles, &stream)?,
+        args.output(&mut sorted_slots),
+        args.output(&mut tile_experts),
+        args.output(&mut num_tiles),
     );
     let (slots_i, e_i, tile_i) = (slots as i32, num_experts as i32, TILE_ROWS as i32);
     let mut b = stream.launch_builder(&func);
@@ -167,7 +180,8 @@ pub fn moe_permute(expert_ids: &Tensor, num_experts: usize) -> Result<DeviceExpe
         .arg(&p_num);
     let smem = ((num_experts + 1) * 4) as u32;
     unsafe { b.launch(cfg((num_experts as u32, 1, 1), 256, smem)) }.map_err(launch_err)?;
-    Ok(batches)
+    drop(args);
+    Ok(batches(counts, offsets, sorted_slots, tile_experts, num_tiles))
 }
 
 /// Checks a bf16 GEMM operand: rows 16-byte aligned (row stride and width multiples of 8).
@@ -207,21 +221,23 @@ pub fn moe_gate_up_silu(x: &Tensor, gate_up: &Tensor, b: &DeviceExpertBatches) -
     }
     check(gate_up, "gate_up", DType::BF16, &dev)?;
     let rows = b.max_tiles() * TILE_ROWS;
-    let h = Tensor::zeros((rows.max(TILE_ROWS), inter), DType::BF16, x.device())?;
     if rows == 0 || inter == 0 {
-        return Ok(h);
+        return Tensor::zeros((rows.max(TILE_ROWS), inter), DType::BF16, x.device());
     }
+    if !inter.is_multiple_of(8) {
+        bail!("moe grouped GEMM: h rows of {inter} are not 16-byte aligned (width % 8 == 0)");
+    }
+    // Zero-filled: padding rows stay zero.
+    let mut h = OutBuf::zeroed(&dev, (rows, inter), DType::BF16)?;
     let func = load(&dev, "moe_grouped_gemm", ptx::MOE_GROUPED_GEMM, "moe_gate_up_silu")?;
     let stream = dev.cuda_stream();
-    let (p_x, p_w, p_h) = (dev_ptr(x, &stream)?, dev_ptr(gate_up, &stream)?, dev_ptr(&h, &stream)?);
+    let held = Held::new(&[x, gate_up, &b.sorted_slots, &b.tile_experts, &b.num_tiles]);
+    let mut args = Args::new(&stream);
+    let (p_x, p_w) = (args.input(&held, 0)?, args.input(&held, 1)?);
     check_gemm_operand(x, "x", p_x)?;
     check_gemm_operand(gate_up, "gate_up", p_w)?;
-    check_gemm_operand(&h, "h", p_h)?;
-    let (p_sorted, p_tiles, p_num) = (
-        dev_ptr(&b.sorted_slots, &stream)?,
-        dev_ptr(&b.tile_experts, &stream)?,
-        dev_ptr(&b.num_tiles, &stream)?,
-    );
+    let (p_sorted, p_tiles, p_num) = (args.input(&held, 2)?, args.input(&held, 3)?, args.input(&held, 4)?);
+    let p_h = args.output(&mut h);
     let (ldx, k_i, n_i, top_k, ldh) = (
         x.stride()[0] as i64,
         k as i32,
@@ -239,7 +255,8 @@ pub fn moe_gate_up_silu(x: &Tensor, gate_up: &Tensor, b: &DeviceExpertBatches) -
         .arg(&ldh);
     let grid = (b.max_tiles() as u32, inter.div_ceil(TILE_COLS / 2) as u32, 1);
     unsafe { lb.launch(cfg(grid, 128, 0)) }.map_err(launch_err)?;
-    Ok(h)
+    drop(args);
+    Ok(h.into_tensor())
 }
 
 /// `y[slot] = weight[slot] * (h[row(slot)] W_down^T)`, on tensor cores, written in slot order.
@@ -261,21 +278,25 @@ pub fn moe_down_weighted(h: &Tensor, down: &Tensor, b: &DeviceExpertBatches, slo
     check(down, "down", DType::BF16, &dev)?;
     check(slot_weights, "slot_weights", DType::F32, &dev)?;
     let slots = b.num_tokens * b.top_k;
-    let y = Tensor::zeros((slots, hidden), DType::F32, h.device())?;
     if slots == 0 || hidden == 0 {
-        return Ok(y);
+        return Tensor::zeros((slots, hidden), DType::F32, h.device());
     }
+    // Zero-filled: slots without an expert stay zero.
+    let mut y = OutBuf::zeroed(&dev, (slots, hidden), DType::F32)?;
     let func = load(&dev, "moe_grouped_gemm", ptx::MOE_GROUPED_GEMM, "moe_down_weighted")?;
     let stream = dev.cuda_stream();
-    let (p_h, p_w, p_y) = (dev_ptr(h, &stream)?, dev_ptr(down, &stream)?, dev_ptr(&y, &stream)?);
+    let held = Held::new(&[h, down, &b.sorted_slots, &b.tile_experts, &b.num_tiles, slot_weights]);
+    let mut args = Args::new(&stream);
+    let (p_h, p_w) = (args.input(&held, 0)?, args.input(&held, 1)?);
     check_gemm_operand(h, "h", p_h)?;
     check_gemm_operand(down, "down", p_w)?;
     let (p_sorted, p_tiles, p_num, p_wt) = (
-        dev_ptr(&b.sorted_slots, &stream)?,
-        dev_ptr(&b.tile_experts, &stream)?,
-        dev_ptr(&b.num_tiles, &stream)?,
-        dev_ptr(slot_weights, &stream)?,
+        args.input(&held, 2)?,
+        args.input(&held, 3)?,
+        args.input(&held, 4)?,
+        args.input(&held, 5)?,
     );
+    let p_y = args.output(&mut y);
     let (ldh, k_i, n_i, ldy) = (h.stride()[0] as i64, inter as i32, hidden as i32, hidden as i64);
     let mut lb = stream.launch_builder(&func);
     lb.arg(&p_h).arg(&ldh).arg(&p_w).arg(&k_i).arg(&n_i);
@@ -287,7 +308,8 @@ pub fn moe_down_weighted(h: &Tensor, down: &Tensor, b: &DeviceExpertBatches, slo
         .arg(&ldy);
     let grid = (b.max_tiles() as u32, hidden.div_ceil(TILE_COLS) as u32, 1);
     unsafe { lb.launch(cfg(grid, 128, 0)) }.map_err(launch_err)?;
-    Ok(y)
+    drop(args);
+    Ok(y.into_tensor())
 }
 
 /// `out[t] = dtype(Σ_j y[t * top_k + j] (+ shared[t]))`, summed in slot order (deterministic).
@@ -306,10 +328,11 @@ pub fn moe_combine(y: &Tensor, top_k: usize, shared: Option<&Tensor>, dtype: DTy
             bail!("moe_combine: shared {:?} for [{t}, {hidden}]", s.shape());
         }
     }
-    let out = Tensor::zeros((t, hidden), dtype, y.device())?;
     if t == 0 || hidden == 0 {
-        return Ok(out);
+        return Tensor::zeros((t, hidden), dtype, y.device());
     }
+    // Every element is written.
+    let mut out = OutBuf::uninit(&dev, (t, hidden), dtype)?;
     let func = load(
         &dev,
         "moe_grouped_gemm",
@@ -317,16 +340,22 @@ pub fn moe_combine(y: &Tensor, top_k: usize, shared: Option<&Tensor>, dtype: DTy
         &format!("moe_combine_{}", suffix(dtype)?),
     )?;
     let stream = dev.cuda_stream();
-    let (p_y, p_out) = (dev_ptr(y, &stream)?, dev_ptr(&out, &stream)?);
+    let mut inputs = vec![y];
+    inputs.extend(shared);
+    let held = Held::new(&inputs);
+    let mut args = Args::new(&stream);
+    let p_y = args.input(&held, 0)?;
     let p_shared = match shared {
-        Some(s) => dev_ptr(s, &stream)?,
+        Some(_) => args.input(&held, 1)?,
         None => 0u64,
     };
+    let p_out = args.output(&mut out);
     let (k_i, n_i) = (top_k as i32, hidden as i32);
     let mut lb = stream.launch_builder(&func);
     lb.arg(&p_y).arg(&k_i).arg(&p_shared).arg(&p_out).arg(&n_i);
     unsafe { lb.launch(cfg((t as u32, 1, 1), 256, 0)) }.map_err(launch_err)?;
-    Ok(out)
+    drop(args);
+    Ok(out.into_tensor())
 }
 
 /// The routed experts of one MoE layer on the device: permute, gate/up + SiLU, down with the

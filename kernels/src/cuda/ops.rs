@@ -3,7 +3,8 @@
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, DType, Result, Tensor};
 
-use super::{cfg, check, cuda_device, dev_ptr, launch_err, load, ptx, suffix};
+use super::args::{Args, Held, OutBuf};
+use super::{cfg, check, cuda_device, launch_err, load, ptx, suffix};
 
 /// Writes `[c_kv[t] ++ k_pe[t]]` into cache row `slots[t]`, in place (the CUDA counterpart of
 /// [`crate::write_latent_cache`] without the concatenation).
@@ -91,15 +92,20 @@ pub(crate) fn scatter_rows(op: &str, cache: &Tensor, parts: &[RowPart], slots: &
         &format!("latent_cache_write_{}_{slot_kind}", suffix(dtype)?),
     )?;
     let stream = dev.cuda_stream();
-    let p_a = dev_ptr(parts[0].src, &stream)?;
+    // The cache is written in place (ordered by the stream; see `args`).
+    let mut inputs = vec![slots, cache];
+    inputs.extend(parts.iter().map(|p| p.src));
+    let held = Held::new(&inputs);
+    let mut args = Args::new(&stream);
+    let (p_slots, p_cache) = (args.input(&held, 0)?, args.input(&held, 1)?);
+    let p_a = args.input(&held, 2)?;
     let s_a = parts[0].row_stride as i64;
     let w_a = parts[0].width as i32;
     // One part: the second source is empty (width 0, never dereferenced).
     let (p_b, s_b, w_b) = match parts.get(1) {
-        Some(b) => (dev_ptr(b.src, &stream)?, b.row_stride as i64, b.width as i32),
+        Some(b) => (args.input(&held, 3)?, b.row_stride as i64, b.width as i32),
         None => (p_a, 0i64, 0i32),
     };
-    let (p_slots, p_cache) = (dev_ptr(slots, &stream)?, dev_ptr(cache, &stream)?);
     let num_slots = (num_blocks * block_size) as i64;
     let mut b = stream.launch_builder(&func);
     b.arg(&p_a).arg(&s_a).arg(&p_b).arg(&s_b).arg(&p_slots).arg(&p_cache);
@@ -129,14 +135,16 @@ pub fn rmsnorm_residual(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, 
             bail!("rmsnorm_residual: residual {:?} vs x {:?}", r.shape(), x.shape());
         }
     }
-    let out = Tensor::zeros((rows, dim), dtype, x.device())?;
-    let h = match residual {
-        Some(_) => Tensor::zeros((rows, dim), dtype, x.device())?,
-        None => x.clone(),
-    };
     if rows == 0 {
-        return Ok((h, out));
+        let empty = Tensor::zeros((0, dim), dtype, x.device())?;
+        return Ok((if residual.is_some() { empty.clone() } else { x.clone() }, empty));
     }
+    // Both outputs are written whole.
+    let mut out = OutBuf::uninit(&dev, (rows, dim), dtype)?;
+    let mut h = match residual {
+        Some(_) => Some(OutBuf::uninit(&dev, (rows, dim), dtype)?),
+        None => None,
+    };
     let func = load(
         &dev,
         "rmsnorm_residual",
@@ -144,12 +152,17 @@ pub fn rmsnorm_residual(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, 
         &format!("rmsnorm_residual_{}", suffix(dtype)?),
     )?;
     let stream = dev.cuda_stream();
-    let p_x = dev_ptr(x, &stream)?;
-    let (p_r, p_h) = match residual {
-        Some(r) => (dev_ptr(r, &stream)?, dev_ptr(&h, &stream)?),
-        None => (0u64, 0u64),
+    let mut inputs = vec![x, weight];
+    inputs.extend(residual);
+    let held = Held::new(&inputs);
+    let mut args = Args::new(&stream);
+    let (p_x, p_w) = (args.input(&held, 0)?, args.input(&held, 1)?);
+    let p_r = match residual {
+        Some(_) => args.input(&held, 2)?,
+        None => 0u64,
     };
-    let (p_w, p_out) = (dev_ptr(weight, &stream)?, dev_ptr(&out, &stream)?);
+    let p_h = h.as_mut().map_or(0u64, |h| args.output(h));
+    let p_out = args.output(&mut out);
     let (dim_i, eps_f) = (dim as i32, eps as f32);
     let threads = if dim >= 4096 {
         512
@@ -167,7 +180,9 @@ pub fn rmsnorm_residual(x: &Tensor, residual: Option<&Tensor>, weight: &Tensor, 
         .arg(&dim_i)
         .arg(&eps_f);
     unsafe { b.launch(cfg((rows as u32, 1, 1), threads, 0)) }.map_err(launch_err)?;
-    Ok((h, out))
+    drop(args);
+    let h = h.map_or_else(|| x.clone(), OutBuf::into_tensor);
+    Ok((h, out.into_tensor()))
 }
 
 /// Rotates `q_pe` and `k_pe` in place by the step's per-token tables (row `t` rotates token
@@ -228,15 +243,21 @@ pub fn rope_inplace(
     }
     let func = load(&dev, "rope", ptx::ROPE, &format!("rope_{}", suffix(dtype)?))?;
     let stream = dev.cuda_stream();
+    // q_pe and k_pe are rotated in place (ordered by the stream; see `args`).
+    let mut inputs = vec![cos, sin];
+    inputs.extend(q_pe);
+    inputs.extend(k_pe);
+    let held = Held::new(&inputs);
+    let mut args = Args::new(&stream);
+    let (p_cos, p_sin) = (args.input(&held, 0)?, args.input(&held, 1)?);
     let p_q = match q_pe {
-        Some(q) => dev_ptr(q, &stream)?,
+        Some(_) => args.input(&held, 2)?,
         None => 0u64,
     };
     let p_k = match k_pe {
-        Some(k) => dev_ptr(k, &stream)?,
+        Some(_) => args.input(&held, 2 + q_pe.is_some() as usize)?,
         None => 0u64,
     };
-    let (p_cos, p_sin) = (dev_ptr(cos, &stream)?, dev_ptr(sin, &stream)?);
     let (heads_i, rot_i, inter_i) = (heads as i32, rot as i32, interleaved as i32);
     let pairs = (heads + k_pe.is_some() as usize) * half;
     let threads = pairs.next_multiple_of(32).clamp(32, 512) as u32;
