@@ -3,7 +3,7 @@
 //! request's output over its own channel. Callers submit and abort through [`Engine`];
 //! they never touch the scheduler or the model directly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 
@@ -18,7 +18,7 @@ use crate::constraint::{ConstraintStep, TokenConstraint, TokenMask};
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::error::{EngineError, Result};
 use crate::expert_load::ExpertLoad;
-use crate::runner::ModelRunner;
+use crate::runner::{ModelRunner, StepRow};
 use crate::sampling::{Sampler, SamplingParams};
 pub use crate::scheduler::FinishReason;
 use crate::scheduler::{NewRequest, RequestId, SampledToken, Scheduler, SchedulerConfig};
@@ -524,8 +524,21 @@ impl StepLoop {
             .filter(|r| r.needs_sample && self.live.get(&r.id).is_some_and(|l| l.constraint.is_some()))
             .map(|r| r.id)
             .collect();
+        // Greedy requests without logprobs, penalties or grammar get their token picked where
+        // the logits are (only ids leave a GPU).
+        let greedy: HashSet<RequestId> = plan
+            .scheduled
+            .iter()
+            .filter(|r| r.needs_sample)
+            .filter(|r| {
+                self.live
+                    .get(&r.id)
+                    .is_some_and(|l| l.constraint.is_none() && l.sampler.is_plain_greedy(&l.generated))
+            })
+            .map(|r| r.id)
+            .collect();
         let (logits, mut masks) = if constrained.is_empty() {
-            (self.runner.execute(&plan, trace.as_ref())?, HashMap::new())
+            (self.runner.execute(&plan, &greedy, trace.as_ref())?, HashMap::new())
         } else {
             let (runner, live) = (&self.runner, &mut self.live);
             let (logits, masks) = std::thread::scope(|s| {
@@ -538,7 +551,7 @@ impl StepLoop {
                     }
                     masks
                 });
-                let logits = runner.execute(&plan, trace.as_ref());
+                let logits = runner.execute(&plan, &greedy, trace.as_ref());
                 (logits, masking.join())
             });
             let masks = masks.map_err(|_| EngineError::InvalidRequest("the grammar thread panicked".into()))?;
@@ -556,14 +569,21 @@ impl StepLoop {
         for (id, row) in logits {
             let Some(live) = self.live.get_mut(&id) else { continue };
             let step = live.generated.len();
-            let mut row = row;
             let mut finish = None;
-            let token = match live.constraint.as_mut() {
-                None => live.sampler.sample(&row, &live.generated, step),
-                Some(c) => {
-                    let mask = masks.remove(&id).unwrap_or_else(|| c.compute_mask());
-                    constrained_sample(c, mask, &live.sampler, &mut row, &live.generated, step, &mut finish)
-                }
+            let token = match row {
+                // The argmax the sampler would have taken of the same row.
+                StepRow::Greedy(token) => crate::sampling::SampledToken {
+                    token,
+                    logprob: None,
+                    top_logprobs: Vec::new(),
+                },
+                StepRow::Logits(mut row) => match live.constraint.as_mut() {
+                    None => live.sampler.sample(&row, &live.generated, step),
+                    Some(c) => {
+                        let mask = masks.remove(&id).unwrap_or_else(|| c.compute_mask());
+                        constrained_sample(c, mask, &live.sampler, &mut row, &live.generated, step, &mut finish)
+                    }
+                },
             };
             live.generated.push(token.token);
             let mut text = String::new();

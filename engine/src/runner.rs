@@ -1,8 +1,11 @@
 //! The model runner: owns the model (any family, through [`CausalLm`]) and its paged KV
 //! cache, turns a scheduler step into batch tensors, runs the forward pass and hands back the
-//! logits rows to sample from. It makes no scheduling decisions and keeps no per-request state.
+//! logits rows to sample from (or, for greedy requests, their tokens picked on the logits'
+//! device). It makes no scheduling decisions and keeps no per-request state.
 
-use candle_core::DType;
+use std::collections::HashSet;
+
+use candle_core::{DType, Tensor};
 use moe_models::{CausalLm, KvCache, KvCacheSpec, Model, RoutingTrace};
 
 use crate::batch::{BatchBuilder, LogitRows, SeqChunk};
@@ -19,6 +22,15 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 pub struct ModelRunner {
     model: Model,
     cache: KvCache,
+}
+
+/// A sampling request's share of a step's output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepRow {
+    /// Its logits row (`[vocab]` f32), for the host sampler.
+    Logits(Vec<f32>),
+    /// The greedy token, chosen on the logits' device.
+    Greedy(u32),
 }
 
 impl ModelRunner {
@@ -113,8 +125,15 @@ impl ModelRunner {
     }
 
     /// Runs one step. Returns, for every scheduled request with `needs_sample`, its id and
-    /// the f32 logits (`[vocab]`) of its last computed position, in plan order.
-    pub fn execute(&self, step: &SchedulerOutput, trace: Option<&RoutingTrace>) -> Result<Vec<(RequestId, Vec<f32>)>> {
+    /// either the f32 logits (`[vocab]`) of its last computed position or, for the requests in
+    /// `greedy`, only their argmax (picked where the logits are: on a GPU only the ids are
+    /// downloaded), in plan order.
+    pub fn execute(
+        &self,
+        step: &SchedulerOutput,
+        greedy: &HashSet<RequestId>,
+        trace: Option<&RoutingTrace>,
+    ) -> Result<Vec<(RequestId, StepRow)>> {
         let mut batch = BatchBuilder::new(self.cache.block_size);
         for s in &step.scheduled {
             if s.token_ids.len() != s.num_tokens {
@@ -139,16 +158,48 @@ impl ModelRunner {
         }
         let tensors = batch.tensors(self.model.device())?;
         let logits = self.model.forward(&tensors.ctx(trace), &self.cache)?;
-        let rows = if logits.dims()[0] == 0 {
-            Vec::new()
-        } else {
-            logits.to_vec2::<f32>()?
+        // (request, its logits row), for the requests that sample.
+        let sampling: Vec<(RequestId, usize)> = step
+            .scheduled
+            .iter()
+            .zip(&tensors.logits_ranges)
+            .filter(|(s, _)| s.needs_sample)
+            .map(|(s, range)| (s.id, range.start))
+            .collect();
+        let pick = |wanted: bool| -> Vec<u32> {
+            sampling
+                .iter()
+                .filter(|(id, _)| greedy.contains(id) == wanted)
+                .map(|&(_, row)| row as u32)
+                .collect()
         };
-        let mut out = Vec::with_capacity(rows.len());
-        for (s, range) in step.scheduled.iter().zip(&tensors.logits_ranges) {
-            if s.needs_sample {
-                out.push((s.id, rows[range.start].clone()));
+        let (greedy_rows, full_rows) = (pick(true), pick(false));
+        let rows_of = |rows: &[u32]| -> Result<Tensor> {
+            if rows.len() == logits.dims()[0] {
+                return Ok(logits.clone());
             }
+            Ok(logits.index_select(&Tensor::from_slice(rows, rows.len(), logits.device())?, 0)?)
+        };
+        let mut ids = match greedy_rows.is_empty() {
+            true => Vec::new(),
+            false => moe_kernels::sampling::argmax_rows(&rows_of(&greedy_rows)?)?,
+        }
+        .into_iter();
+        let mut full = match full_rows.is_empty() {
+            true => Vec::new(),
+            false => rows_of(&full_rows)?.to_vec2::<f32>()?,
+        }
+        .into_iter();
+        let mut out = Vec::with_capacity(sampling.len());
+        for (id, _) in sampling {
+            let row = match greedy.contains(&id) {
+                true => ids.next().map(StepRow::Greedy),
+                false => full.next().map(StepRow::Logits),
+            };
+            out.push((
+                id,
+                row.ok_or_else(|| EngineError::InvalidRequest("a step lost a logits row".into()))?,
+            ));
         }
         Ok(out)
     }

@@ -110,6 +110,16 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether this request's token is the plain argmax of its logits for a request that has
+    /// generated `generated` (greedy, no logprobs, no penalty in effect): then the step may
+    /// pick it where the logits are, without sending them to the host.
+    pub fn is_plain_greedy(&self, generated: &[u32]) -> bool {
+        let p = &self.params;
+        p.temperature == 0.0
+            && p.logprobs.is_none()
+            && ((p.presence_penalty == 0.0 && p.frequency_penalty == 0.0) || generated.is_empty())
+    }
+
     /// The base seed of this request's draws (the OS-drawn one when none was given).
     pub fn seed(&self) -> u64 {
         self.seed
@@ -268,17 +278,8 @@ fn top_logprobs(logits: &[f32], n: usize, lse: f64) -> Vec<(u32, f32)> {
         .collect()
 }
 
-/// Index of the largest logit (lowest index on ties); NaN logits are never chosen (0 when all
-/// are NaN or `logits` is empty).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best: Option<usize> = None;
-    for (i, &l) in logits.iter().enumerate() {
-        if !l.is_nan() && best.is_none_or(|b| l > logits[b]) {
-            best = Some(i);
-        }
-    }
-    best.unwrap_or(0) as u32
-}
+/// The greedy rule, shared with the device's greedy choice ([`moe_kernels::sampling`]).
+pub use moe_kernels::sampling::argmax;
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,7 @@
 //! through the paged KV cache in chunks of at most `chunk` tokens per prompt and step.
 //! This is what `moe logits` runs and what the transformers goldens are checked through.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use moe_models::{CausalLm, KvCache, RoutingTrace};
 
 use crate::batch::{BatchBuilder, LogitRows, SeqChunk};
@@ -116,7 +116,8 @@ pub fn all_position_logits(model: &dyn CausalLm, prompt: &[u32]) -> Result<Tenso
     Ok(out.remove(0))
 }
 
-/// Greedy argmax of each row of `[rows, vocab]` logits.
+/// Greedy argmax of each row of `[rows, vocab]` logits (the sampler's rule: lowest index on
+/// ties, NaN never chosen), on the logits' device.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+    Ok(moe_kernels::sampling::argmax_rows(logits)?)
 }

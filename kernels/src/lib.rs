@@ -19,6 +19,7 @@ pub mod paged;
 pub mod quant;
 pub mod reference;
 pub mod rope;
+pub mod sampling;
 
 #[cfg(test)]
 mod test_values;

@@ -20,6 +20,7 @@ mod dsa;
 mod gqa;
 mod moe;
 mod ops;
+mod sampling;
 
 pub use decode::{decode_split_plan, paged_mla_decode, paged_mla_rows, sparse_mla_decode, MlaDecodeParams};
 pub use dsa::dsa_indexer_topk;
@@ -32,6 +33,7 @@ pub use moe::{
 };
 pub use ops::{latent_cache_write, rmsnorm_residual, rope_inplace};
 pub(crate) use ops::{scatter_rows, RowPart};
+pub use sampling::argmax_rows;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -55,6 +57,7 @@ pub(crate) mod ptx {
     pub const MOE_ROUTE: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_route.ptx"));
     pub const MOE_PERMUTE: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_permute.ptx"));
     pub const MOE_GROUPED_GEMM: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_grouped_gemm.ptx"));
+    pub const ARGMAX_ROWS: &str = include_str!(concat!(env!("OUT_DIR"), "/argmax_rows.ptx"));
 }
 
 /// The CUDA device `t` lives on.

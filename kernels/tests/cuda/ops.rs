@@ -232,3 +232,39 @@ fn paged_mla_decode_matches_reference() -> Result<()> {
     check_decode(DType::BF16, 1, 16, &[1], None)?;
     Ok(())
 }
+
+#[test]
+fn argmax_rows_matches_the_host_rule() -> Result<()> {
+    let dev = gpu();
+    let mut rng = Rng(23);
+    // Rows of a 102400-token vocabulary (DeepSeek-V2's) and odd widths, with planted ties at
+    // the maximum (the lower index wins), NaNs (never chosen) and an all-NaN row (0).
+    for (rows, vocab) in [(1usize, 102400usize), (37, 102400), (5, 1), (3, 1000)] {
+        let mut x = rng.vec(rows * vocab, 4.0);
+        for r in 0..rows {
+            let row = &mut x[r * vocab..(r + 1) * vocab];
+            if vocab > 10 {
+                let (a, b) = ((r * 7919) % vocab, (r * 104729 + 3) % vocab);
+                row[a] = 9.0;
+                row[b] = 9.0;
+                row[(r * 31) % vocab] = f32::NAN;
+            }
+            if r == 2 {
+                row.fill(f32::NAN);
+            }
+        }
+        let want: Vec<u32> = x.chunks(vocab).map(moe_kernels::sampling::argmax).collect();
+        let t = Tensor::from_vec(x, (rows, vocab), &dev)?;
+        assert_eq!(moe_kernels::sampling::argmax_rows(&t)?, want, "{rows} x {vocab}");
+        // A view without each row's last column (row stride > width) is read in place.
+        if vocab > 1 {
+            let values = host(&t);
+            let want: Vec<u32> = values
+                .chunks(vocab)
+                .map(|r| moe_kernels::sampling::argmax(&r[..vocab - 1]))
+                .collect();
+            assert_eq!(moe_kernels::sampling::argmax_rows(&t.narrow(1, 0, vocab - 1)?)?, want);
+        }
+    }
+    Ok(())
+}
