@@ -44,6 +44,8 @@ pub struct BatchBuilder {
 /// Device tensors of one step; borrow them into a [`ForwardCtx`] with [`BatchTensors::ctx`].
 pub struct BatchTensors {
     pub token_ids: Tensor,
+    /// `token_ids` on the host (the forward reads them there without a device round trip).
+    pub host_token_ids: Vec<u32>,
     pub positions: Tensor,
     pub slot_mapping: Tensor,
     pub logits_rows: Tensor,
@@ -117,6 +119,7 @@ impl BatchBuilder {
         }
         Ok(BatchTensors {
             token_ids: Tensor::from_vec(self.token_ids.clone(), n, device)?,
+            host_token_ids: self.token_ids.clone(),
             positions: Tensor::from_vec(self.positions.clone(), n, device)?,
             slot_mapping: Tensor::from_vec(self.slot_mapping.clone(), n, device)?,
             logits_rows: Tensor::from_vec(self.logits_rows.clone(), self.logits_rows.len(), device)?,
@@ -130,6 +133,7 @@ impl BatchTensors {
     pub fn ctx<'a>(&'a self, trace: Option<&'a RoutingTrace>) -> ForwardCtx<'a> {
         ForwardCtx {
             token_ids: &self.token_ids,
+            host_token_ids: Some(&self.host_token_ids),
             positions: &self.positions,
             slot_mapping: &self.slot_mapping,
             seqs: &self.seqs,

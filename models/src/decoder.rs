@@ -172,7 +172,10 @@ impl CausalLm for Decoder {
         if cache.layers.len() != self.layers.len() || cache.spec != self.kv_spec {
             return Err(ModelError::Input("the cache was not made for this model".into()));
         }
-        let ids = ctx.token_ids.to_vec1::<u32>()?;
+        let ids = match ctx.host_token_ids {
+            Some(ids) if ids.len() == tokens => std::borrow::Cow::Borrowed(ids),
+            _ => std::borrow::Cow::Owned(ctx.token_ids.to_vec1::<u32>()?),
+        };
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             return Err(ModelError::Input(format!(
                 "token id {bad} is outside the vocabulary of {}",

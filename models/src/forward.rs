@@ -15,6 +15,9 @@ use crate::error::Result;
 pub struct ForwardCtx<'a> {
     /// `[num_tokens]` u32.
     pub token_ids: &'a Tensor,
+    /// The same ids on the host when the caller has them (the engine does): the forward then
+    /// reads them without copying `token_ids` back from a GPU every step.
+    pub host_token_ids: Option<&'a [u32]>,
     /// `[num_tokens]` u32: absolute positions (for RoPE).
     pub positions: &'a Tensor,
     /// `[num_tokens]` u32: cache slot (`block * block_size + offset`) each token writes.

@@ -190,6 +190,7 @@ fn run_rank(model: &dyn CausalLm, job: &Job) -> Result<()> {
     let seqs = PagedBatch::new(b.seqs.clone());
     let ctx = ForwardCtx {
         token_ids: &token_ids,
+        host_token_ids: Some(&b.token_ids),
         positions: &positions,
         slot_mapping: &slot_mapping,
         seqs: &seqs,
