@@ -121,6 +121,17 @@ if in_phase 1 && [ "$DEVICE" != cpu ]; then
     step "test $name" 150 "test-$name.log" "$t" --test-threads 1 &&
       grep -E "^test result|FAILED|panicked" "$OUT/test-$name.log" | tee -a "$SUMMARY"
   done
+  # The kernels written without a GPU, under compute-sanitizer's memcheck (out-of-bounds and
+  # misaligned accesses, launch errors): the attention row kernels, RoPE, RMSNorm, argmax.
+  if [ -x "$WORK/tests/cuda" ]; then
+    if command -v compute-sanitizer > /dev/null || [ "$MODE" = plan ]; then
+      step "memcheck: attention, ops" 180 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$WORK/tests/cuda" --test-threads 1 attention:: ops:: &&
+        grep -E "^test result|ERROR SUMMARY" "$OUT/memcheck.log" | tee -a "$SUMMARY"
+    else
+      say "compute-sanitizer not found: memcheck skipped"
+    fi
+  fi
   if [ -x "$WORK/benches/cuda" ]; then
     for name in mla_decode gqa_decode dsa_decode moe_layer; do
       step "bench $name" 60 "bench-$name.log" "$WORK/benches/cuda" "$name" &&
@@ -195,6 +206,18 @@ if in_phase 2; then
         --model "$CKPT" --weights checkpoint --device "$([ "$DEVICE" = cpu ] && echo cpu || echo cuda)" \
         --dtype bf16 --input-len "$IN" --output-len "$OUT_LEN" --num-prompts "$([ "$DEVICE" = cpu ] && echo 2 || echo 64)" \
         --prompts-per-run 2 --concurrency "$HF_SWEEP" --output-json "$OUT/hf.json" "${hf_check[@]}"
+    fi
+    # The decode step's time by kernel: a short batch-64 run under Nsight Systems, when present.
+    if [ "$DEVICE" != cpu ]; then
+      if command -v nsys > /dev/null || [ "$MODE" = plan ]; then
+        step "kernel times, batch 64 decode (nsys)" 150 nsys.log nsys profile --force-overwrite true \
+          --stats true --output "$OUT/decode-step" "$MOE" bench --model "$CKPT" --dtype "$DTYPE" --device "$DEVICE" \
+          --max-model-len 1024 --max-num-seqs 64 --kv-cache-memory 8GiB --input-len 64 --output-len 32 \
+          --num-prompts 64 --concurrency 64 &&
+          grep -A25 "cuda_gpu_kern_sum" "$OUT/nsys.log" | tee -a "$SUMMARY"
+      else
+        say "nsys not found: the per-kernel breakdown is skipped"
+      fi
     fi
     # Every figure in one table: tok/s, tok/J, moe vs transformers, against the HBM roofline.
     step "summary" 120 summary.log python3 benches/gpu_summary.py "$OUT" --model "$CKPT" &&
