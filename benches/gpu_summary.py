@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="the phase's output folder")
     ap.add_argument("--model", required=True, help="the checkpoint both engines ran (config.json)")
+    ap.add_argument("--results", default=None,
+                    help="another folder of results (an earlier phase's); the output folder's win")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="HBM bandwidth to use for the roofline")
     ap.add_argument("--context", type=int, default=None, help="mean cached tokens in decode (default: input + output/2)")
     a = ap.parse_args(argv)
@@ -123,18 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[tuple[str, int], dict] = {}
     device = None
     workload = None
-    for path in sorted(glob.glob(str(out / "e2e-*-c*.json"))):
+    folders = [Path(a.results)] if a.results else []
+    folders.append(out)  # read last: its files replace an earlier phase's
+    paths = [p for folder in folders for p in sorted(glob.glob(str(folder / "e2e-*-c*.json")))]
+    for path in paths:
         m = re.search(r"e2e-(\w+)-c(\d+)\.json$", path)
         report = load(path)
         if not m or not report:
             continue
-        device = device or report.get("device")
-        workload = workload or report.get("workload")
+        device = report.get("device") or device
+        workload = report.get("workload") or workload
         for run in report.get("runs", []):
             rows[(f"moe {m.group(1)}", concurrency_of(run, int(m.group(2))))] = run_figures(run)
-    hf = load(str(out / "hf.json"))
-    if hf:
-        for run in hf.get("runs", []):
+    for folder in folders:
+        hf = load(str(folder / "hf.json"))
+        for run in (hf or {}).get("runs", []):
             rows[("transformers", concurrency_of(run, 0))] = run_figures(run)
 
     dtype = str((workload or {}).get("dtype") or "bf16")

@@ -4,13 +4,18 @@
 # Run it from the repository root (phase 1's NCCL test reads tests/fixtures; phase 2 reads
 # models/ and benches/).
 #
-#   run.sh 1     every GPU test (kernels, the NCCL path) and the kernel benchmarks
+#   run.sh 1     every GPU test (kernels, the NCCL path; the new kernels' tests again under
+#                compute-sanitizer) and the kernel benchmarks
 #   run.sh 2     end to end: the demo model's accuracy; the memory sizing; synthetic
 #                DeepSeek-V2-Lite (bf16, all 27 layers) written once with transformers, then
 #                `moe bench` on it at concurrency 1, 16, 64 and 256 (512 in, 128 out; grouped
-#                experts, and reference experts at 1 and 64) and transformers' generate() on
-#                the same checkpoint; tokens per joule from NVML; summary.json and summary.md
-#   run.sh all   both
+#                experts, and reference experts at 1 and 64), tokens per joule from NVML, the
+#                decode step by kernel (nsys); summary.json and summary.md
+#   run.sh 3     transformers' generate() on the same checkpoint (written here if phase 2 did
+#                not), and the summary with phase 2's figures beside it
+#   run.sh all   all three
+# Phases 2 and 3 keep their results in $MOE_GPU_RESULTS (default /tmp/moe-gpu-results) as
+# well, so phase 3, run next on the same machine, puts both engines in one table.
 #
 # Without a usable driver or with a library missing it stops (exit 2) with the reason and
 # the commands the phase would have run, in $OUT/summary.txt.
@@ -21,11 +26,11 @@
 #                        (the CPU test of every command: server/tests/gpu_bundle.rs)
 #   MOE_GPU_CKPT=DIR     where the synthetic checkpoint goes (default /tmp/moe-gpu-v2lite;
 #                        kept and reused when complete)
-#   MOE_GPU_E2E=0        skip the end-to-end runs; MOE_GPU_HF=0 skip the transformers baseline
+#   MOE_GPU_E2E=0        skip phase 2's end-to-end runs
 set -uo pipefail
 shopt -s nullglob
 PHASE=${1:-all}
-case "$PHASE" in 1|2|all) ;; *) echo "usage: run.sh [1|2|all]" >&2; exit 2 ;; esac
+case "$PHASE" in 1|2|3|all) ;; *) echo "usage: run.sh [1|2|3|all]" >&2; exit 2 ;; esac
 in_phase() { [ "$PHASE" = all ] || [ "$PHASE" = "$1" ]; }
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-$PWD/gpu-out}
@@ -141,16 +146,38 @@ if in_phase 1 && [ "$DEVICE" != cpu ]; then
 fi
 
 # Phase 2.
-if in_phase 2; then
+if in_phase 2 || in_phase 3; then
   if [ "$DEVICE" = cpu ]; then
     # Tiny shapes: the committed bf16 fixture stands in for the checkpoint (the writer's
-    # arguments are still checked), one layer-sized batch sweep, short requests.
+    # arguments are still checked), a two-point sweep, short requests.
     LAYERS=27 CKPT=tests/fixtures/deepseek-v2-lite-bf16 DTYPE=bf16
     IN=16 OUT_LEN=4 SWEEP="1 2" REF_SWEEP="1" HF_SWEEP=1,2 MEM_FLAGS=(--kv-cache-memory 64MiB)
   else
     LAYERS=27 CKPT=${MOE_GPU_CKPT:-/tmp/moe-gpu-v2lite} DTYPE=bf16
     IN=512 OUT_LEN=128 SWEEP="1 16 64 256" REF_SWEEP="1 64" HF_SWEEP=1,16,64 MEM_FLAGS=(--gpu-memory-utilization 0.85)
   fi
+  RESULTS=${MOE_GPU_RESULTS:-/tmp/moe-gpu-results}
+  [ "$MODE" = run ] && mkdir -p "$RESULTS"
+  keep() { [ -f "$OUT/$1" ] && cp "$OUT/$1" "$RESULTS/"; return 0; }
+  # The checkpoint both engines read, written once (reused when complete).
+  checkpoint() {
+    if [ "$DEVICE" = cpu ]; then
+      step "checkpoint arguments" 60 checkpoint.log python3 benches/make_synthetic.py "${MOE_GPU_CKPT:-/tmp/moe-gpu-v2lite}" \
+        --config models/configs/deepseek-v2-lite/config.json --layers "$LAYERS" --dtype bf16 --device cuda --check
+    elif [ ! -f "$CKPT/model.safetensors.index.json" ] || [ ! -f "$CKPT/config.json" ]; then
+      step "checkpoint: synthetic deepseek-v2-lite, $LAYERS layers, bf16 (transformers)" 300 checkpoint.log \
+        python3 benches/make_synthetic.py "$CKPT" --config models/configs/deepseek-v2-lite/config.json \
+        --layers "$LAYERS" --dtype bf16 --device cuda
+    fi
+  }
+  # Every figure in one table: tok/s, tok/J, moe vs transformers, against the HBM roofline.
+  summary() {
+    step "summary" 120 summary.log python3 benches/gpu_summary.py "$OUT" --results "$RESULTS" --model "$CKPT" &&
+      tee -a "$SUMMARY" < "$OUT/summary.md"
+  }
+fi
+
+if in_phase 2; then
   # The trained demo model's held-out problems in bf16 (a check that does not sit on float
   # ties; the CPU's f32 answers equal transformers').
   if [ "$DEVICE" != cpu ] && [ -f models/demo/heldout.jsonl ]; then
@@ -173,21 +200,14 @@ if in_phase 2; then
       --gpu-memory-utilization 0.9 --max-num-batched-tokens 2048 --max-model-len 1024 --max-num-seqs 64 \
       --input-len 16 --output-len 4 --num-prompts 2 --concurrency 1 --output-json "$OUT/e2e-memory.json" &&
       grep -E "KV cache|blocks" "$OUT/e2e-memory.log" | tee -a "$SUMMARY"
-    # The checkpoint both engines read, written once (reused when complete).
-    if [ "$DEVICE" = cpu ]; then
-      step "checkpoint arguments" 60 checkpoint.log python3 benches/make_synthetic.py "${MOE_GPU_CKPT:-/tmp/moe-gpu-v2lite}" \
-        --config models/configs/deepseek-v2-lite/config.json --layers "$LAYERS" --dtype bf16 --device cuda --check
-    elif [ ! -f "$CKPT/model.safetensors.index.json" ] || [ ! -f "$CKPT/config.json" ]; then
-      step "checkpoint: synthetic deepseek-v2-lite, $LAYERS layers, bf16 (transformers)" 300 checkpoint.log \
-        python3 benches/make_synthetic.py "$CKPT" --config models/configs/deepseek-v2-lite/config.json \
-        --layers "$LAYERS" --dtype bf16 --device cuda
-    fi
+    checkpoint
     for c in $SWEEP; do
       n=$(( c < 4 ? 4 : c ))
       step "moe bench, grouped experts, concurrency $c" 150 "e2e-grouped-c$c.log" "$MOE" bench --model "$CKPT" \
         --dtype "$DTYPE" --device "$DEVICE" --expert-backend grouped --max-model-len 1024 --max-num-seqs 256 \
         "${MEM_FLAGS[@]}" --input-len "$IN" --output-len "$OUT_LEN" --num-prompts "$n" --concurrency "$c" \
         --output-json "$OUT/e2e-grouped-c$c.json"
+      keep "e2e-grouped-c$c.json"
     done
     for c in $REF_SWEEP; do
       n=$(( c < 4 ? 4 : c ))
@@ -195,18 +215,8 @@ if in_phase 2; then
         --dtype "$DTYPE" --device "$DEVICE" --expert-backend reference --max-model-len 1024 --max-num-seqs 256 \
         "${MEM_FLAGS[@]}" --input-len "$IN" --output-len "$OUT_LEN" --num-prompts "$n" --concurrency "$c" \
         --output-json "$OUT/e2e-reference-c$c.json"
+      keep "e2e-reference-c$c.json"
     done
-    if [ "${MOE_GPU_HF:-1}" != 0 ]; then
-      # transformers' generate() on the same weights (greedy, EOS ignored, same prompts' shapes).
-      hf_check=()
-      if [ "$DEVICE" = cpu ] && ! python3 -c "import torch, transformers" 2>/dev/null; then
-        hf_check=(--check)
-      fi
-      step "transformers baseline, concurrency $HF_SWEEP" 300 hf.log python3 benches/hf_baseline.py \
-        --model "$CKPT" --weights checkpoint --device "$([ "$DEVICE" = cpu ] && echo cpu || echo cuda)" \
-        --dtype bf16 --input-len "$IN" --output-len "$OUT_LEN" --num-prompts "$([ "$DEVICE" = cpu ] && echo 2 || echo 64)" \
-        --prompts-per-run 2 --concurrency "$HF_SWEEP" --output-json "$OUT/hf.json" "${hf_check[@]}"
-    fi
     # The decode step's time by kernel: a short batch-64 run under Nsight Systems, when present.
     if [ "$DEVICE" != cpu ]; then
       if command -v nsys > /dev/null || [ "$MODE" = plan ]; then
@@ -219,10 +229,24 @@ if in_phase 2; then
         say "nsys not found: the per-kernel breakdown is skipped"
       fi
     fi
-    # Every figure in one table: tok/s, tok/J, moe vs transformers, against the HBM roofline.
-    step "summary" 120 summary.log python3 benches/gpu_summary.py "$OUT" --model "$CKPT" &&
-      tee -a "$SUMMARY" < "$OUT/summary.md"
+    summary
   fi
+fi
+
+if in_phase 3; then
+  checkpoint
+  # transformers' generate() on the same weights (greedy, EOS ignored, prompts of the same
+  # shapes); without torch (a CPU test machine) only its arguments are checked.
+  hf_check=()
+  if [ "$DEVICE" = cpu ] && ! python3 -c "import torch, transformers" 2>/dev/null; then
+    hf_check=(--check)
+  fi
+  step "transformers baseline, concurrency $HF_SWEEP" 420 hf.log python3 benches/hf_baseline.py \
+    --model "$CKPT" --weights checkpoint --device "$([ "$DEVICE" = cpu ] && echo cpu || echo cuda)" \
+    --dtype bf16 --input-len "$IN" --output-len "$OUT_LEN" --num-prompts "$([ "$DEVICE" = cpu ] && echo 2 || echo 64)" \
+    --prompts-per-run 2 --concurrency "$HF_SWEEP" --output-json "$OUT/hf.json" "${hf_check[@]}"
+  keep hf.json
+  summary
 fi
 [ "$MODE" = plan ] && exit 2
 exit $status

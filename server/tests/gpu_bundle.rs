@@ -1,9 +1,9 @@
 //! The GPU bundle's runner (`scripts/gpu-run.sh`, `.gpu/run.sh` in the bundle) on the CPU:
-//! phase 2 with `MOE_GPU_DEVICE=cpu` runs every command it runs on a GPU, with the same
-//! flags but tiny shapes (this `moe` binary, the committed bf16 fixture as the checkpoint,
-//! transformers on it when torch is installed, else its argument check), so a GPU lease is
-//! never lost to an argument error; and without a driver the runner stops with the reason
-//! and the commands each phase would run.
+//! phases 2 and 3 with `MOE_GPU_DEVICE=cpu` run every command they run on a GPU, with the
+//! same flags but tiny shapes (this `moe` binary, the committed bf16 fixture as the
+//! checkpoint, transformers on it when torch is installed, else its argument check), so a GPU
+//! lease is never lost to an argument error, and phase 3's summary holds phase 2's figures;
+//! without a driver the runner stops with the reason and the commands each phase would run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,6 +20,7 @@ fn run(phase: &str, out: &Path, envs: &[(&str, &str)]) -> Output {
         .arg(phase)
         .current_dir(repo_root())
         .env("OUT", out)
+        .env("MOE_GPU_RESULTS", out.join("results"))
         .env("MOE_BIN", env!("CARGO_BIN_EXE_moe"))
         .env("MOE_GPU_WORK", out.join("work"));
     for (k, v) in envs {
@@ -35,21 +36,39 @@ fn torch_installed() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+fn summary_of(out: &Path) -> String {
+    std::fs::read_to_string(out.join("summary.txt")).unwrap_or_default()
+}
+
 #[test]
-fn phase_two_runs_every_command_on_the_cpu() {
+fn phases_two_and_three_run_every_command_on_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path();
-    let o = run("2", out, &[("MOE_GPU_DEVICE", "cpu")]);
-    let summary = std::fs::read_to_string(out.join("summary.txt")).unwrap_or_default();
-    assert!(o.status.success(), "{summary}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(!summary.contains("FAILED"), "{summary}");
+    let (two, three) = (dir.path().join("two"), dir.path().join("three"));
+    for (phase, out) in [("2", &two), ("3", &three)] {
+        std::fs::create_dir_all(out).unwrap();
+        let o = run(
+            phase,
+            out,
+            &[
+                ("MOE_GPU_DEVICE", "cpu"),
+                ("MOE_GPU_RESULTS", dir.path().to_str().unwrap()),
+            ],
+        );
+        let summary = summary_of(out);
+        assert!(
+            o.status.success(),
+            "phase {phase}: {summary}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!summary.contains("FAILED"), "phase {phase}: {summary}");
+    }
+    let summary = summary_of(&two);
     for step in [
         "memory sizing",
         "checkpoint arguments",
         "moe bench, grouped experts, concurrency 1",
         "moe bench, grouped experts, concurrency 2",
         "moe bench, reference experts, concurrency 1",
-        "transformers baseline",
         "summary",
     ] {
         assert!(
@@ -57,11 +76,18 @@ fn phase_two_runs_every_command_on_the_cpu() {
             "{step} did not run:\n{summary}"
         );
     }
-    assert!(std::fs::read_to_string(out.join("checkpoint.log"))
+    assert!(std::fs::read_to_string(two.join("checkpoint.log"))
         .unwrap()
         .contains("arguments ok"));
-    // The summary holds one row per engine and concurrency, each run complete.
-    let table: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary = summary_of(&three);
+    for step in ["checkpoint arguments", "transformers baseline", "summary"] {
+        assert!(
+            summary.contains(&format!("== {step}")),
+            "{step} did not run:\n{summary}"
+        );
+    }
+    // Phase 3's summary holds phase 2's runs: one row per engine and concurrency.
+    let table: Value = serde_json::from_str(&std::fs::read_to_string(three.join("summary.json")).unwrap()).unwrap();
     let rows = table["rows"].as_array().unwrap();
     let row = |engine: &str, c: u64| {
         rows.iter()
@@ -80,7 +106,7 @@ fn phase_two_runs_every_command_on_the_cpu() {
         assert_eq!(row("transformers", 2)["completed"], 2);
         assert!(row("moe grouped", 2)["vs_transformers"].as_f64().unwrap() > 0.0);
     } else {
-        assert!(std::fs::read_to_string(out.join("hf.log"))
+        assert!(std::fs::read_to_string(three.join("hf.log"))
             .unwrap()
             .contains("arguments ok"));
     }
@@ -101,6 +127,7 @@ fn without_a_driver_the_runner_stops_and_lists_what_it_would_run() {
         "would run [moe bench, grouped experts, concurrency 256]",
         "--input-len 512 --output-len 128",
         "would run [transformers baseline, concurrency 1,16,64]",
+        "would run [kernel times, batch 64 decode (nsys)]",
         "would run [summary]",
     ] {
         assert!(summary.contains(planned), "{planned} not listed:\n{summary}");
