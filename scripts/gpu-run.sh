@@ -201,22 +201,21 @@ if in_phase 2; then
       --input-len 16 --output-len 4 --num-prompts 2 --concurrency 1 --output-json "$OUT/e2e-memory.json" &&
       grep -E "KV cache|blocks" "$OUT/e2e-memory.log" | tee -a "$SUMMARY"
     checkpoint
-    for c in $SWEEP; do
-      n=$(( c < 4 ? 4 : c ))
-      step "moe bench, grouped experts, concurrency $c" 150 "e2e-grouped-c$c.log" "$MOE" bench --model "$CKPT" \
-        --dtype "$DTYPE" --device "$DEVICE" --expert-backend grouped --max-model-len 1024 --max-num-seqs 256 \
-        "${MEM_FLAGS[@]}" --input-len "$IN" --output-len "$OUT_LEN" --num-prompts "$n" --concurrency "$c" \
-        --output-json "$OUT/e2e-grouped-c$c.json"
-      keep "e2e-grouped-c$c.json"
-    done
-    for c in $REF_SWEEP; do
-      n=$(( c < 4 ? 4 : c ))
-      step "moe bench, reference experts, concurrency $c" 150 "e2e-reference-c$c.log" "$MOE" bench --model "$CKPT" \
-        --dtype "$DTYPE" --device "$DEVICE" --expert-backend reference --max-model-len 1024 --max-num-seqs 256 \
-        "${MEM_FLAGS[@]}" --input-len "$IN" --output-len "$OUT_LEN" --num-prompts "$n" --concurrency "$c" \
-        --output-json "$OUT/e2e-reference-c$c.json"
-      keep "e2e-reference-c$c.json"
-    done
+    # sweep BACKEND CONCURRENCY...: moe bench on the checkpoint, one run per concurrency.
+    sweep() {
+      local backend=$1 c n
+      shift
+      for c in "$@"; do
+        n=$(( c < 4 ? 4 : c ))
+        step "moe bench, $backend experts, concurrency $c" 150 "e2e-$backend-c$c.log" "$MOE" bench --model "$CKPT" \
+          --dtype "$DTYPE" --device "$DEVICE" --expert-backend "$backend" --max-model-len 1024 --max-num-seqs 256 \
+          "${MEM_FLAGS[@]}" --input-len "$IN" --output-len "$OUT_LEN" --num-prompts "$n" --concurrency "$c" \
+          --output-json "$OUT/e2e-$backend-c$c.json"
+        keep "e2e-$backend-c$c.json"
+      done
+    }
+    sweep grouped $SWEEP
+    sweep reference $REF_SWEEP
     # The decode step's time by kernel: a short batch-64 run under Nsight Systems, when present.
     if [ "$DEVICE" != cpu ]; then
       if command -v nsys > /dev/null || [ "$MODE" = plan ]; then

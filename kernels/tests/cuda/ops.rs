@@ -205,18 +205,7 @@ fn check_decode(
     assert_eq!(got.dims(), &[s, heads, dv]);
     let got = host(&got);
     let case = format!("{dtype:?} heads={heads} block={block_size} contexts={contexts:?} splits={splits:?}");
-    let row = heads * dv;
-    for i in 0..s {
-        let (g, w) = (&got[i * row..(i + 1) * row], &want[i * row..(i + 1) * row]);
-        for (a, b) in g.iter().zip(w) {
-            assert!((a - b).abs() <= 2e-2 + 1e-2 * b.abs(), "{case} seq {i}: {a} vs {b}");
-        }
-        let dot: f64 = g.iter().zip(w).map(|(a, b)| (*a as f64) * (*b as f64)).sum();
-        let n = (g.iter().map(|a| (*a as f64).powi(2)).sum::<f64>()
-            * w.iter().map(|b| (*b as f64).powi(2)).sum::<f64>())
-        .sqrt();
-        assert!(n == 0.0 || dot / n >= 0.9999, "{case} seq {i}: cosine {}", dot / n);
-    }
+    crate::attention::assert_rows_close(&case, &got, &want, heads * dv);
     Ok(())
 }
 
