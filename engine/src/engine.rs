@@ -479,13 +479,24 @@ impl StepLoop {
 
     /// After a failed step: its requests cannot be retried safely (their caches may hold part
     /// of it), so they end without a finish reason (the server answers 500); requests that were
-    /// not in the step go on. Then the device is checked: if it failed too (a sticky CUDA
+    /// not in the step go on (all fail when the scheduler itself failed, before a step formed). Then the device is checked: if it failed too (a sticky CUDA
     /// error), every request is failed, the failure is recorded and `true` says the loop must
     /// stop. Nothing the failed step computed reaches the prefix cache (blocks are registered
     /// only by a completed step).
     fn fail_step(&mut self, e: &EngineError) -> bool {
-        tracing::error!("engine step failed: {e}; failing its {} requests", self.in_step.len());
-        for id in std::mem::take(&mut self.in_step) {
+        let failed = std::mem::take(&mut self.in_step);
+        if failed.is_empty() {
+            // The step never formed (the scheduler itself failed): its state cannot be
+            // trusted, and retrying would fail the same way, so every request is failed.
+            tracing::error!("engine step failed before it formed: {e}; failing every request");
+            let ids: Vec<RequestId> = self.live.keys().copied().collect();
+            for id in ids {
+                self.abort(id);
+            }
+        } else {
+            tracing::error!("engine step failed: {e}; failing its {} requests", failed.len());
+        }
+        for id in failed {
             self.abort(id);
         }
         let Err(device) = self.runner.model().check_device() else {
@@ -637,6 +648,8 @@ impl StepLoop {
             .scheduler
             .update(&sampled)
             .map_err(|e| EngineError::InvalidRequest(format!("scheduler: {e}")))?;
+        // The step is complete: an error past here (the detokenizer's) is not the step's.
+        self.in_step.clear();
         // Blocks of finished requests are free now: publish before telling their clients.
         self.publish_stats();
         for f in finished {

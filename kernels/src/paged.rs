@@ -67,7 +67,14 @@ impl PagedBatch {
             )?)));
         }
         let rows = DeviceRows::new(&self.seqs, num_rows, device)?;
-        Ok(DeviceRowsRef::Cached(self.device_rows.get_or_init(|| rows)))
+        let cached = self.device_rows.get_or_init(|| rows);
+        // Another thread may have filled the cache first, for other rows or another device.
+        if cached.num_rows == num_rows && cached.row_seq.device().same_device(device) {
+            return Ok(DeviceRowsRef::Cached(cached));
+        }
+        Ok(DeviceRowsRef::Fresh(Box::new(DeviceRows::new(
+            &self.seqs, num_rows, device,
+        )?)))
     }
 }
 

@@ -114,15 +114,9 @@ pub fn paged_mla_rows(
         max_context_len: rows.max_visible,
         num_splits: None,
     };
-    launch(
-        q,
-        cache,
-        &rows.block_tables,
-        Some(&rows.row_seq),
-        &rows.visible,
-        None,
-        &p,
-    )
+    super::in_row_chunks(q, rows, |q, row_seq, visible| {
+        launch(q, cache, &rows.block_tables, Some(row_seq), visible, None, &p)
+    })
 }
 
 /// DeepSeek Sparse Attention decode: [`paged_mla_decode`] over the positions `selected`

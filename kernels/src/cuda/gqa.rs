@@ -106,15 +106,9 @@ pub fn paged_gqa_rows(
         max_context_len: rows.max_visible,
         num_splits: None,
     };
-    launch(
-        q,
-        k_cache,
-        v_cache,
-        &rows.block_tables,
-        Some(&rows.row_seq),
-        &rows.visible,
-        &p,
-    )
+    super::in_row_chunks(q, rows, |q, row_seq, visible| {
+        launch(q, k_cache, v_cache, &rows.block_tables, Some(row_seq), visible, &p)
+    })
 }
 
 /// `row_seq`: `[S]` u32, the `block_tables` row each query row reads (`None`: row `s` reads

@@ -118,6 +118,33 @@ pub(crate) fn suffix(dtype: DType) -> Result<&'static str> {
     }
 }
 
+/// Most query rows one attention launch takes (they are the grid's z dimension).
+pub(crate) const MAX_LAUNCH_ROWS: usize = 65535;
+
+/// `launch(q rows, row_seq rows, visible rows)` over runs of at most [`MAX_LAUNCH_ROWS`] rows
+/// of `q` (`[R, ...]`) and `rows`, the outputs joined along dim 0: a step of more tokens than
+/// one grid holds takes several launches.
+pub(crate) fn in_row_chunks(
+    q: &Tensor,
+    rows: &crate::paged::DeviceRows,
+    launch: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let total = rows.num_rows;
+    if total <= MAX_LAUNCH_ROWS {
+        return launch(q, &rows.row_seq, &rows.visible);
+    }
+    let mut outs = Vec::with_capacity(total.div_ceil(MAX_LAUNCH_ROWS));
+    for start in (0..total).step_by(MAX_LAUNCH_ROWS) {
+        let n = MAX_LAUNCH_ROWS.min(total - start);
+        outs.push(launch(
+            &q.narrow(0, start, n)?,
+            &rows.row_seq.narrow(0, start, n)?,
+            &rows.visible.narrow(0, start, n)?,
+        )?);
+    }
+    Tensor::cat(&outs, 0)
+}
+
 /// The SM count of `dev`'s GPU, queried once per device (split plans read it every launch).
 pub(crate) fn sm_count(dev: &CudaDevice) -> Result<usize> {
     static SM_COUNTS: OnceLock<Mutex<HashMap<DeviceId, usize>>> = OnceLock::new();
