@@ -58,17 +58,14 @@ impl PagedBatch {
     /// the first call, the same tensors afterwards (a call for another device or row count
     /// gets a fresh upload, not cached).
     pub fn device_rows(&self, num_rows: usize, device: &Device) -> Result<DeviceRowsRef<'_>> {
-        if let Some(rows) = self.device_rows.get() {
-            if rows.num_rows == num_rows && rows.row_seq.device().same_device(device) {
-                return Ok(DeviceRowsRef::Cached(rows));
+        let cached = match self.device_rows.get() {
+            Some(rows) => rows,
+            None => {
+                let rows = DeviceRows::new(&self.seqs, num_rows, device)?;
+                // Another thread may fill the cache first: its rows are checked below too.
+                self.device_rows.get_or_init(|| rows)
             }
-            return Ok(DeviceRowsRef::Fresh(Box::new(DeviceRows::new(
-                &self.seqs, num_rows, device,
-            )?)));
-        }
-        let rows = DeviceRows::new(&self.seqs, num_rows, device)?;
-        let cached = self.device_rows.get_or_init(|| rows);
-        // Another thread may have filled the cache first, for other rows or another device.
+        };
         if cached.num_rows == num_rows && cached.row_seq.device().same_device(device) {
             return Ok(DeviceRowsRef::Cached(cached));
         }
